@@ -1,0 +1,57 @@
+//! Root-key backends: where a tenant's root key lives and how KEKs are sealed under it.
+//!
+//! The trait is deliberately narrow (seal, unseal, canary, describe): every backend can do
+//! all four, so nothing answers "not supported". Calls block (HSM and TPM round trips);
+//! callers run them off the async executor.
+
+pub mod pkcs11;
+
+use std::fmt;
+
+/// Length of a KEK in bytes (AES-256).
+pub const KEK_LEN: usize = 32;
+
+/// A tenant's root key.
+pub trait RootKey: Send + Sync {
+    /// Encrypts `kek` under the root key. `aad` binds the tenant, key name and version
+    /// (see [`crate::envelope::kek_aad`]); the result is opaque and stored in the key record.
+    fn seal(&self, aad: &[u8], kek: &[u8; KEK_LEN]) -> Result<Vec<u8>, BackendError>;
+
+    /// Decrypts a sealed KEK straight into `out`, which the caller provides in locked
+    /// memory. Any intermediate buffer the backend needs is wiped before returning.
+    fn unseal(&self, aad: &[u8], sealed: &[u8], out: &mut [u8; KEK_LEN]) -> Result<(), BackendError>;
+
+    /// A cheap operation with the root key that proves it is still reachable and usable.
+    fn canary(&self) -> Result<(), BackendError>;
+
+    /// For status and logs, e.g. `pkcs11 token="kekd" key="acme-root"`. No secrets.
+    fn describe(&self) -> String;
+}
+
+/// Backend failures, split by what the service must do about them.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// The root key cannot be reached right now (token absent, HSM down, TPM busy).
+    /// Retryable; cached KEKs may keep serving.
+    #[error("root key unreachable: {0}")]
+    Unreachable(String),
+    /// The root key answered definitively no: it was deleted, disabled or a policy
+    /// refused. Cached KEKs must be flushed.
+    #[error("root key refused: {0}")]
+    Refused(String),
+    /// The sealed blob did not decrypt under this root key (damaged record or another
+    /// root key). Never says which.
+    #[error("sealed KEK does not decrypt under the root key")]
+    DataInvalid,
+    /// The backend is misconfigured (module cannot load, token or key not found, bad PIN).
+    #[error("{0}")]
+    Config(String),
+    #[error("root-key backend error: {0}")]
+    Internal(String),
+}
+
+impl fmt::Debug for dyn RootKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.describe())
+    }
+}

@@ -1,0 +1,311 @@
+//! The daemon's configuration file (`/etc/kekd/kekd.toml`).
+//!
+//! Parsed strictly: unknown keys are errors (a typo must not silently leave a default in
+//! place), and every error names the field it is about, e.g.
+//! `tenants.acme.pkcs11.pin_file: cannot read /etc/kekd/acme.pin: No such file`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use kekd_proto::TenantName;
+use serde::Deserialize;
+use zeroize::Zeroizing;
+
+pub const DEFAULT_SOCKET: &str = "/run/kekd/kekd.sock";
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/kekd";
+
+/// A configuration error; the message starts with the dotted path of the field.
+#[derive(Debug, thiserror::Error)]
+#[error("{field}: {problem}")]
+pub struct ConfigError {
+    pub field: String,
+    pub problem: String,
+}
+
+impl ConfigError {
+    pub fn new(field: impl Into<String>, problem: impl Into<String>) -> Self {
+        Self { field: field.into(), problem: problem.into() }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Path of the Unix socket clients connect to.
+    #[serde(default = "default_socket")]
+    pub socket: PathBuf,
+    /// Permission bits of the socket file, as an octal string. Access is decided per
+    /// connection from SO_PEERCRED, so the file itself may be world-connectable.
+    #[serde(default = "default_socket_mode")]
+    pub socket_mode: String,
+    /// Root of the key store (`<state_dir>/tenants/<tenant>/…`) and of the token lock files.
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    /// Largest frame accepted from a client, in bytes.
+    #[serde(default = "default_max_frame")]
+    pub max_frame_bytes: usize,
+    /// Serve even when KEK memory cannot be locked (mlock). Never in production.
+    #[serde(default)]
+    pub allow_unlocked_memory: bool,
+    /// Log filter, e.g. `info` or `kekd=debug`.
+    #[serde(default = "default_log_level")]
+    pub log_level: String,
+    #[serde(default)]
+    pub tenants: BTreeMap<String, TenantConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantConfig {
+    /// Peers whose uid is listed here may connect.
+    #[serde(default)]
+    pub allow_uids: Vec<u32>,
+    /// Peers whose primary gid is listed here may connect.
+    #[serde(default)]
+    pub allow_gids: Vec<u32>,
+    /// Peers whose uid is listed here may connect and run admin operations.
+    #[serde(default)]
+    pub admin_uids: Vec<u32>,
+    /// How long an unwrapped KEK is used before it is unsealed again from the root key.
+    #[serde(default = "default_ttl", with = "humantime_serde")]
+    pub kek_ttl: Duration,
+    /// An unwrapped KEK nobody used for this long is flushed.
+    #[serde(default = "default_ttl", with = "humantime_serde")]
+    pub idle_ttl: Duration,
+    pub pkcs11: Option<Pkcs11Config>,
+}
+
+/// The PKCS#11 root-key backend of one tenant.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Pkcs11Config {
+    /// Path of the PKCS#11 module, e.g. `/usr/lib/softhsm/libsofthsm2.so`.
+    pub module: PathBuf,
+    /// Label of the token holding the root key (slot ids are not stable; labels are).
+    pub token_label: String,
+    /// Label of the root key object on the token.
+    pub key_label: String,
+    /// File holding the user PIN (trailing newline ignored). One of pin_file / pin_env.
+    pub pin_file: Option<PathBuf>,
+    /// Environment variable holding the user PIN. One of pin_file / pin_env.
+    pub pin_env: Option<String>,
+    /// Generate the root key on first start if the token has none with `key_label`.
+    #[serde(default)]
+    pub create_root_key: bool,
+    /// SOFTHSM2_CONF to give the module (SoftHSM2 only).
+    pub softhsm2_conf: Option<PathBuf>,
+}
+
+fn default_socket() -> PathBuf {
+    DEFAULT_SOCKET.into()
+}
+fn default_socket_mode() -> String {
+    "0666".into()
+}
+fn default_state_dir() -> PathBuf {
+    DEFAULT_STATE_DIR.into()
+}
+fn default_max_frame() -> usize {
+    kekd_proto::DEFAULT_MAX_FRAME
+}
+fn default_log_level() -> String {
+    "info".into()
+}
+fn default_ttl() -> Duration {
+    Duration::from_secs(300)
+}
+
+/// A validated tenant: its name parsed, its backend chosen.
+#[derive(Debug, Clone)]
+pub struct Tenant {
+    pub name: TenantName,
+    pub config: TenantConfig,
+}
+
+impl Config {
+    /// Reads, parses and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::new("config", format!("cannot read {}: {e}", path.display())))?;
+        Self::parse(&text)
+    }
+
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let cfg: Config = toml::from_str(text).map_err(toml_error)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn socket_mode(&self) -> Result<u32, ConfigError> {
+        u32::from_str_radix(self.socket_mode.trim_start_matches("0o"), 8)
+            .ok()
+            .filter(|m| *m <= 0o777)
+            .ok_or_else(|| ConfigError::new("socket_mode", "must be an octal mode such as \"0660\""))
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        self.socket_mode()?;
+        if self.max_frame_bytes < 1024 || self.max_frame_bytes > 64 << 20 {
+            return Err(ConfigError::new("max_frame_bytes", "must be between 1024 and 67108864"));
+        }
+        if self.tenants.is_empty() {
+            return Err(ConfigError::new("tenants", "no tenant is configured"));
+        }
+        let mut softhsm_confs: BTreeMap<&Path, (&str, Option<&Path>)> = BTreeMap::new();
+        for (name, t) in &self.tenants {
+            let field = |f: &str| format!("tenants.{name}.{f}");
+            TenantName::parse(name).map_err(|p| ConfigError::new(format!("tenants.{name}"), p))?;
+            if t.allow_uids.is_empty() && t.allow_gids.is_empty() && t.admin_uids.is_empty() {
+                return Err(ConfigError::new(
+                    field("allow_uids"),
+                    "no caller is allowed: set allow_uids, allow_gids or admin_uids",
+                ));
+            }
+            for (f, d) in [("kek_ttl", t.kek_ttl), ("idle_ttl", t.idle_ttl)] {
+                if d < Duration::from_secs(1) {
+                    return Err(ConfigError::new(field(f), "must be at least 1s"));
+                }
+            }
+            let p = t.pkcs11.as_ref().ok_or_else(|| {
+                ConfigError::new(field("pkcs11"), "no root-key backend: add a [tenants.NAME.pkcs11] table")
+            })?;
+            p.validate(&field("pkcs11"))?;
+            // One process loads a module once, with one SOFTHSM2_CONF.
+            if let Some((other, conf)) = softhsm_confs.insert(&p.module, (name, p.softhsm2_conf.as_deref())) {
+                if conf != p.softhsm2_conf.as_deref() {
+                    return Err(ConfigError::new(
+                        field("pkcs11.softhsm2_conf"),
+                        format!("differs from tenant {other:?}, which uses the same module"),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The configured tenants, validated.
+    pub fn tenants(&self) -> Vec<Tenant> {
+        self.tenants
+            .iter()
+            .map(|(n, c)| Tenant { name: TenantName::parse(n).expect("validated"), config: c.clone() })
+            .collect()
+    }
+}
+
+impl Pkcs11Config {
+    fn validate(&self, field: &str) -> Result<(), ConfigError> {
+        let f = |s: &str| format!("{field}.{s}");
+        if let Err(e) = std::fs::File::open(&self.module) {
+            return Err(ConfigError::new(f("module"), format!("cannot read {}: {e}", self.module.display())));
+        }
+        for (name, v) in [("token_label", &self.token_label), ("key_label", &self.key_label)] {
+            if v.is_empty() || v.len() > 32 && name == "token_label" {
+                return Err(ConfigError::new(f(name), "must be 1 to 32 characters"));
+            }
+        }
+        match (&self.pin_file, &self.pin_env) {
+            (None, None) => {
+                return Err(ConfigError::new(f("pin_file"), "no PIN source: set pin_file or pin_env"))
+            }
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::new(f("pin_file"), "set only one of pin_file and pin_env"))
+            }
+            _ => {}
+        }
+        self.read_pin(field)?;
+        if let Some(c) = &self.softhsm2_conf {
+            if let Err(e) = std::fs::File::open(c) {
+                return Err(ConfigError::new(f("softhsm2_conf"), format!("cannot read {}: {e}", c.display())));
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads the user PIN from its source. `field` prefixes error messages.
+    pub fn read_pin(&self, field: &str) -> Result<Zeroizing<String>, ConfigError> {
+        let pin = match (&self.pin_file, &self.pin_env) {
+            (Some(path), _) => {
+                let raw = Zeroizing::new(std::fs::read_to_string(path).map_err(|e| {
+                    ConfigError::new(format!("{field}.pin_file"), format!("cannot read {}: {e}", path.display()))
+                })?);
+                Zeroizing::new(raw.trim_end_matches(['\n', '\r']).to_owned())
+            }
+            (None, Some(var)) => Zeroizing::new(std::env::var(var).map_err(|_| {
+                ConfigError::new(format!("{field}.pin_env"), format!("environment variable {var} is not set"))
+            })?),
+            (None, None) => return Err(ConfigError::new(format!("{field}.pin_file"), "no PIN source")),
+        };
+        if pin.is_empty() {
+            return Err(ConfigError::new(format!("{field}.pin_file"), "the PIN is empty"));
+        }
+        Ok(pin)
+    }
+}
+
+/// Turns a TOML error into one that names the field. toml's messages carry the key
+/// path for type errors; for unknown keys it gives the offending key and its span.
+fn toml_error(e: toml::de::Error) -> ConfigError {
+    let msg = e.message().trim().to_owned();
+    // toml reports the path of type errors only in its Display form; the message alone
+    // says e.g. "unknown field `kek_tll`, expected one of ...".
+    let field = e
+        .to_string()
+        .lines()
+        .find_map(|l| l.strip_prefix("in `").and_then(|r| r.strip_suffix('`')).map(str::to_owned))
+        .unwrap_or_else(|| msg.split('`').nth(1).unwrap_or("config").to_owned());
+    let line = e.span().map(|s| s.start);
+    ConfigError::new(field, match line {
+        Some(_) => format!("{msg} (at {})", e.to_string().lines().next().unwrap_or("").trim()),
+        None => msg,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_module(extra: &str) -> String {
+        let dir = std::env::temp_dir();
+        let pin = dir.join(format!("kekd-config-test-pin-{}", std::process::id()));
+        std::fs::write(&pin, "1234\n").unwrap();
+        format!(
+            r#"
+state_dir = "/tmp/x"
+[tenants.acme]
+allow_uids = [1000]
+{extra}
+[tenants.acme.pkcs11]
+module = "/bin/sh"
+token_label = "kekd"
+key_label = "acme-root"
+pin_file = "{}"
+"#,
+            pin.display()
+        )
+    }
+
+    #[test]
+    fn minimal_config_is_valid() {
+        let cfg = Config::parse(&with_module("kek_ttl = \"30s\"")).unwrap();
+        let t = &cfg.tenants["acme"];
+        assert_eq!(t.kek_ttl, Duration::from_secs(30));
+        assert_eq!(t.idle_ttl, Duration::from_secs(300));
+        assert_eq!(cfg.tenants()[0].config.pkcs11.as_ref().unwrap().read_pin("p").unwrap().as_str(), "1234");
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let e = Config::parse(&with_module("kek_tll = \"30s\"")).unwrap_err();
+        assert!(e.to_string().contains("kek_tll"), "{e}");
+        let e = Config::parse(&with_module("kek_ttl = \"30 parsecs\"")).unwrap_err();
+        assert!(e.to_string().contains("kek_ttl"), "{e}");
+        let e = Config::parse(&with_module("").replace("pin_file", "#pin_file")).unwrap_err();
+        assert_eq!(e.field, "tenants.acme.pkcs11.pin_file", "{e}");
+        let e = Config::parse(&with_module("").replace("/bin/sh", "/nonexistent/lib.so")).unwrap_err();
+        assert_eq!(e.field, "tenants.acme.pkcs11.module", "{e}");
+        assert!(e.problem.contains("/nonexistent/lib.so"), "{e}");
+        let e = Config::parse(&with_module("").replace("[tenants.acme]", "[tenants.Acme]")).unwrap_err();
+        assert_eq!(e.field, "tenants.Acme", "{e}");
+    }
+}
