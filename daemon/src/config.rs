@@ -132,7 +132,7 @@ impl Config {
     }
 
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
-        let cfg: Config = toml::from_str(text).map_err(toml_error)?;
+        let cfg: Config = toml::from_str(text).map_err(|e| toml_error(text, e))?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -216,7 +216,10 @@ impl Pkcs11Config {
         self.read_pin(field)?;
         if let Some(c) = &self.softhsm2_conf {
             if let Err(e) = std::fs::File::open(c) {
-                return Err(ConfigError::new(f("softhsm2_conf"), format!("cannot read {}: {e}", c.display())));
+                return Err(ConfigError::new(
+                    f("softhsm2_conf"),
+                    format!("cannot read {}: {e}", c.display()),
+                ));
             }
         }
         Ok(())
@@ -227,7 +230,10 @@ impl Pkcs11Config {
         let pin = match (&self.pin_file, &self.pin_env) {
             (Some(path), _) => {
                 let raw = Zeroizing::new(std::fs::read_to_string(path).map_err(|e| {
-                    ConfigError::new(format!("{field}.pin_file"), format!("cannot read {}: {e}", path.display()))
+                    ConfigError::new(
+                        format!("{field}.pin_file"),
+                        format!("cannot read {}: {e}", path.display()),
+                    )
                 })?);
                 Zeroizing::new(raw.trim_end_matches(['\n', '\r']).to_owned())
             }
@@ -243,22 +249,29 @@ impl Pkcs11Config {
     }
 }
 
-/// Turns a TOML error into one that names the field. toml's messages carry the key
-/// path for type errors; for unknown keys it gives the offending key and its span.
-fn toml_error(e: toml::de::Error) -> ConfigError {
+/// Turns a TOML error into one that names the field: toml points at the offending span
+/// but does not name the key, so the dotted path is rebuilt from the source text (the
+/// nearest `[table]` header above the span, plus the key on the span's line).
+fn toml_error(text: &str, e: toml::de::Error) -> ConfigError {
     let msg = e.message().trim().to_owned();
-    // toml reports the path of type errors only in its Display form; the message alone
-    // says e.g. "unknown field `kek_tll`, expected one of ...".
-    let field = e
-        .to_string()
+    let Some(span) = e.span() else { return ConfigError::new("config", msg) };
+    let line_start = text[..span.start].rfind('\n').map_or(0, |i| i + 1);
+    let line_no = text[..span.start].matches('\n').count() + 1;
+    let line = text[line_start..].lines().next().unwrap_or("");
+    let table = text[..line_start]
         .lines()
-        .find_map(|l| l.strip_prefix("in `").and_then(|r| r.strip_suffix('`')).map(str::to_owned))
-        .unwrap_or_else(|| msg.split('`').nth(1).unwrap_or("config").to_owned());
-    let line = e.span().map(|s| s.start);
-    ConfigError::new(field, match line {
-        Some(_) => format!("{msg} (at {})", e.to_string().lines().next().unwrap_or("").trim()),
-        None => msg,
-    })
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('[') && l.ends_with(']'))
+        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_owned());
+    let key = line.split_once('=').map(|(k, _)| k.trim().trim_matches('"').to_owned());
+    let field = match (table, key) {
+        (Some(t), Some(k)) => format!("{t}.{k}"),
+        (None, Some(k)) => k,
+        (Some(t), None) => t,
+        (None, None) => "config".to_owned(),
+    };
+    ConfigError::new(field, format!("{msg} (line {line_no})"))
 }
 
 #[cfg(test)]
@@ -297,9 +310,10 @@ pin_file = "{}"
     #[test]
     fn errors_name_the_field() {
         let e = Config::parse(&with_module("kek_tll = \"30s\"")).unwrap_err();
-        assert!(e.to_string().contains("kek_tll"), "{e}");
+        assert_eq!(e.field, "tenants.acme.kek_tll", "{e}");
+        assert!(e.problem.contains("unknown field"), "{e}");
         let e = Config::parse(&with_module("kek_ttl = \"30 parsecs\"")).unwrap_err();
-        assert!(e.to_string().contains("kek_ttl"), "{e}");
+        assert_eq!(e.field, "tenants.acme.kek_ttl", "{e}");
         let e = Config::parse(&with_module("").replace("pin_file", "#pin_file")).unwrap_err();
         assert_eq!(e.field, "tenants.acme.pkcs11.pin_file", "{e}");
         let e = Config::parse(&with_module("").replace("/bin/sh", "/nonexistent/lib.so")).unwrap_err();

@@ -1,0 +1,92 @@
+//! `kekd dev`: the embedded default. A throwaway SoftHSM2 token, a tenant `demo` for the
+//! calling user, and everything (token, key store, socket, config) under one directory,
+//! so a first try leaves nothing behind elsewhere on the machine.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use crate::config::Config;
+use crate::keystore::write_atomic;
+use crate::softhsm::prepare_dev_token;
+use crate::StartError;
+
+pub fn run(dir: Option<PathBuf>) -> Result<(), StartError> {
+    let io = |what: &str| {
+        let what = what.to_owned();
+        move |source| StartError::Io { what, source }
+    };
+    // Without --dir, a temporary directory that is removed when kekd exits.
+    let (dir, _temp) = match dir {
+        Some(d) => {
+            std::fs::create_dir_all(&d).map_err(io("cannot create the dev directory"))?;
+            (d, None)
+        }
+        None => {
+            let t = tempfile::Builder::new()
+                .prefix("kekd-dev-")
+                .tempdir()
+                .map_err(io("cannot create a temporary directory"))?;
+            (t.path().to_owned(), Some(t))
+        }
+    };
+    let dir = dir.canonicalize().map_err(io("cannot resolve the dev directory"))?;
+    let token = prepare_dev_token(&dir)?;
+    let text = dev_config(&dir, &token, &callers());
+    write_atomic(&dir, "kekd.toml", text.as_bytes())?;
+    let cfg = Config::parse(&text)?;
+    eprintln!(
+        "kekd dev: directory {dir}\n  export KEKD_SOCKET={sock} KEKD_TENANT=demo\n  \
+         then try: kekctl generate --key default --json",
+        dir = dir.display(),
+        sock = cfg.socket.display()
+    );
+    crate::run(cfg)
+}
+
+/// The calling user, and the user behind sudo, may use and administer `demo`.
+fn callers() -> Vec<u32> {
+    let mut uids = vec![nix::unistd::getuid().as_raw()];
+    if let Some(sudo) = std::env::var("SUDO_UID").ok().and_then(|s| s.parse().ok()) {
+        if !uids.contains(&sudo) {
+            uids.push(sudo);
+        }
+    }
+    uids
+}
+
+fn dev_config(dir: &Path, token: &crate::softhsm::DevToken, uids: &[u32]) -> String {
+    let uids = uids.iter().map(u32::to_string).collect::<Vec<_>>().join(", ");
+    let mut s = String::new();
+    let q = |p: &Path| toml_str(&p.display().to_string());
+    writeln!(
+        s,
+        "# Written by `kekd dev`; serve it again with `kekd run --config {}`.",
+        dir.join("kekd.toml").display()
+    )
+    .unwrap();
+    writeln!(s, "socket = {}", q(&dir.join("kekd.sock"))).unwrap();
+    writeln!(s, "state_dir = {}", q(&dir.join("state"))).unwrap();
+    writeln!(s, "\n[tenants.demo]\nallow_uids = [{uids}]\nadmin_uids = [{uids}]").unwrap();
+    writeln!(s, "\n[tenants.demo.pkcs11]").unwrap();
+    writeln!(s, "module = {}", q(&token.module)).unwrap();
+    writeln!(s, "token_label = {}", toml_str(&token.token_label)).unwrap();
+    writeln!(s, "key_label = \"demo-root\"\npin_file = {}\ncreate_root_key = true", q(&token.pin_file))
+        .unwrap();
+    writeln!(s, "softhsm2_conf = {}", q(&token.conf)).unwrap();
+    s
+}
+
+/// A TOML basic string.
+fn toml_str(s: &str) -> String {
+    let mut out = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if c.is_control() => write!(out, "\\u{:04X}", c as u32).unwrap(),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}

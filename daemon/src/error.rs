@@ -1,0 +1,61 @@
+//! The daemon's error type and its one mapping to wire status codes.
+//!
+//! Internally errors keep their context (which file, which PKCS#11 call); what reaches the
+//! client is a code and a message that names the problem without key material, and
+//! without an oracle: everything about an EDEK that does not authenticate is DATA_INVALID.
+
+use kekd_proto::{Code, ErrorStatus, KeyName};
+
+use crate::backend::BackendError;
+use crate::keystore::StoreError;
+use crate::secret::MemoryError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// An EDEK that does not parse, authenticate, or name a usable version of this tenant.
+    #[error("invalid data")]
+    DataInvalid,
+    #[error("version {version} of key {key:?} is disabled")]
+    VersionDisabled { key: KeyName, version: u32 },
+    #[error("the KEK record of version {version} of key {key:?} does not unseal under the root key")]
+    KekRecordInvalid { key: KeyName, version: u32 },
+    #[error("this operation needs an admin of tenant {tenant:?} (caller uid {uid})")]
+    NotAdmin { tenant: String, uid: u32 },
+    #[error("{0}")]
+    InvalidArgument(String),
+}
+
+impl Error {
+    /// The one mapping from internal errors to what a client sees.
+    pub fn status(&self) -> ErrorStatus {
+        let code = match self {
+            Error::Store(e) => match e {
+                StoreError::NoSuchKey(_) | StoreError::NoSuchVersion(..) => Code::NotFound,
+                StoreError::KeyExists(_) | StoreError::Precondition(_) => Code::FailedPrecondition,
+                StoreError::Io { .. } | StoreError::Corrupt { .. } => Code::Internal,
+            },
+            Error::Backend(e) => match e {
+                BackendError::Unreachable(_) => Code::Unavailable,
+                BackendError::Refused(_) | BackendError::Config(_) => Code::FailedPrecondition,
+                BackendError::DataInvalid | BackendError::Internal(_) => Code::Internal,
+            },
+            Error::Memory(_) => Code::ResourceExhausted,
+            Error::DataInvalid => Code::DataInvalid,
+            Error::VersionDisabled { .. } | Error::KekRecordInvalid { .. } => Code::FailedPrecondition,
+            Error::NotAdmin { .. } => Code::PermissionDenied,
+            Error::InvalidArgument(_) => Code::InvalidArgument,
+        };
+        // Store i/o and corruption details (paths) stay in the log.
+        let message = match self {
+            Error::Store(StoreError::Io { .. } | StoreError::Corrupt { .. }) => "key store error".to_owned(),
+            other => other.to_string(),
+        };
+        ErrorStatus::new(code, message)
+    }
+}

@@ -1,0 +1,586 @@
+//! A tenant's whole service: its root key, key store, KEK cache and access rules.
+//!
+//! Everything one tenant needs lives in one [`TenantService`], and nothing in it refers to
+//! another tenant, so a tenant can run in its own process by building just its service
+//! there. Requests arrive already validated (`kekd_proto::Request`); answers leave as
+//! native replies, converted to the wire at the connection.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use kekd_proto::{
+    Code, Context, EdekItem, ErrorStatus, HelloOk, ItemOk, ItemResult, KeyInfo, KeyName, Op, Reply, Request,
+    Response, Secret, StatusInfo, TargetState, TenantName, VersionState, WrapItem, DEK_LEN, PROTOCOL_VERSION,
+};
+use zeroize::Zeroizing;
+
+use crate::backend::{BackendError, RootKey, KEK_LEN};
+use crate::cache::{Kek, KekCache, LoadError, Source};
+use crate::clock::BootInstant;
+use crate::config::TenantConfig;
+use crate::envelope::{kek_aad, Edek, Sealer};
+use crate::error::Error;
+use crate::keystore::{KeyStore, StoredState};
+
+/// The key every new tenant gets, so a client can start without an admin step.
+pub const DEFAULT_KEY: &str = "default";
+
+/// Who is calling, from the kernel (SO_PEERCRED), never from the client's own word.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Peer {
+    pub uid: u32,
+    pub gid: u32,
+    pub pid: i32,
+}
+
+/// What a connection may do, decided once at Hello.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    User,
+    Admin,
+}
+
+#[derive(Debug, Clone)]
+pub struct Acl {
+    allow_uids: Vec<u32>,
+    allow_gids: Vec<u32>,
+    admin_uids: Vec<u32>,
+}
+
+impl Acl {
+    pub fn from_config(c: &TenantConfig) -> Self {
+        Acl {
+            allow_uids: c.allow_uids.clone(),
+            allow_gids: c.allow_gids.clone(),
+            admin_uids: c.admin_uids.clone(),
+        }
+    }
+
+    /// None: the peer may not use this tenant at all.
+    pub fn role(&self, peer: &Peer) -> Option<Role> {
+        if self.admin_uids.contains(&peer.uid) {
+            Some(Role::Admin)
+        } else if self.allow_uids.contains(&peer.uid) || self.allow_gids.contains(&peer.gid) {
+            Some(Role::User)
+        } else {
+            None
+        }
+    }
+}
+
+pub struct TenantService {
+    tenant: TenantName,
+    acl: Acl,
+    backend: Arc<dyn RootKey>,
+    store: KeyStore,
+    cache: KekCache,
+    /// Serialises admin operations: version numbers are chosen before sealing.
+    admin: tokio::sync::Mutex<()>,
+    started: BootInstant,
+}
+
+impl TenantService {
+    /// Builds the service over an opened backend and store, creating the `default` key
+    /// for a new tenant. Blocks (root-key call); run before serving.
+    pub fn new(
+        tenant: TenantName,
+        acl: Acl,
+        backend: Arc<dyn RootKey>,
+        store: KeyStore,
+        cache: KekCache,
+    ) -> Result<Self, Error> {
+        let svc = Self {
+            tenant,
+            acl,
+            backend,
+            store,
+            cache,
+            admin: tokio::sync::Mutex::new(()),
+            started: BootInstant::now(),
+        };
+        let default = KeyName::parse(DEFAULT_KEY).expect("valid name");
+        if svc.store.len() == 0 {
+            let sealed = svc.seal_new_kek(&default, 1)?;
+            svc.store.create_key(&default, sealed)?;
+            tracing::info!(tenant = %svc.tenant, "created key \"default\" for a new tenant");
+        }
+        Ok(svc)
+    }
+
+    pub fn tenant(&self) -> &TenantName {
+        &self.tenant
+    }
+
+    pub fn role(&self, peer: &Peer) -> Option<Role> {
+        self.acl.role(peer)
+    }
+
+    pub fn hello(&self, role: Role) -> HelloOk {
+        HelloOk {
+            protocol_version: PROTOCOL_VERSION,
+            tenant: self.tenant.clone(),
+            admin: role == Role::Admin,
+        }
+    }
+
+    /// Periodic upkeep: evict expired and idle KEKs.
+    pub fn sweep(&self) {
+        self.cache.sweep();
+    }
+
+    /// Wipes every cached KEK (shutdown).
+    pub fn flush(&self) {
+        self.cache.flush();
+    }
+
+    /// Serves one request from a caller with `role` and returns its response.
+    pub async fn handle(&self, role: Role, peer: &Peer, req: Request) -> Response {
+        let op_name = req.op.name();
+        if req.op.is_admin() && role != Role::Admin {
+            let e = Error::NotAdmin { tenant: self.tenant.to_string(), uid: peer.uid };
+            return Response { id: req.id, result: Err(e.status()) };
+        }
+        let result = match req.op {
+            Op::Hello(_) => {
+                Err(ErrorStatus::new(Code::InvalidArgument, "hello was already sent on this connection"))
+            }
+            Op::Generate { key, edek_only, contexts } => self.generate(&key, edek_only, contexts).await,
+            Op::Wrap { key, items } => self.wrap(&key, items).await,
+            Op::Unwrap(items) => Ok(self.unwrap_batch(items).await),
+            Op::Rewrap(items) => Ok(self.rewrap_batch(items).await),
+            Op::Status => Ok(Reply::Status(self.status().await)),
+            Op::CreateKey(key) => self.create_key(&key).await.map(Reply::Key).map_err(|e| e.status()),
+            Op::RotateKey(key) => self.rotate_key(&key).await.map(Reply::Key).map_err(|e| e.status()),
+            Op::SetVersionState { key, version, state } => {
+                self.set_state(&key, version, state).await.map(Reply::Key).map_err(|e| e.status())
+            }
+            Op::ListKeys => Ok(Reply::Keys(self.store.list())),
+        };
+        if let Err(e) = &result {
+            tracing::debug!(tenant = %self.tenant, op = op_name, uid = peer.uid, code = e.code.as_str_name(), "request failed");
+        }
+        Response { id: req.id, result }
+    }
+
+    async fn generate(
+        &self,
+        key: &KeyName,
+        edek_only: bool,
+        contexts: Vec<Context>,
+    ) -> Result<Reply, ErrorStatus> {
+        let sealer = self.active_sealer(key).await.map_err(|e| e.status())?;
+        let items = contexts
+            .iter()
+            .map(|ctx| {
+                let mut dek = Zeroizing::new(vec![0u8; DEK_LEN]);
+                aws_lc_rs::rand::fill(&mut dek).expect("the system RNG does not fail");
+                let edek = sealer.seal(&dek, ctx);
+                Ok(ItemOk {
+                    plaintext: (!edek_only).then(|| Secret::new(dek)),
+                    edek: Some(edek),
+                    key: key.clone(),
+                    version: sealer.version(),
+                })
+            })
+            .collect();
+        Ok(Reply::Batch(items))
+    }
+
+    async fn wrap(&self, key: &KeyName, items: Vec<WrapItem>) -> Result<Reply, ErrorStatus> {
+        let sealer = self.active_sealer(key).await.map_err(|e| e.status())?;
+        let items = items
+            .iter()
+            .map(|it| {
+                Ok(ItemOk {
+                    plaintext: None,
+                    edek: Some(sealer.seal(it.plaintext.expose(), &it.context)),
+                    key: key.clone(),
+                    version: sealer.version(),
+                })
+            })
+            .collect();
+        Ok(Reply::Batch(items))
+    }
+
+    async fn unwrap_batch(&self, items: Vec<EdekItem>) -> Reply {
+        let mut sealers = SealerSet::default();
+        let mut out = Vec::with_capacity(items.len());
+        for it in &items {
+            out.push(self.open(&mut sealers, it).await.map(|(pt, key, version)| ItemOk {
+                plaintext: Some(pt),
+                edek: None,
+                key,
+                version,
+            }));
+        }
+        Reply::Batch(out)
+    }
+
+    /// Decrypts each EDEK and seals it again under its key's active version; the plaintext
+    /// never leaves this function.
+    async fn rewrap_batch(&self, items: Vec<EdekItem>) -> Reply {
+        let mut sealers = SealerSet::default();
+        let mut active: HashMap<KeyName, Result<Sealer<'_>, ErrorStatus>> = HashMap::new();
+        let mut out = Vec::with_capacity(items.len());
+        for it in &items {
+            let res = match self.open(&mut sealers, it).await {
+                Err(e) => Err(e),
+                Ok((pt, key, _)) => {
+                    if !active.contains_key(&key) {
+                        active.insert(key.clone(), self.active_sealer(&key).await.map_err(|e| e.status()));
+                    }
+                    match &active[&key] {
+                        Ok(s) => Ok(ItemOk {
+                            plaintext: None,
+                            edek: Some(s.seal(pt.expose(), &it.context)),
+                            key,
+                            version: s.version(),
+                        }),
+                        Err(e) => Err(e.clone()),
+                    }
+                }
+            };
+            out.push(res);
+        }
+        Reply::Batch(out)
+    }
+
+    /// Parses and opens one EDEK, reusing sealers across a batch.
+    async fn open<'s>(
+        &'s self,
+        sealers: &mut SealerSet<'s>,
+        it: &EdekItem,
+    ) -> Result<(Secret, KeyName, u32), ErrorStatus> {
+        let edek = Edek::parse(&it.edek).map_err(|_| Error::DataInvalid.status())?;
+        let id = (edek.key.clone(), edek.version);
+        if !sealers.0.contains_key(&id) {
+            let s = self.sealer(&edek.key, edek.version, false).await.map_err(|e| match e {
+                // An unknown key or version is indistinguishable from tampering.
+                Error::Store(_) => Error::DataInvalid.status(),
+                other => other.status(),
+            });
+            sealers.0.insert(id.clone(), s);
+        }
+        match &sealers.0[&id] {
+            Ok(s) => {
+                s.open(&edek, &it.context).map(|pt| (pt, id.0, id.1)).map_err(|_| Error::DataInvalid.status())
+            }
+            Err(e) => Err(e.clone()),
+        }
+    }
+
+    async fn active_sealer(&self, key: &KeyName) -> Result<Sealer<'_>, Error> {
+        let version = self.store.active_version(key)?;
+        self.sealer(key, version, true).await
+    }
+
+    /// A sealer for one version, its KEK from the cache or the root key.
+    async fn sealer(&self, key: &KeyName, version: u32, for_encrypt: bool) -> Result<Sealer<'_>, Error> {
+        let view = self.store.version(key, version)?;
+        match view.state {
+            VersionState::Disabled => return Err(Error::VersionDisabled { key: key.clone(), version }),
+            VersionState::Destroyed => return Err(Error::DataInvalid),
+            VersionState::Active | VersionState::DecryptOnly => {}
+        }
+        debug_assert!(!for_encrypt || view.state == VersionState::Active);
+        let kek = self.kek(key, version, view.sealed).await?;
+        Ok(Sealer::new(kek.bytes(), &self.tenant, key.clone(), version))
+    }
+
+    async fn kek(&self, key: &KeyName, version: u32, sealed: Arc<[u8]>) -> Result<Kek, Error> {
+        let backend = Arc::clone(&self.backend);
+        let aad = kek_aad(&self.tenant, key, version);
+        let res =
+            self.cache.get(key, version, move |slot| backend.unseal(&aad, &sealed, slot.bytes_mut())).await;
+        match res {
+            Ok((kek, source)) => {
+                if source == Source::Root {
+                    tracing::debug!(tenant = %self.tenant, key = %key, version, "unsealed KEK from the root key");
+                }
+                Ok(kek)
+            }
+            Err(LoadError::Memory(e)) => Err(e.into()),
+            Err(LoadError::Load(BackendError::DataInvalid)) => {
+                tracing::error!(tenant = %self.tenant, key = %key, version, "KEK record does not unseal under the root key");
+                Err(Error::KekRecordInvalid { key: key.clone(), version })
+            }
+            Err(LoadError::Load(e)) => {
+                if matches!(e, BackendError::Refused(_)) {
+                    // A definitive refusal from the root key: nothing cached may outlive it.
+                    self.cache.flush();
+                }
+                tracing::warn!(tenant = %self.tenant, error = %e, "root-key unseal failed");
+                Err(e.into())
+            }
+        }
+    }
+
+    async fn status(&self) -> StatusInfo {
+        let backend = Arc::clone(&self.backend);
+        let health =
+            tokio::task::spawn_blocking(move || backend.canary()).await.expect("canary does not panic");
+        StatusInfo {
+            tenant: self.tenant.clone(),
+            backend: self.backend.describe(),
+            backend_healthy: health.is_ok(),
+            backend_error: health.err().map(|e| e.to_string()).unwrap_or_default(),
+            cached_keks: self.cache.len() as u32,
+            keys: self.store.len() as u32,
+            uptime_seconds: BootInstant::now().since(self.started).as_secs(),
+            memory_locked: self.cache.memory_locked(),
+        }
+    }
+
+    /// Generates a KEK in locked memory and seals it for `(key, version)`.
+    fn seal_new_kek(&self, key: &KeyName, version: u32) -> Result<Vec<u8>, Error> {
+        let mut kek = Zeroizing::new([0u8; KEK_LEN]);
+        aws_lc_rs::rand::fill(&mut kek[..]).expect("the system RNG does not fail");
+        Ok(self.backend.seal(&kek_aad(&self.tenant, key, version), &kek)?)
+    }
+
+    async fn seal_new_kek_blocking(&self, key: &KeyName, version: u32) -> Result<Vec<u8>, Error> {
+        tokio::task::block_in_place(|| self.seal_new_kek(key, version))
+    }
+
+    async fn create_key(&self, key: &KeyName) -> Result<KeyInfo, Error> {
+        let _admin = self.admin.lock().await;
+        if self.store.exists(key) {
+            return Err(crate::keystore::StoreError::KeyExists(key.clone()).into());
+        }
+        let sealed = self.seal_new_kek_blocking(key, 1).await?;
+        let info = self.store.create_key(key, sealed)?;
+        tracing::info!(tenant = %self.tenant, key = %key, "created key");
+        Ok(info)
+    }
+
+    async fn rotate_key(&self, key: &KeyName) -> Result<KeyInfo, Error> {
+        let _admin = self.admin.lock().await;
+        if !self.store.exists(key) {
+            return Err(crate::keystore::StoreError::NoSuchKey(key.clone()).into());
+        }
+        let version = self.store.next_version(key);
+        let sealed = self.seal_new_kek_blocking(key, version).await?;
+        let info = self.store.add_version(key, version, sealed)?;
+        tracing::info!(tenant = %self.tenant, key = %key, version, "rotated key");
+        Ok(info)
+    }
+
+    async fn set_state(&self, key: &KeyName, version: u32, state: TargetState) -> Result<KeyInfo, Error> {
+        let _admin = self.admin.lock().await;
+        let stored = match state {
+            TargetState::DecryptOnly => StoredState::Enabled,
+            TargetState::Disabled => StoredState::Disabled,
+            TargetState::Destroyed => StoredState::Destroyed,
+        };
+        let info = tokio::task::block_in_place(|| self.store.set_state(key, version, stored))?;
+        if stored != StoredState::Enabled {
+            self.cache.evict(key, version);
+        }
+        tracing::info!(tenant = %self.tenant, key = %key, version, state = ?state, "changed key version state");
+        Ok(info)
+    }
+}
+
+/// Sealers built during one batch, by key version, failures included, so a batch of
+/// 256 EDEKs under one KEK costs one cache lookup and one key expansion.
+#[derive(Default)]
+struct SealerSet<'s>(HashMap<(KeyName, u32), Result<Sealer<'s>, ErrorStatus>>);
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
+
+    use super::*;
+    use crate::secret::LockedArena;
+
+    /// An in-memory root key for unit tests only: AES-GCM under a fixed key. The real
+    /// backends are tested against SoftHSM2 and swtpm.
+    struct TestRoot {
+        key: LessSafeKey,
+        unseals: AtomicUsize,
+        down: AtomicBool,
+    }
+
+    impl RootKey for TestRoot {
+        fn seal(&self, aad: &[u8], kek: &[u8; KEK_LEN]) -> Result<Vec<u8>, BackendError> {
+            let mut out = kek.to_vec();
+            self.key
+                .seal_in_place_append_tag(Nonce::assume_unique_for_key([0; 12]), Aad::from(aad), &mut out)
+                .unwrap();
+            Ok(out)
+        }
+        fn unseal(&self, aad: &[u8], sealed: &[u8], out: &mut [u8; KEK_LEN]) -> Result<(), BackendError> {
+            if self.down.load(Ordering::SeqCst) {
+                return Err(BackendError::Unreachable("test root is down".into()));
+            }
+            self.unseals.fetch_add(1, Ordering::SeqCst);
+            let mut buf = sealed.to_vec();
+            let pt = self
+                .key
+                .open_in_place(Nonce::assume_unique_for_key([0; 12]), Aad::from(aad), &mut buf)
+                .map_err(|_| BackendError::DataInvalid)?;
+            out.copy_from_slice(pt);
+            Ok(())
+        }
+        fn canary(&self) -> Result<(), BackendError> {
+            Ok(())
+        }
+        fn describe(&self) -> String {
+            "test".into()
+        }
+    }
+
+    fn service(dir: &std::path::Path, tenant: &str) -> (TenantService, Arc<TestRoot>) {
+        let root = Arc::new(TestRoot {
+            key: LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &[3; 32]).unwrap()),
+            unseals: AtomicUsize::new(0),
+            down: AtomicBool::new(false),
+        });
+        let t = TenantName::parse(tenant).unwrap();
+        let store = KeyStore::open(dir, &t, "test".into()).unwrap();
+        let cache =
+            KekCache::new(LockedArena::new(false).unwrap(), Duration::from_secs(60), Duration::from_secs(60));
+        let acl = Acl { allow_uids: vec![1000], allow_gids: vec![50], admin_uids: vec![0] };
+        (TenantService::new(t, acl, root.clone(), store, cache).unwrap(), root)
+    }
+
+    const ADMIN: Peer = Peer { uid: 0, gid: 0, pid: 1 };
+
+    async fn call(s: &TenantService, op: Op) -> Result<Reply, ErrorStatus> {
+        s.handle(Role::Admin, &ADMIN, Request { id: 1, metadata: Default::default(), op }).await.result
+    }
+
+    fn items(r: Result<Reply, ErrorStatus>) -> Vec<ItemResult> {
+        match r {
+            Ok(Reply::Batch(items)) => items,
+            other => panic!("expected a batch, got {other:?}"),
+        }
+    }
+
+    fn key(s: &str) -> KeyName {
+        KeyName::parse(s).unwrap()
+    }
+
+    fn ctx(k: &str, v: &str) -> Context {
+        Context::new(BTreeMap::from([(k.to_string(), v.to_string())])).unwrap()
+    }
+
+    #[test]
+    fn acl_roles() {
+        let acl = Acl { allow_uids: vec![1000], allow_gids: vec![50], admin_uids: vec![0] };
+        assert_eq!(acl.role(&Peer { uid: 0, gid: 0, pid: 1 }), Some(Role::Admin));
+        assert_eq!(acl.role(&Peer { uid: 1000, gid: 1000, pid: 1 }), Some(Role::User));
+        assert_eq!(acl.role(&Peer { uid: 7, gid: 50, pid: 1 }), Some(Role::User));
+        assert_eq!(acl.role(&Peer { uid: 7, gid: 7, pid: 1 }), None);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn generate_unwrap_rewrap_with_one_unseal_per_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, root) = service(dir.path(), "acme");
+        let got = items(
+            call(
+                &s,
+                Op::Generate { key: key("default"), edek_only: false, contexts: vec![ctx("a", "1"); 3] },
+            )
+            .await,
+        );
+        let edeks: Vec<_> = got.iter().map(|r| r.as_ref().unwrap().edek.clone().unwrap()).collect();
+        let unwrap_items =
+            |c: Context| edeks.iter().map(|e| EdekItem { edek: e.clone(), context: c.clone() }).collect();
+        let back = items(call(&s, Op::Unwrap(unwrap_items(ctx("a", "1")))).await);
+        for (g, b) in got.iter().zip(&back) {
+            assert_eq!(
+                g.as_ref().unwrap().plaintext.as_ref().unwrap().expose(),
+                b.as_ref().unwrap().plaintext.as_ref().unwrap().expose()
+            );
+        }
+        let wrong = items(call(&s, Op::Unwrap(unwrap_items(ctx("a", "2")))).await);
+        assert!(wrong.iter().all(|r| r.as_ref().unwrap_err().code == Code::DataInvalid));
+        assert_eq!(root.unseals.load(Ordering::SeqCst), 1, "one unseal serves every request while cached");
+
+        call(&s, Op::RotateKey(key("default"))).await.unwrap();
+        let re = items(call(&s, Op::Rewrap(unwrap_items(ctx("a", "1")))).await);
+        let re0 = re[0].as_ref().unwrap();
+        assert_eq!(re0.version, 2);
+        assert!(re0.plaintext.is_none(), "rewrap returns no plaintext");
+        let again = items(
+            call(&s, Op::Unwrap(vec![EdekItem { edek: re0.edek.clone().unwrap(), context: ctx("a", "1") }]))
+                .await,
+        );
+        assert_eq!(
+            again[0].as_ref().unwrap().plaintext.as_ref().unwrap().expose(),
+            got[0].as_ref().unwrap().plaintext.as_ref().unwrap().expose()
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn version_states_and_admin_checks() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, _) = service(dir.path(), "acme");
+        let wrap = |k: &str| Op::Wrap {
+            key: key(k),
+            items: vec![WrapItem {
+                plaintext: Secret::from_vec(b"hello".to_vec()),
+                context: Context::default(),
+            }],
+        };
+        let edek = items(call(&s, wrap("default")).await)[0].as_ref().unwrap().edek.clone().unwrap();
+        let unwrap = || Op::Unwrap(vec![EdekItem { edek: edek.clone(), context: Context::default() }]);
+        call(&s, Op::RotateKey(key("default"))).await.unwrap();
+        let disable = Op::SetVersionState { key: key("default"), version: 1, state: TargetState::Disabled };
+        call(&s, disable).await.unwrap();
+        assert_eq!(items(call(&s, unwrap()).await)[0].as_ref().unwrap_err().code, Code::FailedPrecondition);
+        let enable = Op::SetVersionState { key: key("default"), version: 1, state: TargetState::DecryptOnly };
+        call(&s, enable).await.unwrap();
+        assert_eq!(
+            items(call(&s, unwrap()).await)[0].as_ref().unwrap().plaintext.as_ref().unwrap().expose(),
+            b"hello"
+        );
+        let destroy = Op::SetVersionState { key: key("default"), version: 1, state: TargetState::Destroyed };
+        call(&s, destroy).await.unwrap();
+        assert_eq!(items(call(&s, unwrap()).await)[0].as_ref().unwrap_err().code, Code::DataInvalid);
+
+        assert_eq!(call(&s, wrap("nope")).await.unwrap_err().code, Code::NotFound);
+        let user = Peer { uid: 1000, gid: 1000, pid: 1 };
+        let r = s
+            .handle(
+                Role::User,
+                &user,
+                Request { id: 5, metadata: Default::default(), op: Op::CreateKey(key("x")) },
+            )
+            .await;
+        assert_eq!(r.result.unwrap_err().code, Code::PermissionDenied);
+        call(&s, Op::CreateKey(key("billing/invoices"))).await.unwrap();
+        assert_eq!(
+            call(&s, Op::CreateKey(key("billing/invoices"))).await.unwrap_err().code,
+            Code::FailedPrecondition
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn another_tenants_edek_is_data_invalid() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, _) = service(dir.path(), "alpha");
+        let (b, _) = service(dir.path(), "beta");
+        let gen = Op::Generate { key: key("default"), edek_only: true, contexts: vec![Context::default()] };
+        let got = items(call(&a, gen).await);
+        assert!(got[0].as_ref().unwrap().plaintext.is_none(), "edek_only returns no plaintext");
+        let edek = got[0].as_ref().unwrap().edek.clone().unwrap();
+        let r = items(call(&b, Op::Unwrap(vec![EdekItem { edek, context: Context::default() }])).await);
+        assert_eq!(r[0].as_ref().unwrap_err().code, Code::DataInvalid);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_unreachable_root_key_is_unavailable() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, root) = service(dir.path(), "acme");
+        root.down.store(true, Ordering::SeqCst);
+        let gen = Op::Generate { key: key("default"), edek_only: true, contexts: vec![Context::default()] };
+        assert_eq!(call(&s, gen).await.unwrap_err().code, Code::Unavailable);
+    }
+}
