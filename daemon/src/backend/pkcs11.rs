@@ -1,1 +1,520 @@
-//! Placeholder, being written.
+//! PKCS#11 root key: an AES-256 secret key that never leaves its token (SoftHSM2 in
+//! development and CI, a network HSM or smart card in production). KEKs are sealed under it
+//! with `C_Encrypt`/`C_Decrypt` and `CKM_AES_GCM`.
+//!
+//! # Sealed KEK format
+//!
+//! Part of the published KEK record format, so that a customer holding only the token and
+//! the key store can recover their KEKs without kekd:
+//!
+//! ```text
+//! iv (12 bytes) ‖ ciphertext (32 bytes) ‖ GCM tag (16 bytes)            = 60 bytes
+//! ```
+//!
+//! It is AES-256-GCM under the root key, with a random 96-bit IV and a 128-bit tag; the AAD is
+//! `"kekd/kek/v1" ‖ tenant ‖ key name ‖ version` (DESIGN §1), rebuilt from the record rather
+//! than stored. To recover a KEK, call `C_Decrypt` with `CKM_AES_GCM` (that IV, that AAD,
+//! `ulTagBits = 128`) over `ciphertext ‖ tag`: PKCS#11 appends and expects the tag after the
+//! ciphertext.
+//!
+//! # Sessions, logins and handles
+//!
+//! One module handle per process is shared by every tenant (see `library`); each root key
+//! keeps its own pool of logged-in read-only sessions, because a `Session` must not be used
+//! by two threads at once. Nothing is trusted to live for the life of the process: a dead
+//! session is replaced, a vanished slot is found again by token label, a stale key handle is
+//! found again by key label, and a lost login is redone, each once per operation.
+
+mod errors;
+mod library;
+#[cfg(test)]
+mod tests;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+use cryptoki::context::Pkcs11;
+use cryptoki::error::{Error as CkError, RvError};
+use cryptoki::mechanism::aead::GcmParams;
+use cryptoki::mechanism::Mechanism;
+use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
+use cryptoki::session::{Session, SessionState, UserType};
+use cryptoki::slot::Slot;
+use cryptoki::types::{AuthPin, Ulong};
+use zeroize::Zeroizing;
+
+pub(crate) use self::errors::describe as describe_ck_error;
+use self::errors::{classify, describe, Class};
+pub(crate) use self::library::{find_tokens, library, TokenLock};
+use super::{BackendError, RootKey, KEK_LEN};
+use crate::config::Pkcs11Config;
+
+/// Length of the random GCM IV at the start of a sealed KEK.
+pub const IV_LEN: usize = 12;
+/// Length of the GCM tag at the end of a sealed KEK.
+pub const TAG_LEN: usize = 16;
+/// Length of a sealed KEK: `iv ‖ ciphertext ‖ tag`.
+pub const SEALED_LEN: usize = IV_LEN + KEK_LEN + TAG_LEN;
+
+const TAG_BITS: Ulong = Ulong::new((TAG_LEN * 8) as _);
+
+/// AAD of the canary, distinct from every KEK's AAD (those start with "kekd/kek/").
+const CANARY_AAD: &[u8] = b"kekd/canary/v1";
+
+/// Idle sessions kept per root key. A burst beyond this opens sessions that are closed on
+/// return, which is cheap; an unbounded pool would pin token resources (HSMs limit sessions).
+const MAX_IDLE_SESSIONS: usize = 16;
+
+/// A tenant's root key on a PKCS#11 token.
+pub struct Pkcs11RootKey {
+    tenant: String,
+    module: PathBuf,
+    token_label: String,
+    key_label: String,
+    pkcs11: Pkcs11,
+    /// Where the token was last seen; found again by label when the slot goes away.
+    slot: Mutex<Slot>,
+    /// Kept (in a zeroize-on-drop box) to log in again after every session was lost, e.g.
+    /// when the token was re-plugged; otherwise a token hiccup would need a restart.
+    pin: AuthPin,
+    /// Set once the token rejected the PIN: every further try would count towards locking
+    /// the user PIN, so the backend stops logging in until an operator restarts it.
+    pin_rejected: AtomicBool,
+    lock_path: PathBuf,
+    /// `None` after a reset of the sessions: found again by label before the next use.
+    key: Mutex<Option<ObjectHandle>>,
+    sessions: Mutex<Vec<Session>>,
+}
+
+impl Pkcs11RootKey {
+    /// Logs in to the token labelled `cfg.token_label` and finds (or, with
+    /// `cfg.create_root_key`, creates) the AES key labelled `cfg.key_label`.
+    ///
+    /// Holds the token's lock file under `lock_dir` throughout: SoftHSM2 rewrites its token
+    /// files on login, and two kekd workers creating the same root key at once would leave
+    /// two keys with one label.
+    pub fn open(
+        tenant: &str,
+        cfg: &Pkcs11Config,
+        pin: Zeroizing<String>,
+        lock_dir: &Path,
+    ) -> Result<Self, BackendError> {
+        let (module, token, label) = (&cfg.module, &cfg.token_label, &cfg.key_label);
+        let lock_path = TokenLock::path(lock_dir, module, token);
+        let _lock = TokenLock::acquire(&lock_path)?;
+        let pkcs11 = library(module, cfg.softhsm2_conf.as_deref())?;
+        let failed = |what: &str, e: &CkError| match classify(e) {
+            Class::Unreachable | Class::DeadSession => {
+                BackendError::Unreachable(format!("token {token:?}: cannot {what}: {}", describe(e)))
+            }
+            _ => BackendError::Config(format!(
+                "token {token:?} (module {}): cannot {what}: {}",
+                module.display(),
+                describe(e)
+            )),
+        };
+
+        let slot = match find_tokens(&pkcs11, token).map_err(|e| failed("list tokens", &e))?[..] {
+            [slot] => slot,
+            [] => {
+                return Err(BackendError::Config(format!(
+                    "no token labelled {token:?} in PKCS#11 module {}",
+                    module.display()
+                )))
+            }
+            _ => {
+                return Err(BackendError::Config(format!(
+                    "several tokens are labelled {token:?} in PKCS#11 module {}: labels must be unique",
+                    module.display()
+                )))
+            }
+        };
+        let pin = AuthPin::from(pin.as_str());
+        let session = pkcs11.open_ro_session(slot).map_err(|e| failed("open a session", &e))?;
+        login(&session, &pin).map_err(|e| failed("log in with the configured user PIN", &e))?;
+
+        let key = match find_keys(&session, label).map_err(|e| failed("search for the root key", &e))?[..] {
+            [key] => key,
+            [] if cfg.create_root_key => {
+                let rw = pkcs11.open_rw_session(slot).map_err(|e| failed("open a read-write session", &e))?;
+                let key = rw
+                    .generate_key(&Mechanism::AesKeyGen, &root_key_template(label))
+                    .map_err(|e| failed(&format!("create root key {label:?}"), &e))?;
+                tracing::info!(tenant, token = %token, key = %label, "created root key (AES-256, non-extractable)");
+                key
+            }
+            [] => {
+                return Err(BackendError::Config(format!(
+                    "root key {label:?} not found on token {token:?} \
+                     (set create_root_key = true to create it on first start)"
+                )))
+            }
+            _ => {
+                return Err(BackendError::Config(format!(
+                    "several AES keys are labelled {label:?} on token {token:?}: refusing to guess which is the root key"
+                )))
+            }
+        };
+        let usable = may_encrypt_and_decrypt(&session, key, label, token)
+            .map_err(|e| failed("read the root key's attributes", &e))?;
+        if !usable {
+            return Err(BackendError::Config(format!(
+                "root key {label:?} on token {token:?} is not allowed to encrypt and decrypt \
+                 (CKA_ENCRYPT and CKA_DECRYPT must be true)"
+            )));
+        }
+
+        Ok(Self {
+            tenant: tenant.to_owned(),
+            module: module.clone(),
+            token_label: token.clone(),
+            key_label: label.clone(),
+            pkcs11,
+            slot: Mutex::new(slot),
+            pin,
+            pin_rejected: AtomicBool::new(false),
+            lock_path,
+            key: Mutex::new(Some(key)),
+            sessions: Mutex::new(vec![session]),
+        })
+    }
+
+    /// Runs `op` with a logged-in session and the root key's handle, repairing at most once
+    /// each what may have gone stale since the last call: the session, the login, the handle.
+    fn with_key<T>(
+        &self,
+        what: &str,
+        mut op: impl FnMut(&Session, ObjectHandle) -> Result<T, CkError>,
+    ) -> Result<T, BackendError> {
+        let (mut reopened, mut relogged, mut refound) = (false, false, false);
+        let mut session = self.take_session()?;
+        let cached = *lock(&self.key);
+        let mut key = match cached {
+            Some(key) => key,
+            None => {
+                refound = true;
+                self.refind_key(&session)?
+            }
+        };
+        loop {
+            let err = match op(&session, key) {
+                Ok(v) => {
+                    self.put_session(session);
+                    return Ok(v);
+                }
+                Err(e) => e,
+            };
+            match classify(&err) {
+                class @ (Class::DeadSession | Class::Unreachable) if !reopened => {
+                    reopened = true;
+                    tracing::debug!(tenant = %self.tenant, error = %describe(&err), ?class, "replacing PKCS#11 sessions");
+                    drop(session);
+                    // Whatever killed this session (token reset, re-plug, library reset)
+                    // killed its siblings, and object handles need not survive it either: a
+                    // stale one could even name another key.
+                    drop(std::mem::take(&mut *lock(&self.sessions)));
+                    *lock(&self.key) = None;
+                    session = self.new_session()?;
+                    refound = true;
+                    key = self.refind_key(&session)?;
+                }
+                Class::NotLoggedIn if !relogged => {
+                    relogged = true;
+                    let _lock = TokenLock::acquire(&self.lock_path)?;
+                    self.login(&session)?;
+                }
+                Class::StaleKey if !refound => {
+                    refound = true;
+                    key = self.refind_key(&session)?;
+                }
+                class => {
+                    if !class.kills_session() {
+                        self.put_session(session);
+                    }
+                    return Err(self.error(what, &err));
+                }
+            }
+        }
+    }
+
+    fn take_session(&self) -> Result<Session, BackendError> {
+        let idle = lock(&self.sessions).pop();
+        match idle {
+            Some(s) => Ok(s),
+            None => self.new_session(),
+        }
+    }
+
+    fn put_session(&self, session: Session) {
+        let mut idle = lock(&self.sessions);
+        if idle.len() < MAX_IDLE_SESSIONS {
+            idle.push(session);
+        }
+    }
+
+    fn new_session(&self) -> Result<Session, BackendError> {
+        if self.pin_rejected.load(Ordering::Relaxed) {
+            return Err(BackendError::Refused(format!(
+                "token {:?} rejected the user PIN earlier; not logging in again until restarted",
+                self.token_label
+            )));
+        }
+        let _lock = TokenLock::acquire(&self.lock_path)?;
+        let slot = *lock(&self.slot);
+        let session = match self.pkcs11.open_ro_session(slot) {
+            Ok(s) => s,
+            Err(e) if classify(&e) == Class::Unreachable => {
+                // The token may be back in another slot (re-plugged, HSM failover).
+                let slots = find_tokens(&self.pkcs11, &self.token_label)
+                    .map_err(|e| self.error("look for the token", &e))?;
+                let [slot] = slots[..] else {
+                    return Err(BackendError::Unreachable(format!(
+                        "token {:?} is not present ({})",
+                        self.token_label,
+                        describe(&e)
+                    )));
+                };
+                *lock(&self.slot) = slot;
+                self.pkcs11.open_ro_session(slot).map_err(|e| self.error("open a session", &e))?
+            }
+            Err(e) => return Err(self.error("open a session", &e)),
+        };
+        self.login(&session)?;
+        Ok(session)
+    }
+
+    /// Logs in; the caller holds the token lock.
+    fn login(&self, session: &Session) -> Result<(), BackendError> {
+        login(session, &self.pin).map_err(|e| {
+            use RvError as R;
+            if let CkError::Pkcs11(
+                R::PinIncorrect | R::PinInvalid | R::PinLenRange | R::PinLocked | R::PinExpired,
+                _,
+            ) = e
+            {
+                self.pin_rejected.store(true, Ordering::Relaxed);
+                tracing::error!(tenant = %self.tenant, token = %self.token_label, error = %describe(&e),
+                    "the token rejected the user PIN; not retrying, to avoid locking it");
+            }
+            self.error("log in", &e)
+        })
+    }
+
+    fn refind_key(&self, session: &Session) -> Result<ObjectHandle, BackendError> {
+        // Under the lock, like every object search of kekd: SoftHSM 2.6.1 fails a key
+        // generation that runs while another thread of the process searches objects.
+        let _lock = TokenLock::acquire(&self.lock_path)?;
+        // Private objects are invisible to a session that is not logged in (another
+        // application may have called C_Logout): log in again rather than report the key gone.
+        let state =
+            session.get_session_info().map_err(|e| self.error("read the session state", &e))?.session_state();
+        if !matches!(state, SessionState::RoUser | SessionState::RwUser) {
+            self.login(session)?;
+        }
+        let keys =
+            find_keys(session, &self.key_label).map_err(|e| self.error("search for the root key", &e))?;
+        match keys[..] {
+            [key] => {
+                *lock(&self.key) = Some(key);
+                Ok(key)
+            }
+            [] => Err(self.key_gone()),
+            _ => Err(BackendError::Refused(format!(
+                "several AES keys are now labelled {:?} on token {:?}",
+                self.key_label, self.token_label
+            ))),
+        }
+    }
+
+    fn key_gone(&self) -> BackendError {
+        BackendError::Refused(format!(
+            "root key {:?} no longer exists on token {:?}",
+            self.key_label, self.token_label
+        ))
+    }
+
+    fn error(&self, what: &str, e: &CkError) -> BackendError {
+        let detail = || format!("{what} on token {:?}: {}", self.token_label, describe(e));
+        match classify(e) {
+            Class::DeadSession | Class::Unreachable => BackendError::Unreachable(detail()),
+            Class::NotLoggedIn | Class::Refused => BackendError::Refused(detail()),
+            Class::StaleKey => self.key_gone(),
+            Class::DataInvalid => {
+                tracing::debug!(tenant = %self.tenant, error = %describe(e), "sealed KEK did not decrypt");
+                BackendError::DataInvalid
+            }
+            Class::Other => BackendError::Internal(detail()),
+        }
+    }
+
+    fn gcm_encrypt(&self, what: &str, aad: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, BackendError> {
+        let mut iv = [0u8; IV_LEN];
+        aws_lc_rs::rand::fill(&mut iv)
+            .map_err(|_| BackendError::Internal("the system random generator failed".into()))?;
+        // A retry (fresh session, key found again) reuses this IV with the same plaintext and
+        // AAD: under the same key that can only reproduce the same ciphertext, and under a
+        // recreated key it is a first use. Never two messages under one key and IV.
+        let sealed = self.with_key(what, |session, key| {
+            let mut iv = iv;
+            let params = GcmParams::new(&mut iv, aad, TAG_BITS)?;
+            session.encrypt(&Mechanism::AesGcm(params), key, plaintext)
+        })?;
+        if sealed.len() != plaintext.len() + TAG_LEN {
+            return Err(BackendError::Internal(format!(
+                "{what}: token {:?} returned {} bytes of AES-GCM output for {} bytes of input",
+                self.token_label,
+                sealed.len(),
+                plaintext.len()
+            )));
+        }
+        let mut out = Vec::with_capacity(IV_LEN + sealed.len());
+        out.extend_from_slice(&iv);
+        out.extend_from_slice(&sealed);
+        Ok(out)
+    }
+}
+
+impl RootKey for Pkcs11RootKey {
+    /// Returns `iv ‖ ciphertext ‖ tag` (see the module documentation: a published format).
+    fn seal(&self, aad: &[u8], kek: &[u8; KEK_LEN]) -> Result<Vec<u8>, BackendError> {
+        self.gcm_encrypt("seal", aad, kek)
+    }
+
+    fn unseal(&self, aad: &[u8], sealed: &[u8], out: &mut [u8; KEK_LEN]) -> Result<(), BackendError> {
+        // Refused before it reaches the token: a short blob would not even be a valid
+        // C_Decrypt input, and a long one cannot hold a KEK.
+        if sealed.len() != SEALED_LEN {
+            return Err(BackendError::DataInvalid);
+        }
+        let (iv, ciphertext) = sealed.split_at(IV_LEN);
+        let plain = self.with_key("unseal", |session, key| {
+            let mut iv: [u8; IV_LEN] = iv.try_into().expect("split at IV_LEN");
+            let params = GcmParams::new(&mut iv, aad, TAG_BITS)?;
+            // cryptoki hands back a plain Vec: wipe it (its whole capacity) when dropped.
+            session.decrypt(&Mechanism::AesGcm(params), key, ciphertext).map(Zeroizing::new)
+        })?;
+        if plain.len() != KEK_LEN {
+            return Err(BackendError::Internal(format!(
+                "unseal: token {:?} returned {} bytes for a {KEK_LEN}-byte KEK",
+                self.token_label,
+                plain.len()
+            )));
+        }
+        out.copy_from_slice(&plain);
+        Ok(())
+    }
+
+    /// Encrypts one block with the root key. Finding the key object would not do: a key
+    /// whose usage was revoked, or a token that lost the login, still lists it.
+    fn canary(&self) -> Result<(), BackendError> {
+        self.gcm_encrypt("canary", CANARY_AAD, &[0u8; 16]).map(drop)
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "pkcs11 module={} token={:?} key={:?}",
+            self.module.display(),
+            self.token_label,
+            self.key_label
+        )
+    }
+}
+
+impl Drop for Pkcs11RootKey {
+    /// Closes this root key's sessions and nothing more. The module stays initialised:
+    /// other tenants in this process may share it, and even share the login (a login is per
+    /// application and token, and ends only when the token's last session closes).
+    fn drop(&mut self) {
+        for session in lock(&self.sessions).drain(..) {
+            if let Err(e) = session.close() {
+                tracing::debug!(tenant = %self.tenant, error = %describe(&e), "closing a PKCS#11 session failed");
+            }
+        }
+    }
+}
+
+/// Logs in as the user. The login belongs to the application, not the session, so a second
+/// tenant on the same token (or a new session of this one) finds it already done.
+fn login(session: &Session, pin: &AuthPin) -> Result<(), CkError> {
+    match session.login(UserType::User, Some(pin)) {
+        Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+fn find_keys(session: &Session, label: &str) -> Result<Vec<ObjectHandle>, CkError> {
+    session.find_objects(&[
+        Attribute::Token(true),
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(KeyType::AES),
+        Attribute::Label(label.as_bytes().to_vec()),
+    ])
+}
+
+/// Every usage attribute is explicit: token defaults differ (SoftHSM2 allows wrap and
+/// derive unless told otherwise), and the root key must do exactly two things.
+fn root_key_template(label: &str) -> Vec<Attribute> {
+    vec![
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(KeyType::AES),
+        Attribute::ValueLen(Ulong::new(KEK_LEN as _)),
+        Attribute::Token(true),
+        Attribute::Private(true),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(false),
+        Attribute::Encrypt(true),
+        Attribute::Decrypt(true),
+        Attribute::Wrap(false),
+        Attribute::Unwrap(false),
+        Attribute::Sign(false),
+        Attribute::Verify(false),
+        Attribute::Derive(false),
+        Attribute::Modifiable(false),
+        Attribute::Label(label.as_bytes().to_vec()),
+    ]
+}
+
+/// Whether the key may do the two things a root key does. A key that could leave the token,
+/// or is not AES-256, works but falls short of what an HSM is for: warn rather than refuse,
+/// since the operator may have imported it on purpose (e.g. escrowed) and refusing would lock
+/// them out of their data.
+fn may_encrypt_and_decrypt(
+    session: &Session,
+    key: ObjectHandle,
+    label: &str,
+    token: &str,
+) -> Result<bool, CkError> {
+    use AttributeType as A;
+    let attrs =
+        session.get_attributes(key, &[A::Encrypt, A::Decrypt, A::Sensitive, A::Extractable, A::ValueLen])?;
+    let (mut encrypt, mut decrypt, mut sensitive, mut extractable, mut len) = (false, false, false, true, 0);
+    for attr in attrs {
+        match attr {
+            Attribute::Encrypt(b) => encrypt = b,
+            Attribute::Decrypt(b) => decrypt = b,
+            Attribute::Sensitive(b) => sensitive = b,
+            Attribute::Extractable(b) => extractable = b,
+            Attribute::ValueLen(n) => len = usize::from(n),
+            _ => {}
+        }
+    }
+    if extractable || !sensitive {
+        tracing::warn!(
+            token,
+            key = label,
+            extractable,
+            sensitive,
+            "the root key can leave the token (CKA_EXTRACTABLE true or CKA_SENSITIVE false)"
+        );
+    }
+    if len != KEK_LEN {
+        tracing::warn!(token, key = label, bytes = len, "the root key is not AES-256");
+    }
+    Ok(encrypt && decrypt)
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // The guarded values (sessions, handles) stay valid if a holder panicked.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}

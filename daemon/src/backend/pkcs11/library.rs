@@ -1,0 +1,168 @@
+//! Process-wide PKCS#11 module handles, token lookup and the cross-process token lock.
+
+use std::collections::HashMap;
+use std::fs::{DirBuilder, File, OpenOptions};
+use std::os::unix::ffi::OsStringExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock, PoisonError};
+use std::time::{Duration, Instant};
+
+use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+use cryptoki::error::{Error as CkError, RvError};
+use cryptoki::slot::Slot;
+use nix::errno::Errno;
+use nix::fcntl::{Flock, FlockArg};
+
+use crate::backend::BackendError;
+
+/// A module loaded and initialised in this process, with the SoftHSM2 configuration it was
+/// initialised under (SoftHSM2 reads `SOFTHSM2_CONF` once, in `C_Initialize`).
+struct Loaded {
+    pkcs11: Pkcs11,
+    softhsm2_conf: Option<PathBuf>,
+}
+
+/// One handle per module per process: a second `C_Initialize` of the same module fails
+/// (CKR_CRYPTOKI_ALREADY_INITIALIZED) and a `C_Finalize` by one user would pull the library
+/// out from under every other tenant sharing it. So modules are never finalised.
+static LIBRARIES: OnceLock<Mutex<HashMap<PathBuf, Loaded>>> = OnceLock::new();
+
+/// How long to wait for another process to finish its login before calling the token
+/// unreachable. A login takes milliseconds; a peer holding the lock this long is stuck,
+/// and failing lets the supervisor restart us with backoff instead of hanging forever.
+const LOCK_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The registry key and the lock-file identity of a module. Canonical so that a symlinked
+/// path to the same library shares one handle (the dynamic loader would share the library
+/// anyway, and the second `C_Initialize` would fail).
+pub(crate) fn module_id(module: &Path) -> PathBuf {
+    std::fs::canonicalize(module).unwrap_or_else(|_| module.to_owned())
+}
+
+/// Returns this process's handle on `module`, loading and initialising it (with OS locking:
+/// tenants and the executor's blocking threads call in concurrently) on first use.
+///
+/// `softhsm2_conf` is exported as `SOFTHSM2_CONF` just before the first load; callers load
+/// backends before starting threads. Asking for the same module under another SoftHSM2
+/// configuration is an error, since the first one is what the library actually uses.
+pub(crate) fn library(module: &Path, softhsm2_conf: Option<&Path>) -> Result<Pkcs11, BackendError> {
+    let id = module_id(module);
+    // Compared by file, not spelling: `/etc/./x.conf` and `/etc/x.conf` are one configuration.
+    let conf_id = softhsm2_conf.map(|c| std::fs::canonicalize(c).unwrap_or_else(|_| c.to_owned()));
+    let mut libs = LIBRARIES.get_or_init(Default::default).lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some(loaded) = libs.get(&id) {
+        if loaded.softhsm2_conf != conf_id {
+            return Err(BackendError::Config(format!(
+                "PKCS#11 module {} is already loaded with SOFTHSM2_CONF={}; it cannot be used with {} too",
+                module.display(),
+                show_conf(loaded.softhsm2_conf.as_deref()),
+                show_conf(softhsm2_conf),
+            )));
+        }
+        return Ok(loaded.pkcs11.clone());
+    }
+    if let Some(conf) = softhsm2_conf {
+        std::env::set_var("SOFTHSM2_CONF", conf);
+    }
+    let pkcs11 = Pkcs11::new(module)
+        .map_err(|e| BackendError::Config(format!("cannot load PKCS#11 module {}: {e}", module.display())))?;
+    match pkcs11.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+        Ok(()) => {}
+        // Someone else in this process (another library) initialised it: usable as is.
+        Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {
+            tracing::warn!(module = %module.display(), "PKCS#11 module was already initialised in this process");
+        }
+        Err(e) => {
+            return Err(BackendError::Config(format!(
+                "cannot initialise PKCS#11 module {}: {}",
+                module.display(),
+                super::errors::describe(&e)
+            )))
+        }
+    }
+    libs.insert(id, Loaded { pkcs11: pkcs11.clone(), softhsm2_conf: conf_id });
+    Ok(pkcs11)
+}
+
+fn show_conf(conf: Option<&Path>) -> String {
+    conf.map_or_else(|| "(unset)".to_owned(), |c| c.display().to_string())
+}
+
+/// The slots holding an initialised token labelled `label`. Slot ids are not stable across
+/// processes (SoftHSM2 derives them from token serials), so tokens are always found by label.
+pub(crate) fn find_tokens(pkcs11: &Pkcs11, label: &str) -> Result<Vec<Slot>, CkError> {
+    let label = label.trim_end_matches(' '); // labels are blank-padded on the token
+    let mut found = Vec::new();
+    for slot in pkcs11.get_slots_with_token()? {
+        match pkcs11.get_token_info(slot) {
+            Ok(info) if info.token_initialized() && info.label() == label => found.push(slot),
+            Ok(_) => {}
+            // Removed between the two calls: not the token we want, whatever it was.
+            Err(CkError::Pkcs11(RvError::TokenNotPresent | RvError::SlotIdInvalid, _)) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(found)
+}
+
+/// An exclusive `flock` on a file, held while logging in: SoftHSM2 rewrites its token files
+/// on login, and processes logging in to one token at the same moment fail at random.
+/// Threads of one process exclude each other too (each open has its own lock).
+pub(crate) struct TokenLock {
+    _lock: Flock<File>,
+}
+
+impl TokenLock {
+    /// The lock file of a (module, token) pair under `lock_dir`. Hashed so that labels with
+    /// any characters give a safe, bounded file name.
+    pub(crate) fn path(lock_dir: &Path, module: &Path, token_label: &str) -> PathBuf {
+        let mut id = module_id(module).into_os_string().into_vec();
+        id.push(0);
+        id.extend_from_slice(token_label.as_bytes());
+        let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &id);
+        let hex = hex::encode(digest.as_ref());
+        lock_dir.join(format!("pkcs11-{}.lock", &hex[..16]))
+    }
+
+    pub(crate) fn acquire(path: &Path) -> Result<Self, BackendError> {
+        let io = |what: &str, e: std::io::Error| {
+            BackendError::Internal(format!("token lock {}: cannot {what}: {e}", path.display()))
+        };
+        if let Some(dir) = path.parent() {
+            DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(|e| io("create its directory", e))?;
+        }
+        let mut file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(|e| io("open", e))?;
+        let deadline = Instant::now() + LOCK_TIMEOUT;
+        let mut pause = Duration::from_millis(1);
+        loop {
+            match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+                Ok(lock) => return Ok(Self { _lock: lock }),
+                Err((f, Errno::EINTR)) => file = f,
+                Err((f, Errno::EWOULDBLOCK)) => {
+                    if Instant::now() >= deadline {
+                        return Err(BackendError::Unreachable(format!(
+                            "token lock {} held by another process for more than {}s",
+                            path.display(),
+                            LOCK_TIMEOUT.as_secs()
+                        )));
+                    }
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(Duration::from_millis(50));
+                    file = f;
+                }
+                Err((_, e)) => return Err(io("lock", e.into())),
+            }
+        }
+    }
+}
