@@ -175,6 +175,7 @@ impl KekCache {
         entries.values().flat_map(|m| m.values()).filter(|e| e.loaded.read().expect("lock").is_some()).count()
     }
 
+    #[cfg(test)]
     /// Root-key unseal calls made so far.
     pub fn root_calls(&self) -> u64 {
         self.root_calls.load(Ordering::Relaxed)

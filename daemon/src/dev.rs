@@ -11,6 +11,7 @@ use crate::softhsm::prepare_dev_token;
 use crate::StartError;
 
 pub fn run(dir: Option<PathBuf>) -> Result<(), StartError> {
+    crate::init_logging("info");
     let io = |what: &str| {
         let what = what.to_owned();
         move |source| StartError::Io { what, source }

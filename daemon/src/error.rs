@@ -21,9 +21,9 @@ pub enum Error {
     /// An EDEK that does not parse, authenticate, or name a usable version of this tenant.
     #[error("invalid data")]
     DataInvalid,
-    #[error("version {version} of key {key:?} is disabled")]
+    #[error("version {version} of key \"{key}\" is disabled")]
     VersionDisabled { key: KeyName, version: u32 },
-    #[error("the KEK record of version {version} of key {key:?} does not unseal under the root key")]
+    #[error("the KEK record of version {version} of key \"{key}\" does not unseal under the root key")]
     KekRecordInvalid { key: KeyName, version: u32 },
     #[error("this operation needs an admin of tenant {tenant:?} (caller uid {uid})")]
     NotAdmin { tenant: String, uid: u32 },

@@ -31,11 +31,11 @@ pub const RECORD_FORMAT: u32 = 1;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("key {0:?} does not exist")]
+    #[error("key \"{0}\" does not exist")]
     NoSuchKey(KeyName),
-    #[error("key {0:?} has no version {1}")]
+    #[error("key \"{0}\" has no version {1}")]
     NoSuchVersion(KeyName, u32),
-    #[error("key {0:?} already exists")]
+    #[error("key \"{0}\" already exists")]
     KeyExists(KeyName),
     #[error("{0}")]
     Precondition(String),
@@ -176,6 +176,7 @@ impl KeyStore {
         self.keys.lock().expect("keystore lock").len()
     }
 
+    #[cfg(test)]
     pub fn info(&self, name: &KeyName) -> Result<KeyInfo, StoreError> {
         let keys = self.keys.lock().expect("keystore lock");
         keys.get(name).map(|k| k.info(name)).ok_or_else(|| StoreError::NoSuchKey(name.clone()))
@@ -260,7 +261,7 @@ impl KeyStore {
             let key = keys.get(name).ok_or_else(|| StoreError::NoSuchKey(name.clone()))?;
             if key.versions.keys().next_back().is_some_and(|&v| v >= version) {
                 return Err(StoreError::Precondition(format!(
-                    "version {version} of {name:?} already exists"
+                    "version {version} of \"{name}\" already exists"
                 )));
             }
             key.created_unix
@@ -299,11 +300,13 @@ impl KeyStore {
             let v =
                 key.versions.get(&version).ok_or_else(|| StoreError::NoSuchVersion(name.clone(), version))?;
             if v.state == StoredState::Destroyed {
-                return Err(StoreError::Precondition(format!("version {version} of {name:?} is destroyed")));
+                return Err(StoreError::Precondition(format!(
+                    "version {version} of \"{name}\" is destroyed"
+                )));
             }
             if state == StoredState::Destroyed && version == key.active {
                 return Err(StoreError::Precondition(format!(
-                    "version {version} is the active version of {name:?}: rotate the key before destroying it"
+                    "version {version} is the active version of \"{name}\": rotate the key before destroying it"
                 )));
             }
             v.created_unix

@@ -85,9 +85,13 @@ fn main() -> ExitCode {
         Command::CheckConfig { config } => match Config::load(&config) {
             Ok(cfg) => {
                 println!("config OK: {} tenant(s)", cfg.tenants.len());
-                Ok(())
+                return ExitCode::SUCCESS;
             }
-            Err(e) => Err(e.into()),
+            Err(e) => {
+                // Scripts and editors match on the leading field path: no prefix here.
+                eprintln!("{e}");
+                return ExitCode::FAILURE;
+            }
         },
         Command::Run { config } => Config::load(&config).map_err(StartError::from).and_then(run),
         Command::Dev { dir } => dev::run(dir),
@@ -101,9 +105,16 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging(filter: &str) {
+/// Logs to stderr, coloured only on a terminal (journald and files get plain text).
+/// Idempotent: `dev` starts logging early, then `run` calls it again.
+pub(crate) fn init_logging(filter: &str) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| "info".into());
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .try_init();
 }
 
 /// Opens every tenant (root key, key store, cache) before any thread starts, then serves

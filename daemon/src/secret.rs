@@ -149,6 +149,7 @@ impl LockedArena {
         Ok(())
     }
 
+    #[cfg(test)]
     /// Bytes of KEK memory mapped, for status and tests.
     pub fn mapped_bytes(&self) -> usize {
         self.inner.lock().expect("arena lock").chunks.iter().map(|c| c.map_len).sum()

@@ -9,8 +9,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use kekd_proto::{
-    Code, Context, EdekItem, ErrorStatus, HelloOk, ItemOk, ItemResult, KeyInfo, KeyName, Op, Reply, Request,
-    Response, Secret, StatusInfo, TargetState, TenantName, VersionState, WrapItem, DEK_LEN, PROTOCOL_VERSION,
+    Code, Context, EdekItem, ErrorStatus, HelloOk, ItemOk, KeyInfo, KeyName, Op, Reply, Request, Response,
+    Secret, StatusInfo, TargetState, TenantName, VersionState, WrapItem, DEK_LEN, PROTOCOL_VERSION,
 };
 use zeroize::Zeroizing;
 
@@ -396,6 +396,7 @@ mod tests {
 
     use super::*;
     use crate::secret::LockedArena;
+    use kekd_proto::ItemResult;
 
     /// An in-memory root key for unit tests only: AES-GCM under a fixed key. The real
     /// backends are tested against SoftHSM2 and swtpm.

@@ -1,0 +1,134 @@
+//! Errors and exit codes: the part of kekctl that scripts depend on most.
+
+use std::fmt;
+use std::process::ExitCode;
+
+use kekd_client::{code_name, ClientError, Code, ErrorStatus};
+
+/// Exit status per wire code. Scripts branch on these, so they never change meaning.
+pub const EXIT_CODES: [(Code, u8); 8] = [
+    (Code::InvalidArgument, 3),
+    (Code::PermissionDenied, 4),
+    (Code::NotFound, 5),
+    (Code::FailedPrecondition, 6),
+    (Code::DataInvalid, 7),
+    (Code::Unavailable, 8),
+    (Code::ResourceExhausted, 9),
+    (Code::Internal, 10),
+];
+/// A client-side failure that has no wire code (unreadable stdin, closed stdout).
+pub const EXIT_LOCAL: u8 = 1;
+/// Bad command line; clap exits with this itself.
+pub const EXIT_USAGE: u8 = 2;
+
+pub fn exit_code(code: Code) -> u8 {
+    EXIT_CODES.iter().find(|(c, _)| *c == code).map_or(EXIT_LOCAL, |(_, n)| *n)
+}
+
+/// The table for `--help`, built from [`EXIT_CODES`] so the two cannot drift apart.
+pub fn help_text() -> String {
+    let mut text = String::from(
+        "Errors are printed to stderr as `kekctl: CODE_NAME: message` (or `kekctl: message` \
+         for local failures).\n\nExit status:\n  0   success\n",
+    );
+    text.push_str(&format!("  {EXIT_LOCAL:<3} local failure (stdin, stdout)\n"));
+    text.push_str(&format!("  {EXIT_USAGE:<3} usage error\n"));
+    for (code, n) in EXIT_CODES {
+        let note =
+            if code == Code::Unavailable { " (also: socket not reachable, connection lost)" } else { "" };
+        text.push_str(&format!("  {n:<3} {}{note}\n", code_name(code)));
+    }
+    text
+}
+
+/// Why a command failed, ready to be printed and turned into an exit status.
+#[derive(Debug)]
+pub enum CliError {
+    /// A failure with a wire code: from the daemon, the connection, or a local check that
+    /// mirrors one the daemon would make.
+    Status(ErrorStatus),
+    /// A local failure without a wire code.
+    Local { what: &'static str, error: std::io::Error },
+}
+
+impl CliError {
+    pub fn exit_code(&self) -> ExitCode {
+        ExitCode::from(match self {
+            CliError::Status(s) => exit_code(s.code),
+            CliError::Local { .. } => EXIT_LOCAL,
+        })
+    }
+}
+
+impl fmt::Display for CliError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CliError::Status(s) => write!(f, "{}: {}", code_name(s.code), s.message),
+            CliError::Local { what, error } => write!(f, "{what}: {error}"),
+        }
+    }
+}
+
+impl From<ErrorStatus> for CliError {
+    fn from(s: ErrorStatus) -> Self {
+        CliError::Status(s)
+    }
+}
+
+impl From<ClientError> for CliError {
+    fn from(e: ClientError) -> Self {
+        match e {
+            ClientError::Status(s) => CliError::Status(s),
+            other => CliError::Status(ErrorStatus::new(other.code(), other.to_string())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_codes_follow_the_contract() {
+        let expected = [
+            (Code::InvalidArgument, 3),
+            (Code::PermissionDenied, 4),
+            (Code::NotFound, 5),
+            (Code::FailedPrecondition, 6),
+            (Code::DataInvalid, 7),
+            (Code::Unavailable, 8),
+            (Code::ResourceExhausted, 9),
+            (Code::Internal, 10),
+        ];
+        for (code, n) in expected {
+            assert_eq!(exit_code(code), n, "{}", code_name(code));
+        }
+        assert_eq!(exit_code(Code::Ok), EXIT_LOCAL, "OK is never an error status");
+        assert_eq!(
+            clap::error::Error::<clap::error::DefaultFormatter>::new(
+                clap::error::ErrorKind::MissingRequiredArgument
+            )
+            .exit_code(),
+            EXIT_USAGE as i32
+        );
+    }
+
+    #[test]
+    fn help_lists_every_code() {
+        let help = help_text();
+        assert!(help.contains("  2   usage error"), "{help}");
+        assert!(help.contains("  1   local failure"), "{help}");
+        for (code, n) in EXIT_CODES {
+            let line = format!("  {n:<3} {}", code_name(code));
+            assert!(help.contains(&line), "missing {line:?} in {help}");
+        }
+    }
+
+    #[test]
+    fn connection_failures_are_unavailable() {
+        let err = CliError::from(ClientError::Closed);
+        assert_eq!(err.to_string(), "UNAVAILABLE: connection to kekd closed");
+        let err = CliError::from(ClientError::Status(ErrorStatus::new(Code::NotFound, "no key \"x\"")));
+        assert_eq!(err.to_string(), "NOT_FOUND: no key \"x\"");
+    }
+}

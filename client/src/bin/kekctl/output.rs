@@ -1,0 +1,316 @@
+//! Standard input and output: raw bytes, text lines and JSON.
+//!
+//! Output that may hold a plaintext is built in one zeroizing buffer sized up front (so it
+//! never reallocates and leaves copies behind) and written straight to the file
+//! descriptor, bypassing the standard library's stdout buffer, which is never wiped.
+
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::AsFd;
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use kekd_client::{Code, ErrorStatus, ItemOk, KeyInfo, StatusInfo};
+use serde::Serialize;
+use zeroize::Zeroizing;
+
+use crate::exit::CliError;
+
+/// Reads all of stdin, at most `limit` bytes: a larger input is refused as the daemon would
+/// refuse it, without reading (or buffering) the rest.
+pub fn read_stdin(limit: usize, what: &str) -> Result<Zeroizing<Vec<u8>>, CliError> {
+    let mut buf = Zeroizing::new(vec![0u8; limit + 1]);
+    let mut len = 0;
+    let mut stdin = io::stdin().lock();
+    while len < buf.len() {
+        match stdin.read(&mut buf[len..]) {
+            Ok(0) => break,
+            Ok(n) => len += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(error) => return Err(CliError::Local { what: "cannot read stdin", error }),
+        }
+    }
+    if len == 0 || len > limit {
+        let msg = format!("stdin: {what} must be 1 to {limit} bytes");
+        return Err(ErrorStatus::new(Code::InvalidArgument, msg).into());
+    }
+    buf.truncate(len);
+    Ok(buf)
+}
+
+/// Writes and flushes `bytes` on stdout, unbuffered (see the module comment).
+pub fn write_stdout(bytes: &[u8]) -> Result<(), CliError> {
+    let failed = |error| CliError::Local { what: "cannot write to stdout", error };
+    let mut lock = io::stdout().lock();
+    lock.flush().map_err(failed)?;
+    let mut out = File::from(lock.as_fd().try_clone_to_owned().map_err(failed)?);
+    out.write_all(bytes).and_then(|()| out.flush()).map_err(failed)
+}
+
+/// Which parts of a batch item a command prints.
+#[derive(Clone, Copy)]
+pub struct Fields {
+    pub plaintext: bool,
+    pub edek: bool,
+}
+
+/// A buffer big enough for `items` printed as JSON or text, so it never grows.
+pub fn item_buffer(items: &[ItemOk]) -> Zeroizing<Vec<u8>> {
+    let b64 = |n: usize| n.div_ceil(3) * 4;
+    let size = items.iter().map(|it| {
+        let pt = it.plaintext.as_ref().map_or(0, |p| b64(p.len()));
+        let edek = it.edek.as_ref().map_or(0, |e| b64(e.len()));
+        // Key names are ASCII without quotes or backslashes, so JSON escaping never
+        // lengthens them; 64 bytes cover the field names, punctuation and version.
+        pt + edek + it.key.as_str().len() + 64
+    });
+    Zeroizing::new(Vec::with_capacity(size.sum::<usize>() + 8))
+}
+
+fn push_b64(out: &mut Vec<u8>, bytes: &[u8]) {
+    let start = out.len();
+    out.resize(start + bytes.len().div_ceil(3) * 4, 0);
+    let written = STANDARD.encode_slice(bytes, &mut out[start..]).expect("sized for padded base64");
+    out.truncate(start + written);
+}
+
+/// One item as a JSON object. Written by hand rather than through `Serialize`, so that
+/// no serialisable type ever holds a secret.
+pub fn push_item_json(out: &mut Vec<u8>, item: &ItemOk, fields: Fields) {
+    out.push(b'{');
+    if let (true, Some(p)) = (fields.plaintext, &item.plaintext) {
+        out.extend_from_slice(b"\"plaintext\":\"");
+        push_b64(out, p.expose());
+        out.extend_from_slice(b"\",");
+    }
+    if let (true, Some(e)) = (fields.edek, &item.edek) {
+        out.extend_from_slice(b"\"edek\":\"");
+        push_b64(out, e);
+        out.extend_from_slice(b"\",");
+    }
+    out.extend_from_slice(b"\"key\":");
+    serde_json::to_writer(&mut *out, item.key.as_str()).expect("writing to a Vec cannot fail");
+    out.extend_from_slice(format!(",\"version\":{}}}", item.version).as_bytes());
+}
+
+/// One item as `plaintext: ...` / `edek: ...` lines.
+pub fn push_item_text(out: &mut Vec<u8>, item: &ItemOk, fields: Fields) {
+    if let (true, Some(p)) = (fields.plaintext, &item.plaintext) {
+        out.extend_from_slice(b"plaintext: ");
+        push_b64(out, p.expose());
+        out.push(b'\n');
+    }
+    if let (true, Some(e)) = (fields.edek, &item.edek) {
+        out.extend_from_slice(b"edek: ");
+        push_b64(out, e);
+        out.push(b'\n');
+    }
+}
+
+#[derive(Serialize)]
+struct KeyView<'a> {
+    name: &'a str,
+    active_version: u32,
+    versions: Vec<VersionView>,
+}
+
+#[derive(Serialize)]
+struct VersionView {
+    version: u32,
+    state: &'static str,
+    created_unix: u64,
+}
+
+fn key_view(k: &KeyInfo) -> KeyView<'_> {
+    KeyView {
+        name: k.name.as_str(),
+        active_version: k.active_version,
+        versions: k
+            .versions
+            .iter()
+            .map(|v| VersionView {
+                version: v.version,
+                state: v.state.as_str(),
+                created_unix: v.created_unix,
+            })
+            .collect(),
+    }
+}
+
+fn json_line<T: Serialize>(value: &T) -> String {
+    let mut s = serde_json::to_string(value).expect("plain data always serialises");
+    s.push('\n');
+    s
+}
+
+pub fn key_json(k: &KeyInfo) -> String {
+    json_line(&key_view(k))
+}
+
+pub fn keys_json(keys: &[KeyInfo]) -> String {
+    json_line(&keys.iter().map(key_view).collect::<Vec<_>>())
+}
+
+/// A table with one row per key; versions as `number:state`.
+pub fn keys_table(keys: &[KeyInfo]) -> String {
+    let rows: Vec<[String; 3]> = keys
+        .iter()
+        .map(|k| {
+            let versions: Vec<String> =
+                k.versions.iter().map(|v| format!("{}:{}", v.version, v.state.as_str())).collect();
+            [k.name.to_string(), k.active_version.to_string(), versions.join(" ")]
+        })
+        .collect();
+    let header = ["NAME".to_string(), "ACTIVE".to_string(), "VERSIONS".to_string()];
+    let width = |i: usize| rows.iter().chain([&header]).map(|r| r[i].len()).max().unwrap_or(0);
+    let (w0, w1) = (width(0), width(1));
+    let mut out = String::new();
+    for [name, active, versions] in [&header].into_iter().chain(&rows) {
+        out.push_str(format!("{name:<w0$}  {active:<w1$}  {versions}").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+#[derive(Serialize)]
+struct StatusView<'a> {
+    tenant: &'a str,
+    backend: &'a str,
+    backend_healthy: bool,
+    backend_error: &'a str,
+    cached_keks: u32,
+    keys: u32,
+    uptime_seconds: u64,
+    memory_locked: bool,
+}
+
+pub fn status_json(s: &StatusInfo) -> String {
+    json_line(&StatusView {
+        tenant: s.tenant.as_str(),
+        backend: &s.backend,
+        backend_healthy: s.backend_healthy,
+        backend_error: &s.backend_error,
+        cached_keks: s.cached_keks,
+        keys: s.keys,
+        uptime_seconds: s.uptime_seconds,
+        memory_locked: s.memory_locked,
+    })
+}
+
+pub fn status_text(s: &StatusInfo) -> String {
+    let health = match (s.backend_healthy, s.backend_error.is_empty()) {
+        (true, _) => "ok".to_string(),
+        (false, true) => "unhealthy".to_string(),
+        (false, false) => format!("unhealthy: {}", s.backend_error),
+    };
+    let yes_no = |b| if b { "yes" } else { "no" };
+    format!(
+        "tenant: {}\nbackend: {}\nhealth: {health}\ncached KEKs: {}\nkeys: {}\nuptime: {}\nmemory locked: {}\n",
+        s.tenant,
+        s.backend,
+        s.cached_keks,
+        s.keys,
+        uptime(s.uptime_seconds),
+        yes_no(s.memory_locked),
+    )
+}
+
+fn uptime(secs: u64) -> String {
+    let (d, h, m, s) = (secs / 86400, secs / 3600 % 24, secs / 60 % 60, secs % 60);
+    match (d, h, m) {
+        (0, 0, 0) => format!("{s}s"),
+        (0, 0, _) => format!("{m}m {s}s"),
+        (0, _, _) => format!("{h}h {m}m {s}s"),
+        _ => format!("{d}d {h}h {m}m {s}s"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use kekd_client::{KeyName, Secret, TenantName, VersionInfo, VersionState};
+
+    use super::*;
+
+    fn item() -> ItemOk {
+        ItemOk {
+            plaintext: Some(Secret::from_vec(vec![0xfb; 32])),
+            edek: Some(vec![1, 2, 3, 4]),
+            key: KeyName::parse("billing/invoices").unwrap(),
+            version: 7,
+        }
+    }
+
+    #[test]
+    fn item_json_is_valid_and_fits_its_buffer() {
+        let items = [item()];
+        let mut out = item_buffer(&items);
+        let cap = out.capacity();
+        push_item_json(&mut out, &items[0], Fields { plaintext: true, edek: true });
+        assert_eq!(out.capacity(), cap, "the buffer must not reallocate");
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["plaintext"], STANDARD.encode([0xfb; 32]));
+        assert_eq!(v["edek"], "AQIDBA==");
+        assert_eq!(v["key"], "billing/invoices");
+        assert_eq!(v["version"], 7);
+
+        let mut out = item_buffer(&items);
+        push_item_json(&mut out, &items[0], Fields { plaintext: false, edek: true });
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert!(v.get("plaintext").is_none());
+    }
+
+    #[test]
+    fn item_text_lines() {
+        let mut out = Vec::new();
+        push_item_text(&mut out, &item(), Fields { plaintext: false, edek: true });
+        assert_eq!(out, b"edek: AQIDBA==\n");
+    }
+
+    fn key_info() -> KeyInfo {
+        KeyInfo {
+            name: KeyName::parse("default").unwrap(),
+            active_version: 2,
+            versions: vec![
+                VersionInfo { version: 1, state: VersionState::DecryptOnly, created_unix: 100 },
+                VersionInfo { version: 2, state: VersionState::Active, created_unix: 200 },
+            ],
+        }
+    }
+
+    #[test]
+    fn keys_as_json_and_table() {
+        let v: serde_json::Value = serde_json::from_str(&keys_json(&[key_info()])).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!([{"name": "default", "active_version": 2, "versions": [
+                {"version": 1, "state": "decrypt-only", "created_unix": 100},
+                {"version": 2, "state": "active", "created_unix": 200},
+            ]}])
+        );
+        assert_eq!(
+            keys_table(&[key_info()]),
+            "NAME     ACTIVE  VERSIONS\ndefault  2       1:decrypt-only 2:active\n"
+        );
+    }
+
+    #[test]
+    fn status_text_lines() {
+        let s = StatusInfo {
+            tenant: TenantName::parse("demo").unwrap(),
+            backend: "pkcs11".into(),
+            backend_healthy: false,
+            backend_error: "token absent".into(),
+            cached_keks: 3,
+            keys: 2,
+            uptime_seconds: 3723,
+            memory_locked: true,
+        };
+        let text = status_text(&s);
+        assert!(text.contains("health: unhealthy: token absent\n"), "{text}");
+        assert!(text.contains("uptime: 1h 2m 3s\n"), "{text}");
+        assert!(text.contains("memory locked: yes\n"), "{text}");
+        let v: serde_json::Value = serde_json::from_str(&status_json(&s)).unwrap();
+        assert_eq!(v["cached_keks"], 3);
+        assert_eq!(v["backend_healthy"], false);
+    }
+}

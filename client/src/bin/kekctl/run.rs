@@ -1,0 +1,149 @@
+//! One function per command: connect, call, print.
+
+use kekd_client::{
+    Client, ClientError, Code, EdekItem, ErrorStatus, ItemOk, ItemResult, KeyInfo, KeyName,
+    MalformedResponse, Secret, TargetState, WrapItem,
+};
+use kekd_proto::{MAX_EDEK_LEN, MAX_SECRET_LEN};
+
+use crate::cli::{Command, KeysCommand, Settings};
+use crate::exit::CliError;
+use crate::output::{self, write_stdout, Fields};
+
+const CLIENT_NAME: &str = "kekctl";
+
+pub async fn run(command: Command, s: Settings) -> Result<(), CliError> {
+    match command {
+        Command::Status => {
+            let status = connect(&s).await?.status(s.metadata).await?;
+            let text = if s.json { output::status_json(&status) } else { output::status_text(&status) };
+            write_stdout(text.as_bytes())
+        }
+        Command::Generate { key, count, edek_only } => generate(&s, &key, count as usize, edek_only).await,
+        Command::Wrap { key } => {
+            let plaintext = output::read_stdin(MAX_SECRET_LEN, "the secret")?;
+            let items = vec![WrapItem { plaintext: Secret::new(plaintext), context: s.context.clone() }];
+            let item = single(connect(&s).await?.wrap(&key, items, s.metadata.clone()).await?)?;
+            print_edek(&s, &item)
+        }
+        Command::Unwrap => {
+            let items = read_edek(&s)?;
+            let item = single(connect(&s).await?.unwrap(items, s.metadata.clone()).await?)?;
+            let plaintext = item.plaintext.as_ref().ok_or_else(|| missing("plaintext"))?;
+            if s.json {
+                print_items(&[item], Fields { plaintext: true, edek: false }, true)
+            } else {
+                write_stdout(plaintext.expose())
+            }
+        }
+        Command::Rewrap => {
+            let items = read_edek(&s)?;
+            let item = single(connect(&s).await?.rewrap(items, s.metadata.clone()).await?)?;
+            print_edek(&s, &item)
+        }
+        Command::Keys(command) => keys(&s, command).await,
+    }
+}
+
+async fn connect(s: &Settings) -> Result<Client, CliError> {
+    Client::connect(&s.socket, &s.tenant, CLIENT_NAME).await.map_err(|e| match e {
+        ClientError::Io(io) => {
+            let msg = format!("cannot connect to {}: {io}", s.socket.display());
+            ErrorStatus::new(Code::Unavailable, msg).into()
+        }
+        other => other.into(),
+    })
+}
+
+async fn generate(s: &Settings, key: &KeyName, count: usize, edek_only: bool) -> Result<(), CliError> {
+    let contexts = vec![s.context.clone(); count];
+    let results = connect(s).await?.generate(key, contexts, edek_only, s.metadata.clone()).await?;
+    let items = all_ok(results)?;
+    for item in &items {
+        item.edek.as_ref().ok_or_else(|| missing("edek"))?;
+        if !edek_only {
+            item.plaintext.as_ref().ok_or_else(|| missing("plaintext"))?;
+        }
+    }
+    print_items(&items, Fields { plaintext: !edek_only, edek: true }, s.json)
+}
+
+fn read_edek(s: &Settings) -> Result<Vec<EdekItem>, CliError> {
+    let edek = output::read_stdin(MAX_EDEK_LEN, "an EDEK")?;
+    Ok(vec![EdekItem { edek: edek.to_vec(), context: s.context.clone() }])
+}
+
+fn print_edek(s: &Settings, item: &ItemOk) -> Result<(), CliError> {
+    let edek = item.edek.as_ref().ok_or_else(|| missing("edek"))?;
+    if s.json {
+        print_items(std::slice::from_ref(item), Fields { plaintext: false, edek: true }, true)
+    } else {
+        write_stdout(edek)
+    }
+}
+
+/// One item prints as an object, several as an array, so `--count 1` output needs no
+/// unwrapping in scripts.
+fn print_items(items: &[ItemOk], fields: Fields, json: bool) -> Result<(), CliError> {
+    let mut out = output::item_buffer(items);
+    if !json {
+        items.iter().for_each(|item| output::push_item_text(&mut out, item, fields));
+    } else if let [item] = items {
+        output::push_item_json(&mut out, item, fields);
+        out.push(b'\n');
+    } else {
+        out.push(b'[');
+        for (i, item) in items.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            output::push_item_json(&mut out, item, fields);
+        }
+        out.extend_from_slice(b"]\n");
+    }
+    write_stdout(&out)
+}
+
+/// The command sent one item, so its error is the command's error.
+fn single(results: Vec<ItemResult>) -> Result<ItemOk, CliError> {
+    all_ok(results)?.pop().ok_or_else(|| missing("item"))
+}
+
+/// A batch succeeds only as a whole: printing some keys and failing on others would leave
+/// a script with output it cannot line up.
+fn all_ok(results: Vec<ItemResult>) -> Result<Vec<ItemOk>, CliError> {
+    results.into_iter().collect::<Result<_, _>>().map_err(CliError::from)
+}
+
+fn missing(what: &str) -> CliError {
+    ClientError::Malformed(MalformedResponse(format!("reply without {what}"))).into()
+}
+
+async fn keys(s: &Settings, command: KeysCommand) -> Result<(), CliError> {
+    let client = connect(s).await?;
+    let md = s.metadata.clone();
+    let key = match command {
+        KeysCommand::List => {
+            let keys = client.list_keys(md).await?;
+            let text = if s.json { output::keys_json(&keys) } else { output::keys_table(&keys) };
+            return write_stdout(text.as_bytes());
+        }
+        KeysCommand::Create(k) => client.create_key(&k.name, md).await?,
+        KeysCommand::Rotate(k) => client.rotate_key(&k.name, md).await?,
+        KeysCommand::Disable(v) => {
+            client.set_version_state(&v.name, v.version, TargetState::Disabled, md).await?
+        }
+        KeysCommand::Enable(v) => {
+            client.set_version_state(&v.name, v.version, TargetState::DecryptOnly, md).await?
+        }
+        KeysCommand::Destroy(v) => {
+            client.set_version_state(&v.name, v.version, TargetState::Destroyed, md).await?
+        }
+    };
+    print_key(s, &key)
+}
+
+fn print_key(s: &Settings, key: &KeyInfo) -> Result<(), CliError> {
+    let text = if s.json { output::key_json(key) } else { output::keys_table(std::slice::from_ref(key)) };
+    write_stdout(text.as_bytes())
+}
