@@ -1,1 +1,1338 @@
+//! Fixtures for kekd's end-to-end tests against real SoftHSM2.
+//!
+//! Every test owns its world: a temporary directory with its own `softhsm2.conf` and token
+//! directory, its own key store, socket and daemon. Nothing is shared between tests, so they
+//! run in parallel (threads under `cargo test`, processes under nextest) and leave nothing
+//! behind: the daemon's process group is killed and the directory removed on drop.
+//!
+//! The programs under test are the real `kekd` and `kekctl`, taken from the target directory
+//! the test executable was built into: build them first with `cargo build --workspace --bins`.
+//!
+//! Waiting is always done on an event with a deadline (a line on a pipe, a process exit, a
+//! socket read with a timeout), never by sleeping for a fixed time.
 
+use std::ffi::{OsStr, OsString};
+use std::fmt;
+use std::fs;
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use kekd_proto::pb;
+use nix::sys::signal::{kill, killpg, Signal};
+use nix::unistd::Pid;
+use prost::Message as _;
+use tempfile::TempDir;
+
+pub use kekd_proto::Code;
+
+/// How long a daemon may take to print its ready line.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long one `kekctl` or `kekd check-config` run may take.
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a raw-socket read may block.
+pub const IO_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a daemon may take to exit after SIGTERM.
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// The unprivileged user the multi-user tests run `kekctl` as.
+pub const NOBODY_UID: u32 = 65534;
+/// `nogroup` on Debian.
+pub const NOBODY_GID: u32 = 65534;
+
+/// `kekctl` exit codes (README: "Exit codes").
+pub mod exit {
+    pub const OK: i32 = 0;
+    pub const FAILURE: i32 = 1;
+    pub const USAGE: i32 = 2;
+    pub const INVALID_ARGUMENT: i32 = 3;
+    pub const PERMISSION_DENIED: i32 = 4;
+    pub const NOT_FOUND: i32 = 5;
+    pub const FAILED_PRECONDITION: i32 = 6;
+    pub const DATA_INVALID: i32 = 7;
+    pub const UNAVAILABLE: i32 = 8;
+    pub const RESOURCE_EXHAUSTED: i32 = 9;
+    pub const INTERNAL: i32 = 10;
+}
+
+// ---------------------------------------------------------------------------------------
+// Binaries and small helpers
+
+/// The directory holding the binaries under test: `target/<profile>`, the parent of the
+/// `deps` directory the test executable runs from (or `$KEKD_TEST_BIN_DIR`).
+pub fn bin_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("KEKD_TEST_BIN_DIR") {
+        return dir.into();
+    }
+    let exe = std::env::current_exe().expect("path of the test executable");
+    let mut dir = exe.parent().expect("the test executable has a parent directory").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    dir
+}
+
+/// Path of a binary under test; panics with the command to build it when it is missing.
+pub fn bin(name: &str) -> PathBuf {
+    let path = bin_dir().join(name);
+    assert!(
+        path.is_file(),
+        "{} not found: build the binaries first with `cargo build --workspace --bins` \
+         (same profile as the tests), or point KEKD_TEST_BIN_DIR at them",
+        path.display()
+    );
+    path
+}
+
+/// The SoftHSM2 PKCS#11 module (`$KEKD_TEST_PKCS11_MODULE` overrides the search).
+pub fn softhsm_module() -> PathBuf {
+    if let Some(m) = std::env::var_os("KEKD_TEST_PKCS11_MODULE") {
+        return m.into();
+    }
+    let candidates = [
+        "/usr/lib/softhsm/libsofthsm2.so",
+        "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
+        "/usr/lib/aarch64-linux-gnu/softhsm/libsofthsm2.so",
+        "/usr/local/lib/softhsm/libsofthsm2.so",
+    ];
+    candidates.iter().map(PathBuf::from).find(|p| p.exists()).unwrap_or_else(|| {
+        panic!("libsofthsm2.so not found (looked in {candidates:?}): run ./scripts/install-deps")
+    })
+}
+
+pub fn my_uid() -> u32 {
+    nix::unistd::getuid().as_raw()
+}
+
+pub fn my_gid() -> u32 {
+    nix::unistd::getgid().as_raw()
+}
+
+pub fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// A fresh temporary directory, mode 0755 so that the multi-user tests' other user can
+/// reach the socket inside it.
+pub fn test_dir() -> TempDir {
+    let dir = tempfile::Builder::new().prefix("kekd-test-").tempdir().expect("create a temporary directory");
+    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755))
+        .expect("chmod 0755 the test directory");
+    dir
+}
+
+/// Panics, naming the culprit, unless every ancestor of `path` can be traversed by other
+/// users (the multi-user tests need that to reach the socket).
+pub fn assert_traversable_by_others(path: &Path) {
+    for dir in path.ancestors().skip(1) {
+        let mode = fs::metadata(dir).map(|m| m.permissions().mode()).unwrap_or(0);
+        assert!(
+            mode & 0o001 != 0,
+            "{} (mode {mode:o}) is not traversable by other users, so uid {NOBODY_UID} cannot reach {}; \
+             set TMPDIR to a directory such as /tmp",
+            dir.display(),
+            path.display()
+        );
+    }
+}
+
+pub fn b64(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+pub fn unb64(s: &str) -> Vec<u8> {
+    base64::engine::general_purpose::STANDARD
+        .decode(s)
+        .unwrap_or_else(|e| panic!("{s:?} is not standard base64: {e}"))
+}
+
+/// `n` random bytes from the OS.
+pub fn random_bytes(n: usize) -> Vec<u8> {
+    let mut buf = vec![0u8; n];
+    fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut buf)).expect("read /dev/urandom");
+    buf
+}
+
+/// Seconds since the Unix epoch, now.
+pub fn now_unix() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock after 1970").as_secs()
+}
+
+fn toml_str(s: &str) -> String {
+    let mut out = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if c.is_control() => out.push_str(&format!("\\u{:04X}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+fn toml_path(p: &Path) -> String {
+    toml_str(p.to_str().expect("test paths are UTF-8"))
+}
+
+fn toml_list(v: &[u32]) -> String {
+    format!("[{}]", v.iter().map(u32::to_string).collect::<Vec<_>>().join(", "))
+}
+
+/// Waits for a child with a deadline, polling its status. `None` if it is still running.
+pub fn wait_deadline(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().expect("wait for a child process") {
+            return Some(status);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Asks the kernel to SIGKILL the child when the thread that spawned it dies, so that a
+/// test process killed by a harness timeout leaves no daemon behind.
+fn die_with_parent(cmd: &mut Command) {
+    // SAFETY: the closure runs in the forked child before exec and only calls prctl, which
+    // is async-signal-safe; it touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Running commands
+
+/// What a finished command left: exit code, raw stdout, stderr as text.
+#[derive(Debug, Clone)]
+pub struct Output {
+    pub command: String,
+    pub code: i32,
+    pub stdout: Vec<u8>,
+    pub stderr: String,
+}
+
+impl Output {
+    /// Asserts success and returns stdout.
+    #[track_caller]
+    pub fn ok(&self) -> &[u8] {
+        assert_eq!(
+            self.code, 0,
+            "`{}` failed with exit code {}; stderr:\n{}",
+            self.command, self.code, self.stderr
+        );
+        &self.stdout
+    }
+
+    /// Asserts success and returns stdout as text.
+    #[track_caller]
+    pub fn ok_str(&self) -> &str {
+        std::str::from_utf8(self.ok()).unwrap_or_else(|e| panic!("`{}` printed non-UTF-8: {e}", self.command))
+    }
+
+    /// Asserts success and parses stdout as one JSON value.
+    #[track_caller]
+    pub fn json(&self) -> serde_json::Value {
+        let text = self.ok_str();
+        serde_json::from_str(text)
+            .unwrap_or_else(|e| panic!("`{}` did not print one JSON value ({e}):\n{text}", self.command))
+    }
+
+    /// Asserts a `kekctl` failure: the exit code, `kekctl: NAME: message` on stderr and
+    /// nothing on stdout.
+    #[track_caller]
+    pub fn assert_error(&self, code: i32, name: &str) {
+        assert_eq!(
+            self.code, code,
+            "`{}`: expected exit code {code} ({name}), got {}; stderr:\n{}",
+            self.command, self.code, self.stderr
+        );
+        let prefix = format!("kekctl: {name}:");
+        assert!(
+            self.stderr.starts_with(&prefix),
+            "`{}`: stderr should start with {prefix:?}, got:\n{}",
+            self.command,
+            self.stderr
+        );
+        assert!(
+            self.stdout.is_empty(),
+            "`{}` failed but printed {} bytes on stdout",
+            self.command,
+            self.stdout.len()
+        );
+    }
+}
+
+/// Runs a command with stdin bytes and a deadline; panics if it does not finish in time.
+pub fn run_command(mut cmd: Command, stdin: Vec<u8>) -> Output {
+    let command = format!(
+        "{} {}",
+        Path::new(cmd.get_program()).file_name().unwrap_or(cmd.get_program()).to_string_lossy(),
+        cmd.get_args().map(|a| a.to_string_lossy().into_owned()).collect::<Vec<_>>().join(" ")
+    );
+    cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start `{command}`: {e}"));
+    let pid = Pid::from_raw(child.id() as i32);
+    let mut input = child.stdin.take().expect("stdin is piped");
+    // The command may exit without reading everything (an error): a broken pipe is fine.
+    let writer = std::thread::spawn(move || {
+        let _ = input.write_all(&stdin);
+    });
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    let out = match rx.recv_timeout(COMMAND_TIMEOUT) {
+        Ok(out) => out.unwrap_or_else(|e| panic!("waiting for `{command}`: {e}")),
+        Err(_) => {
+            let _ = kill(pid, Signal::SIGKILL);
+            panic!("`{command}` did not finish within {COMMAND_TIMEOUT:?}");
+        }
+    };
+    let _ = writer.join();
+    let code = out.status.code().unwrap_or_else(|| 128 + out.status.signal().unwrap_or(0));
+    Output { command, code, stdout: out.stdout, stderr: String::from_utf8_lossy(&out.stderr).into_owned() }
+}
+
+/// Runs `kekd ARGS` to completion (for `check-config` and other one-shot commands).
+pub fn kekd_command<I, S>(args: I) -> Output
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let mut cmd = Command::new(bin("kekd"));
+    cmd.args(args).env_remove("SOFTHSM2_CONF");
+    run_command(cmd, Vec::new())
+}
+
+/// A `kekctl` invocation being built.
+#[derive(Debug, Clone)]
+pub struct Kekctl {
+    global: Vec<OsString>,
+    args: Vec<OsString>,
+    stdin: Vec<u8>,
+    envs: Vec<(OsString, OsString)>,
+    user: Option<(u32, u32)>,
+    /// Where to put a world-executable copy of kekctl for other users.
+    private_bin: Option<PathBuf>,
+}
+
+impl Default for Kekctl {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Kekctl {
+    /// A bare invocation: no `--socket`, no `--tenant`, and `KEKD_SOCKET` / `KEKD_TENANT`
+    /// removed from its environment.
+    pub fn new() -> Self {
+        Self {
+            global: Vec::new(),
+            args: Vec::new(),
+            stdin: Vec::new(),
+            envs: Vec::new(),
+            user: None,
+            private_bin: None,
+        }
+    }
+
+    pub fn socket(mut self, path: impl AsRef<Path>) -> Self {
+        self.global.push("--socket".into());
+        self.global.push(path.as_ref().into());
+        self
+    }
+
+    pub fn tenant(mut self, tenant: &str) -> Self {
+        self.global.push("--tenant".into());
+        self.global.push(tenant.into());
+        self
+    }
+
+    pub fn json(mut self) -> Self {
+        self.global.push("--json".into());
+        self
+    }
+
+    pub fn context(mut self, key: &str, value: &str) -> Self {
+        self.global.push("--context".into());
+        self.global.push(format!("{key}={value}").into());
+        self
+    }
+
+    pub fn arg(mut self, arg: impl AsRef<OsStr>) -> Self {
+        self.args.push(arg.as_ref().into());
+        self
+    }
+
+    pub fn args<I, S>(mut self, args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        self.args.extend(args.into_iter().map(|a| a.as_ref().into()));
+        self
+    }
+
+    pub fn stdin(mut self, bytes: impl Into<Vec<u8>>) -> Self {
+        self.stdin = bytes.into();
+        self
+    }
+
+    pub fn env(mut self, key: &str, value: impl AsRef<OsStr>) -> Self {
+        self.envs.push((key.into(), value.as_ref().into()));
+        self
+    }
+
+    /// Runs as another user and primary group (the test must run as root).
+    pub fn as_user(mut self, uid: u32, gid: u32) -> Self {
+        self.user = Some((uid, gid));
+        self
+    }
+
+    fn with_private_bin(mut self, dir: PathBuf) -> Self {
+        self.private_bin = Some(dir);
+        self
+    }
+
+    fn binary(&self) -> PathBuf {
+        let target = bin("kekctl");
+        let (Some(_), Some(dir)) = (self.user, &self.private_bin) else { return target };
+        // The target directory may sit under a directory other users cannot enter: run a
+        // world-executable copy from the (0755) test directory instead.
+        let copy = dir.join("kekctl");
+        if !copy.exists() {
+            fs::create_dir_all(dir).expect("create the private bin directory");
+            fs::set_permissions(dir, fs::Permissions::from_mode(0o755))
+                .expect("chmod the private bin directory");
+            let tmp = dir.join(".kekctl.tmp");
+            fs::copy(&target, &tmp).expect("copy kekctl");
+            fs::set_permissions(&tmp, fs::Permissions::from_mode(0o755)).expect("chmod kekctl");
+            fs::rename(&tmp, &copy).expect("install the kekctl copy");
+        }
+        copy
+    }
+
+    pub fn run(self) -> Output {
+        let mut cmd = Command::new(self.binary());
+        cmd.args(&self.global).args(&self.args).env_remove("KEKD_SOCKET").env_remove("KEKD_TENANT");
+        for (k, v) in &self.envs {
+            cmd.env(k, v);
+        }
+        if let Some((uid, gid)) = self.user {
+            assert!(is_root(), "running kekctl as uid {uid} needs root");
+            cmd.uid(uid).gid(gid).current_dir("/");
+        }
+        run_command(cmd, self.stdin)
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// SoftHSM2
+
+/// A private SoftHSM2 installation: a `softhsm2.conf` and the token directory it names.
+#[derive(Debug, Clone)]
+pub struct SoftHsm {
+    conf: PathBuf,
+    tokens: PathBuf,
+}
+
+impl SoftHsm {
+    /// Creates `root/softhsm2.conf` and `root/tokens/`.
+    pub fn create(root: &Path) -> Self {
+        let tokens = root.join("tokens");
+        fs::create_dir_all(&tokens).expect("create the token directory");
+        let conf = root.join("softhsm2.conf");
+        fs::write(
+            &conf,
+            format!(
+                "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\nslots.removable = false\n",
+                tokens.display()
+            ),
+        )
+        .expect("write softhsm2.conf");
+        Self { conf, tokens }
+    }
+
+    pub fn conf(&self) -> &Path {
+        &self.conf
+    }
+
+    pub fn token_dir(&self) -> &Path {
+        &self.tokens
+    }
+
+    /// Initialises a token in the first free slot; SOFTHSM2_CONF is set for this child only.
+    pub fn init_token(&self, label: &str, so_pin: &str, pin: &str) {
+        let out = Command::new("softhsm2-util")
+            .args(["--init-token", "--free", "--label", label, "--so-pin", so_pin, "--pin", pin])
+            .env("SOFTHSM2_CONF", &self.conf)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run softhsm2-util ({e}): run ./scripts/install-deps"));
+        assert!(
+            out.status.success(),
+            "softhsm2-util --init-token --label {label} failed: {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The daemon
+
+/// One tenant of a test daemon. Each tenant gets its own token (labelled with its name)
+/// in the daemon's private SoftHSM2 token directory.
+#[derive(Debug, Clone)]
+pub struct Tenant {
+    pub name: String,
+    pub allow_uids: Vec<u32>,
+    pub allow_gids: Vec<u32>,
+    pub admin_uids: Vec<u32>,
+    pub kek_ttl: Option<String>,
+    pub idle_ttl: Option<String>,
+    pub create_root_key: bool,
+    pub pin: String,
+}
+
+impl Tenant {
+    /// A tenant nobody may use yet, whose root key is created at first start.
+    pub fn new(name: &str) -> Self {
+        Self {
+            name: name.into(),
+            allow_uids: Vec::new(),
+            allow_gids: Vec::new(),
+            admin_uids: Vec::new(),
+            kek_ttl: None,
+            idle_ttl: None,
+            create_root_key: true,
+            pin: format!("pin-{name}-1234"),
+        }
+    }
+
+    /// A tenant whose admin (and so also data user) is the user running the tests.
+    pub fn owned_by_me(name: &str) -> Self {
+        Self::new(name).admin(my_uid())
+    }
+
+    pub fn allow_uid(mut self, uid: u32) -> Self {
+        self.allow_uids.push(uid);
+        self
+    }
+
+    pub fn allow_gid(mut self, gid: u32) -> Self {
+        self.allow_gids.push(gid);
+        self
+    }
+
+    pub fn admin(mut self, uid: u32) -> Self {
+        self.admin_uids.push(uid);
+        self
+    }
+
+    pub fn kek_ttl(mut self, ttl: &str) -> Self {
+        self.kek_ttl = Some(ttl.into());
+        self
+    }
+
+    pub fn idle_ttl(mut self, ttl: &str) -> Self {
+        self.idle_ttl = Some(ttl.into());
+        self
+    }
+
+    pub fn create_root_key(mut self, create: bool) -> Self {
+        self.create_root_key = create;
+        self
+    }
+}
+
+/// Builds the configuration of a test daemon.
+#[derive(Debug, Clone, Default)]
+pub struct KekdBuilder {
+    tenants: Vec<Tenant>,
+    max_frame_bytes: Option<usize>,
+    allow_unlocked_memory: bool,
+}
+
+impl KekdBuilder {
+    pub fn tenant(mut self, tenant: Tenant) -> Self {
+        self.tenants.push(tenant);
+        self
+    }
+
+    pub fn max_frame_bytes(mut self, n: usize) -> Self {
+        self.max_frame_bytes = Some(n);
+        self
+    }
+
+    pub fn allow_unlocked_memory(mut self, allow: bool) -> Self {
+        self.allow_unlocked_memory = allow;
+        self
+    }
+
+    /// Creates the directory, tokens, PIN files and config file, without starting kekd.
+    pub fn prepare(self) -> Kekd {
+        assert!(!self.tenants.is_empty(), "a test daemon needs at least one tenant");
+        let dir = test_dir();
+        let root = dir.path().to_path_buf();
+        let hsm = SoftHsm::create(&root.join("softhsm"));
+        let pins = root.join("pins");
+        fs::create_dir_all(&pins).expect("create the PIN directory");
+        let socket = root.join("kekd.sock");
+
+        let mut cfg = String::new();
+        cfg.push_str(&format!("socket = {}\n", toml_path(&socket)));
+        cfg.push_str(&format!("state_dir = {}\n", toml_path(&root.join("state"))));
+        cfg.push_str("log_level = \"info\"\n");
+        if let Some(n) = self.max_frame_bytes {
+            cfg.push_str(&format!("max_frame_bytes = {n}\n"));
+        }
+        if self.allow_unlocked_memory {
+            cfg.push_str("allow_unlocked_memory = true\n");
+        }
+        for t in &self.tenants {
+            hsm.init_token(&t.name, &format!("so-{}", t.pin), &t.pin);
+            let pin_file = pins.join(format!("{}.pin", t.name));
+            fs::write(&pin_file, format!("{}\n", t.pin)).expect("write the PIN file");
+            fs::set_permissions(&pin_file, fs::Permissions::from_mode(0o600)).expect("chmod the PIN file");
+
+            cfg.push_str(&format!("\n[tenants.{}]\n", t.name));
+            cfg.push_str(&format!("allow_uids = {}\n", toml_list(&t.allow_uids)));
+            cfg.push_str(&format!("allow_gids = {}\n", toml_list(&t.allow_gids)));
+            cfg.push_str(&format!("admin_uids = {}\n", toml_list(&t.admin_uids)));
+            if let Some(ttl) = &t.kek_ttl {
+                cfg.push_str(&format!("kek_ttl = {}\n", toml_str(ttl)));
+            }
+            if let Some(ttl) = &t.idle_ttl {
+                cfg.push_str(&format!("idle_ttl = {}\n", toml_str(ttl)));
+            }
+            cfg.push_str(&format!("\n[tenants.{}.pkcs11]\n", t.name));
+            cfg.push_str(&format!("module = {}\n", toml_path(&softhsm_module())));
+            cfg.push_str(&format!("token_label = {}\n", toml_str(&t.name)));
+            cfg.push_str(&format!("key_label = {}\n", toml_str(&format!("kekd-root-{}", t.name))));
+            cfg.push_str(&format!("pin_file = {}\n", toml_path(&pin_file)));
+            cfg.push_str(&format!("create_root_key = {}\n", t.create_root_key));
+            cfg.push_str(&format!("softhsm2_conf = {}\n", toml_path(hsm.conf())));
+        }
+        let config = root.join("kekd.toml");
+        fs::write(&config, cfg).expect("write kekd.toml");
+
+        Kekd {
+            launch: Launch::Run { config },
+            socket,
+            tenants: self.tenants.iter().map(|t| t.name.clone()).collect(),
+            hsm: Some(hsm),
+            child: None,
+            starts: 0,
+            log: None,
+            envs: Vec::new(),
+            wrapper: Vec::new(),
+            dir,
+        }
+    }
+
+    /// Prepares and starts the daemon, waiting for its ready line.
+    #[track_caller]
+    pub fn start(self) -> Kekd {
+        let mut kekd = self.prepare();
+        kekd.start();
+        kekd
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Launch {
+    /// `kekd run --config PATH`
+    Run { config: PathBuf },
+    /// `kekd dev --dir DIR`, or `kekd dev` (a temporary directory) without one.
+    Dev { dir: Option<PathBuf> },
+}
+
+/// Why a daemon did not become ready.
+#[derive(Debug)]
+pub struct StartFailure {
+    /// Its exit status, or `None` if it was still running at the deadline (and was killed).
+    pub status: Option<ExitStatus>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl fmt::Display for StartFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.status {
+            Some(s) => writeln!(f, "kekd exited before it was ready ({s})")?,
+            None => writeln!(f, "kekd printed no ready line within {READY_TIMEOUT:?}")?,
+        }
+        writeln!(f, "--- stdout ---\n{}", self.stdout)?;
+        write!(f, "--- stderr ---\n{}", self.stderr)
+    }
+}
+
+/// A kekd process owned by one test, with everything it uses inside one temporary
+/// directory. Killed (SIGKILL to its process group) on drop.
+pub struct Kekd {
+    launch: Launch,
+    socket: PathBuf,
+    tenants: Vec<String>,
+    hsm: Option<SoftHsm>,
+    child: Option<Child>,
+    starts: u32,
+    log: Option<PathBuf>,
+    envs: Vec<(OsString, OsString)>,
+    /// A command kekd runs under (e.g. `setpriv ... prlimit ...`), to start it with fewer
+    /// privileges or lower limits than the test has.
+    wrapper: Vec<OsString>,
+    // Last: removed after the daemon is dead.
+    dir: TempDir,
+}
+
+impl fmt::Debug for Kekd {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Kekd").field("dir", &self.dir.path()).field("launch", &self.launch).finish()
+    }
+}
+
+impl Kekd {
+    pub fn builder() -> KekdBuilder {
+        KekdBuilder::default()
+    }
+
+    /// A daemon with one tenant, `acme`, administered by the user running the tests.
+    #[track_caller]
+    pub fn start_default() -> Kekd {
+        Self::builder().tenant(Tenant::owned_by_me("acme")).start()
+    }
+
+    /// `kekd dev --dir <test dir>/dev`, not started yet. HOME and TMPDIR point at empty
+    /// directories under `<test dir>/outside/`, so a test can check nothing was written
+    /// outside DIR.
+    pub fn dev() -> Kekd {
+        Self::dev_with(true)
+    }
+
+    /// Plain `kekd dev`, without `--dir`: it picks a temporary directory (under the fake
+    /// TMPDIR, `<test dir>/outside/tmp`), known from the ready line once started.
+    pub fn dev_without_dir() -> Kekd {
+        Self::dev_with(false)
+    }
+
+    fn dev_with(with_dir: bool) -> Kekd {
+        let dir = test_dir();
+        let dev_dir = dir.path().join("dev");
+        let home = dir.path().join("outside/home");
+        let tmp = dir.path().join("outside/tmp");
+        fs::create_dir_all(&home).expect("create the fake HOME");
+        fs::create_dir_all(&tmp).expect("create the fake TMPDIR");
+        Kekd {
+            launch: Launch::Dev { dir: with_dir.then(|| dev_dir.clone()) },
+            socket: dev_dir.join("kekd.sock"),
+            tenants: vec!["demo".into()],
+            hsm: None,
+            child: None,
+            starts: 0,
+            log: None,
+            envs: vec![("HOME".into(), home.into()), ("TMPDIR".into(), tmp.into())],
+            wrapper: Vec::new(),
+            dir,
+        }
+    }
+
+    /// The test's temporary directory.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The directory given to `kekd dev --dir`, in dev mode.
+    pub fn dev_dir(&self) -> Option<&Path> {
+        match &self.launch {
+            Launch::Dev { dir } => dir.as_deref(),
+            Launch::Run { .. } => None,
+        }
+    }
+
+    /// The config file, in `run` mode.
+    pub fn config_path(&self) -> Option<&Path> {
+        match &self.launch {
+            Launch::Run { config } => Some(config),
+            Launch::Dev { .. } => None,
+        }
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// The first tenant, the one `kekctl()` talks to.
+    pub fn tenant(&self) -> &str {
+        &self.tenants[0]
+    }
+
+    pub fn softhsm(&self) -> Option<&SoftHsm> {
+        self.hsm.as_ref()
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        match &mut self.child {
+            Some(c) => c.try_wait().expect("query the daemon's status").is_none(),
+            None => false,
+        }
+    }
+
+    /// The process id of the running daemon.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// What the daemon wrote on stderr since it was last started.
+    pub fn stderr(&self) -> String {
+        self.log.as_ref().and_then(|p| fs::read_to_string(p).ok()).unwrap_or_default()
+    }
+
+    /// Runs kekd under `argv` (the kekd command line is appended to it) from now on.
+    pub fn wrap_with<I, S>(&mut self, argv: I)
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<OsString>,
+    {
+        self.wrapper = argv.into_iter().map(Into::into).collect();
+    }
+
+    fn command(&self) -> Command {
+        let mut cmd = match self.wrapper.split_first() {
+            Some((prog, args)) => {
+                let mut c = Command::new(prog);
+                c.args(args).arg(bin("kekd"));
+                c
+            }
+            None => Command::new(bin("kekd")),
+        };
+        match &self.launch {
+            Launch::Run { config } => cmd.arg("run").arg("--config").arg(config),
+            Launch::Dev { dir: Some(dir) } => cmd.arg("dev").arg("--dir").arg(dir),
+            Launch::Dev { dir: None } => cmd.arg("dev"),
+        };
+        // Run mode must take SOFTHSM2_CONF from the config, never from the environment.
+        cmd.env_remove("SOFTHSM2_CONF").env_remove("KEKD_SOCKET").env_remove("KEKD_TENANT");
+        for (k, v) in &self.envs {
+            cmd.env(k, v);
+        }
+        cmd
+    }
+
+    /// Starts the daemon and waits for `kekd ready socket=PATH`, or says why it did not
+    /// come up. In `run` mode PATH must be the configured socket.
+    pub fn try_start(&mut self) -> Result<(), StartFailure> {
+        assert!(self.child.is_none(), "kekd is already running");
+        self.starts += 1;
+        let logs = self.dir.path().join("logs");
+        fs::create_dir_all(&logs).expect("create the log directory");
+        let log = logs.join(format!("kekd-{}.stderr", self.starts));
+        let stderr = fs::File::create(&log).expect("create the daemon's stderr log");
+        self.log = Some(log);
+
+        let mut cmd = self.command();
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(stderr).process_group(0);
+        die_with_parent(&mut cmd);
+        let mut child = cmd.spawn().expect("spawn kekd");
+        let stdout = child.stdout.take().expect("stdout is piped");
+        self.child = Some(child);
+
+        // A reader thread forwards stdout lines and keeps draining the pipe afterwards, so
+        // the daemon never blocks on a full pipe.
+        let (tx, rx) = mpsc::channel::<Option<String>>();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let _ = tx.send(Some(line));
+            }
+            let _ = tx.send(None);
+        });
+
+        let deadline = Instant::now() + READY_TIMEOUT;
+        let mut before = String::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(Some(line)) => {
+                    if let Some(path) = line.strip_prefix("kekd ready socket=") {
+                        if let Launch::Run { .. } = self.launch {
+                            assert_eq!(
+                                Path::new(path),
+                                self.socket,
+                                "the ready line names another socket than the configured one: {line:?}"
+                            );
+                        }
+                        self.socket = PathBuf::from(path);
+                        return Ok(());
+                    }
+                    before.push_str(&line);
+                    before.push('\n');
+                }
+                Ok(None) => {
+                    // Stdout closed: the daemon is exiting (or closed stdout, which it must not).
+                    let child = self.child.as_mut().expect("child is set");
+                    let status = wait_deadline(child, STOP_TIMEOUT);
+                    self.kill();
+                    return Err(StartFailure { status, stdout: before, stderr: self.stderr() });
+                }
+                Err(_) => {
+                    self.kill();
+                    return Err(StartFailure { status: None, stdout: before, stderr: self.stderr() });
+                }
+            }
+        }
+    }
+
+    /// Starts the daemon; panics with its output if it does not become ready.
+    #[track_caller]
+    pub fn start(&mut self) {
+        if let Err(e) = self.try_start() {
+            panic!("{e}");
+        }
+    }
+
+    /// SIGKILL to the daemon's process group, and reap it. No-op when not running.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let pid = Pid::from_raw(child.id() as i32);
+            let _ = killpg(pid, Signal::SIGKILL);
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Sends `signal` to the daemon and waits for it to exit; panics (with its stderr) if
+    /// it is still running after [`STOP_TIMEOUT`]. Leftover processes of its group are
+    /// killed afterwards.
+    #[track_caller]
+    pub fn stop_with(&mut self, signal: Signal) -> ExitStatus {
+        let mut child = self.child.take().expect("kekd is not running");
+        let pid = Pid::from_raw(child.id() as i32);
+        kill(pid, signal).expect("signal kekd");
+        let status = wait_deadline(&mut child, STOP_TIMEOUT);
+        let _ = killpg(pid, Signal::SIGKILL);
+        match status {
+            Some(s) => s,
+            None => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("kekd did not exit within {STOP_TIMEOUT:?} of {signal}; stderr:\n{}", self.stderr());
+            }
+        }
+    }
+
+    /// SIGKILL, then start again on the same directories.
+    #[track_caller]
+    pub fn restart_after_kill(&mut self) {
+        self.kill();
+        self.start();
+    }
+
+    /// The config file's text (run mode).
+    #[track_caller]
+    pub fn config_text(&self) -> String {
+        let path = self.config_path().expect("only run mode has a config file");
+        fs::read_to_string(path).expect("read kekd.toml")
+    }
+
+    /// Replaces the config file (run mode).
+    #[track_caller]
+    pub fn write_config_text(&self, text: &str) {
+        let path = self.config_path().expect("only run mode has a config file");
+        fs::write(path, text).expect("write kekd.toml");
+    }
+
+    /// `kekd check-config --config <config file>`.
+    #[track_caller]
+    pub fn check_config(&self) -> Output {
+        let path = self.config_path().expect("only run mode has a config file");
+        kekd_command([OsStr::new("check-config"), OsStr::new("--config"), path.as_os_str()])
+    }
+
+    /// `kekctl --socket <socket> --tenant <first tenant>`.
+    pub fn kekctl(&self) -> Kekctl {
+        self.kekctl_for(self.tenant())
+    }
+
+    /// `kekctl --socket <socket> --tenant <tenant>`.
+    pub fn kekctl_for(&self, tenant: &str) -> Kekctl {
+        Kekctl::new().socket(&self.socket).tenant(tenant).with_private_bin(self.dir.path().join("bin"))
+    }
+
+    /// A raw connection that has completed Hello for `tenant`.
+    #[track_caller]
+    pub fn raw(&self, tenant: &str) -> RawConn {
+        RawConn::open(&self.socket, tenant)
+    }
+}
+
+impl Drop for Kekd {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// kekctl shortcuts
+
+impl Kekd {
+    /// `kekctl --json generate --key KEY` → (plaintext, edek).
+    #[track_caller]
+    pub fn generate(&self, key: &str, context: &[(&str, &str)]) -> (Vec<u8>, Vec<u8>) {
+        let mut k = self.kekctl().json();
+        for (n, v) in context {
+            k = k.context(n, v);
+        }
+        let v = k.args(["generate", "--key", key]).run().json();
+        let field = |name: &str| -> Vec<u8> {
+            unb64(
+                v[name]
+                    .as_str()
+                    .unwrap_or_else(|| panic!("generate --json: no string field {name:?} in {v}")),
+            )
+        };
+        (field("plaintext"), field("edek"))
+    }
+
+    /// `kekctl wrap --key KEY` with `secret` on stdin → the raw EDEK.
+    #[track_caller]
+    pub fn wrap(&self, key: &str, secret: &[u8], context: &[(&str, &str)]) -> Vec<u8> {
+        let mut k = self.kekctl();
+        for (n, v) in context {
+            k = k.context(n, v);
+        }
+        k.args(["wrap", "--key", key]).stdin(secret).run().ok().to_vec()
+    }
+
+    /// `kekctl unwrap` with the EDEK on stdin → its output (not asserted).
+    pub fn unwrap(&self, edek: &[u8], context: &[(&str, &str)]) -> Output {
+        let mut k = self.kekctl();
+        for (n, v) in context {
+            k = k.context(n, v);
+        }
+        k.arg("unwrap").stdin(edek).run()
+    }
+
+    /// `kekctl rewrap` with the EDEK on stdin → its output (not asserted).
+    pub fn rewrap(&self, edek: &[u8], context: &[(&str, &str)]) -> Output {
+        let mut k = self.kekctl();
+        for (n, v) in context {
+            k = k.context(n, v);
+        }
+        k.arg("rewrap").stdin(edek).run()
+    }
+
+    /// `kekctl keys ARGS` as the user running the tests.
+    pub fn keys<I, S>(&self, args: I) -> Output
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        self.kekctl().arg("keys").args(args).run()
+    }
+
+    /// `kekctl --json keys list`, parsed.
+    #[track_caller]
+    pub fn list_keys(&self) -> Vec<KeyListing> {
+        let v = self.kekctl().json().args(["keys", "list"]).run().json();
+        KeyListing::parse_all(&v)
+    }
+
+    /// The listing of one key; panics if it is not listed.
+    #[track_caller]
+    pub fn key(&self, name: &str) -> KeyListing {
+        let keys = self.list_keys();
+        keys.iter()
+            .find(|k| k.name == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("key {name:?} is not in `keys list`: {keys:?}"))
+    }
+}
+
+/// One key of `kekctl --json keys list`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyListing {
+    pub name: String,
+    pub active_version: u32,
+    /// (version, state, created_unix)
+    pub versions: Vec<(u32, String, u64)>,
+}
+
+impl KeyListing {
+    /// Parses the documented shape, panicking with the JSON when it differs.
+    #[track_caller]
+    pub fn parse_all(v: &serde_json::Value) -> Vec<KeyListing> {
+        let arr = v.as_array().unwrap_or_else(|| panic!("keys list --json must print an array, got {v}"));
+        arr.iter()
+            .map(|k| {
+                let name = k["name"].as_str().unwrap_or_else(|| panic!("key without a string name: {k}"));
+                let active = k["active_version"].as_u64().unwrap_or_else(|| panic!("no active_version: {k}"));
+                let versions = k["versions"]
+                    .as_array()
+                    .unwrap_or_else(|| panic!("no versions array: {k}"))
+                    .iter()
+                    .map(|v| {
+                        let n = v["version"].as_u64().unwrap_or_else(|| panic!("no version number: {v}"));
+                        let s = v["state"].as_str().unwrap_or_else(|| panic!("no state: {v}"));
+                        let c = v["created_unix"].as_u64().unwrap_or_else(|| panic!("no created_unix: {v}"));
+                        (n as u32, s.to_owned(), c)
+                    })
+                    .collect();
+                KeyListing { name: name.into(), active_version: active as u32, versions }
+            })
+            .collect()
+    }
+
+    /// State of one version; panics if it is not listed.
+    #[track_caller]
+    pub fn state(&self, version: u32) -> &str {
+        self.versions
+            .iter()
+            .find(|v| v.0 == version)
+            .map(|v| v.1.as_str())
+            .unwrap_or_else(|| panic!("version {version} is not listed for {:?}: {self:?}", self.name))
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// EDEK v1 (DESIGN.md §2)
+
+/// The header of an EDEK v1.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EdekHeader {
+    pub format: u8,
+    pub alg: u8,
+    pub key: String,
+    pub version: u32,
+    pub nonce: [u8; 12],
+    /// Offset of the version field.
+    pub version_offset: usize,
+    /// Length of ciphertext plus tag.
+    pub sealed_len: usize,
+}
+
+/// Parses an EDEK header; panics (with the bytes) if it is not a well-formed v1 EDEK.
+#[track_caller]
+pub fn parse_edek(b: &[u8]) -> EdekHeader {
+    let fail = |why: &str| -> ! { panic!("not an EDEK v1 ({why}): {b:02x?}") };
+    if b.len() < 4 {
+        fail("shorter than 4 bytes");
+    }
+    let name_len = u16::from_be_bytes([b[2], b[3]]) as usize;
+    let version_offset = 4 + name_len;
+    let sealed_at = version_offset + 4 + 12;
+    if b.len() < sealed_at + 16 {
+        fail("too short for its header and a tag");
+    }
+    let key = std::str::from_utf8(&b[4..version_offset]).unwrap_or_else(|_| fail("key name is not UTF-8"));
+    EdekHeader {
+        format: b[0],
+        alg: b[1],
+        key: key.to_owned(),
+        version: u32::from_be_bytes(b[version_offset..version_offset + 4].try_into().expect("4 bytes")),
+        nonce: b[version_offset + 4..sealed_at].try_into().expect("12 bytes"),
+        version_offset,
+        sealed_len: b.len() - sealed_at,
+    }
+}
+
+/// The same EDEK with its version field rewritten.
+pub fn edek_with_version(edek: &[u8], version: u32) -> Vec<u8> {
+    let off = parse_edek(edek).version_offset;
+    let mut out = edek.to_vec();
+    out[off..off + 4].copy_from_slice(&version.to_be_bytes());
+    out
+}
+
+// ---------------------------------------------------------------------------------------
+// Raw protocol
+
+/// A plain blocking connection speaking frames by hand, for malformed-input tests.
+#[derive(Debug)]
+pub struct RawConn {
+    stream: UnixStream,
+}
+
+impl RawConn {
+    #[track_caller]
+    pub fn connect(socket: &Path) -> RawConn {
+        let stream = UnixStream::connect(socket)
+            .unwrap_or_else(|e| panic!("cannot connect to {}: {e}", socket.display()));
+        stream.set_read_timeout(Some(IO_TIMEOUT)).expect("set a read timeout");
+        stream.set_write_timeout(Some(IO_TIMEOUT)).expect("set a write timeout");
+        RawConn { stream }
+    }
+
+    /// Connects and completes Hello for `tenant`, asserting OK.
+    #[track_caller]
+    pub fn open(socket: &Path, tenant: &str) -> RawConn {
+        let mut c = Self::connect(socket);
+        let resp = c.call(&req::hello(0, tenant));
+        assert_eq!(code(&resp), Code::Ok, "hello for tenant {tenant:?} failed: {resp:?}");
+        c
+    }
+
+    /// Writes bytes as they are. Errors (the daemon may already have closed) are returned.
+    pub fn send_bytes(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.stream.write_all(bytes)
+    }
+
+    /// Writes one framed request.
+    #[track_caller]
+    pub fn send(&mut self, req: &pb::Request) {
+        let mut buf = Vec::new();
+        kekd_proto::frame::encode_frame(req, &mut buf);
+        self.send_bytes(&buf).unwrap_or_else(|e| panic!("cannot send request {}: {e}", req.request_id));
+    }
+
+    /// Reads one framed response; `None` when the daemon closed the connection. Panics on a
+    /// timeout or a malformed frame.
+    #[track_caller]
+    pub fn recv(&mut self) -> Option<pb::Response> {
+        let mut len = [0u8; 4];
+        match self.read_full(&mut len) {
+            Ok(0) => return None,
+            Ok(4) => {}
+            Ok(n) => panic!("connection closed after {n} bytes of a length prefix"),
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return None,
+            Err(e) => panic!("reading a response: {e}"),
+        }
+        let len = u32::from_be_bytes(len) as usize;
+        assert!(len <= 64 << 20, "response frame of {len} bytes");
+        let mut body = vec![0u8; len];
+        match self.read_full(&mut body) {
+            Ok(n) if n == len => {}
+            Ok(n) => panic!("connection closed after {n} of {len} bytes of a response"),
+            Err(e) => panic!("reading a response body: {e}"),
+        }
+        Some(pb::Response::decode(&body[..]).unwrap_or_else(|e| panic!("undecodable response: {e}")))
+    }
+
+    fn read_full(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let mut got = 0;
+        while got < buf.len() {
+            match self.stream.read(&mut buf[got..]) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(got)
+    }
+
+    /// Sends a request and reads one response, which must echo the request id.
+    #[track_caller]
+    pub fn call(&mut self, req: &pb::Request) -> pb::Response {
+        self.send(req);
+        let resp = self.recv().unwrap_or_else(|| panic!("connection closed instead of answering {req:?}"));
+        assert_eq!(resp.request_id, req.request_id, "response does not echo the request id: {resp:?}");
+        resp
+    }
+
+    /// Asserts the daemon closes the connection (EOF or reset) before [`IO_TIMEOUT`],
+    /// without sending anything else.
+    #[track_caller]
+    pub fn assert_closed(&mut self) {
+        if let Some(resp) = self.recv() {
+            panic!("expected the connection to be closed, got another response: {resp:?}");
+        }
+    }
+}
+
+/// The status code of a response as a whole.
+pub fn code(resp: &pb::Response) -> Code {
+    let raw = resp.status.as_ref().map_or(0, |s| s.code);
+    Code::try_from(raw).unwrap_or_else(|_| panic!("unknown status code {raw} in {resp:?}"))
+}
+
+/// The per-item results of a batch response; panics if it is not an OK batch.
+#[track_caller]
+pub fn batch_items(resp: pb::Response) -> Vec<pb::ItemResult> {
+    assert_eq!(code(&resp), Code::Ok, "batch failed as a whole: {resp:?}");
+    match resp.result {
+        Some(pb::response::Result::Batch(b)) => b.items,
+        other => panic!("expected a batch response, got {other:?}"),
+    }
+}
+
+/// The status code of one batch item.
+pub fn item_code(item: &pb::ItemResult) -> Code {
+    let raw = item.status.as_ref().map_or(0, |s| s.code);
+    Code::try_from(raw).unwrap_or_else(|_| panic!("unknown item status code {raw}"))
+}
+
+/// Request builders for raw connections.
+pub mod req {
+    use std::collections::BTreeMap;
+
+    use kekd_proto::pb;
+    use pb::request::Op;
+
+    fn request(id: u64, op: Op) -> pb::Request {
+        pb::Request { request_id: id, metadata: None, op: Some(op) }
+    }
+
+    fn ctx(context: &[(&str, &str)]) -> BTreeMap<String, String> {
+        context.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    pub fn hello(id: u64, tenant: &str) -> pb::Request {
+        request(
+            id,
+            Op::Hello(pb::Hello {
+                protocol_version: kekd_proto::PROTOCOL_VERSION,
+                tenant: tenant.into(),
+                client_name: "softhsm-tests".into(),
+            }),
+        )
+    }
+
+    pub fn status(id: u64) -> pb::Request {
+        request(id, Op::Status(pb::StatusRequest {}))
+    }
+
+    pub fn generate(id: u64, key: &str, count: usize) -> pb::Request {
+        let items = (0..count).map(|_| pb::GenerateItem::default()).collect();
+        request(
+            id,
+            Op::Generate(pb::GenerateDataKeyRequest { key_name: key.into(), edek_only: false, items }),
+        )
+    }
+
+    pub fn wrap(id: u64, key: &str, secrets: &[Vec<u8>], context: &[(&str, &str)]) -> pb::Request {
+        let items =
+            secrets.iter().map(|s| pb::WrapItem { plaintext: s.clone(), context: ctx(context) }).collect();
+        request(id, Op::Wrap(pb::WrapRequest { key_name: key.into(), items }))
+    }
+
+    pub fn unwrap(id: u64, edeks: &[Vec<u8>], context: &[(&str, &str)]) -> pb::Request {
+        let items = edeks.iter().map(|e| pb::EdekItem { edek: e.clone(), context: ctx(context) }).collect();
+        request(id, Op::Unwrap(pb::UnwrapRequest { items }))
+    }
+
+    pub fn rewrap(id: u64, edeks: &[Vec<u8>], context: &[(&str, &str)]) -> pb::Request {
+        let items = edeks.iter().map(|e| pb::EdekItem { edek: e.clone(), context: ctx(context) }).collect();
+        request(id, Op::Rewrap(pb::RewrapRequest { items }))
+    }
+
+    pub fn create_key(id: u64, key: &str) -> pb::Request {
+        request(id, Op::CreateKey(pb::CreateKeyRequest { key_name: key.into() }))
+    }
+}
