@@ -346,7 +346,10 @@ fn op_from(op: pb::request::Op) -> Result<Op, InvalidField> {
                             format!("must be 1 to {MAX_SECRET_LEN} bytes"),
                         ));
                     }
-                    Ok(WrapItem { plaintext, context: context_from(&format!("items[{i}].context"), it.context)? })
+                    Ok(WrapItem {
+                        plaintext,
+                        context: context_from(&format!("items[{i}].context"), it.context)?,
+                    })
                 })
                 .collect::<Result<_, _>>()?;
             Op::Wrap { key, items }
@@ -630,7 +633,9 @@ impl From<Response> for pb::Response {
                         memory_locked: s.memory_locked,
                     }),
                     Reply::Key(k) => R::Key(k.into()),
-                    Reply::Keys(ks) => R::Keys(pb::ListKeysResponse { keys: ks.into_iter().map(Into::into).collect() }),
+                    Reply::Keys(ks) => {
+                        R::Keys(pb::ListKeysResponse { keys: ks.into_iter().map(Into::into).collect() })
+                    }
                 }),
             ),
         };
@@ -648,7 +653,9 @@ fn status_from(s: Option<pb::Status>) -> Result<(), ErrorStatus> {
     match Code::try_from(s.code) {
         Ok(Code::Ok) => Ok(()),
         Ok(code) => Err(ErrorStatus::new(code, s.message)),
-        Err(_) => Err(ErrorStatus::new(Code::Internal, format!("unknown status code {}: {}", s.code, s.message))),
+        Err(_) => {
+            Err(ErrorStatus::new(Code::Internal, format!("unknown status code {}: {}", s.code, s.message)))
+        }
     }
 }
 
@@ -719,7 +726,9 @@ impl TryFrom<pb::Response> for Response {
                 memory_locked: s.memory_locked,
             }),
             Some(R::Key(k)) => Reply::Key(key_info_from(k)?),
-            Some(R::Keys(ks)) => Reply::Keys(ks.keys.into_iter().map(key_info_from).collect::<Result<_, _>>()?),
+            Some(R::Keys(ks)) => {
+                Reply::Keys(ks.keys.into_iter().map(key_info_from).collect::<Result<_, _>>()?)
+            }
         };
         Ok(Response { id, result: Ok(reply) })
     }

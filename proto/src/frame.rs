@@ -78,10 +78,7 @@ pub fn encode_frame<M: Message>(msg: &M, out: &mut Vec<u8>) {
 }
 
 /// Writes one frame and wipes the staging buffer.
-pub async fn write_frame<W: AsyncWrite + Unpin, M: Message>(
-    w: &mut W,
-    msg: &M,
-) -> std::io::Result<()> {
+pub async fn write_frame<W: AsyncWrite + Unpin, M: Message>(w: &mut W, msg: &M) -> std::io::Result<()> {
     let mut buf = Vec::new();
     encode_frame(msg, &mut buf);
     let res = w.write_all(&buf).await;
