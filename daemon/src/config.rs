@@ -308,6 +308,26 @@ pin_file = "{}"
     }
 
     #[test]
+    fn pin_from_an_environment_variable() {
+        // A variable name no other test uses: tests share the process environment.
+        let var = format!("KEKD_TEST_PIN_{}", std::process::id());
+        let text = with_module("").replace(
+            &format!(
+                "pin_file = \"{}\"",
+                std::env::temp_dir().join(format!("kekd-config-test-pin-{}", std::process::id())).display()
+            ),
+            &format!("pin_env = \"{var}\""),
+        );
+        let e = Config::parse(&text).unwrap_err();
+        assert_eq!(e.field, "tenants.acme.pkcs11.pin_env", "{e}");
+        assert!(e.problem.contains(&var), "{e}");
+        std::env::set_var(&var, "5678");
+        let cfg = Config::parse(&text).unwrap();
+        assert_eq!(cfg.tenants["acme"].pkcs11.as_ref().unwrap().read_pin("p").unwrap().as_str(), "5678");
+        std::env::remove_var(&var);
+    }
+
+    #[test]
     fn errors_name_the_field() {
         let e = Config::parse(&with_module("kek_tll = \"30s\"")).unwrap_err();
         assert_eq!(e.field, "tenants.acme.kek_tll", "{e}");
