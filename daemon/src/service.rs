@@ -254,7 +254,7 @@ impl TenantService {
         let edek = Edek::parse(&it.edek).map_err(|_| Error::DataInvalid.status())?;
         let id = (edek.key.clone(), edek.version);
         if !sealers.0.contains_key(&id) {
-            let s = self.sealer(&edek.key, edek.version, false).await.map_err(|e| match e {
+            let s = self.sealer(&edek.key, edek.version).await.map_err(|e| match e {
                 // An unknown key or version is indistinguishable from tampering.
                 Error::Store(_) => Error::DataInvalid.status(),
                 other => other.status(),
@@ -271,18 +271,17 @@ impl TenantService {
 
     async fn active_sealer(&self, key: &KeyName) -> Result<Sealer<'_>, Error> {
         let version = self.store.active_version(key)?;
-        self.sealer(key, version, true).await
+        self.sealer(key, version).await
     }
 
     /// A sealer for one version, its KEK from the cache or the root key.
-    async fn sealer(&self, key: &KeyName, version: u32, for_encrypt: bool) -> Result<Sealer<'_>, Error> {
+    async fn sealer(&self, key: &KeyName, version: u32) -> Result<Sealer<'_>, Error> {
         let view = self.store.version(key, version)?;
         match view.state {
             VersionState::Disabled => return Err(Error::VersionDisabled { key: key.clone(), version }),
             VersionState::Destroyed => return Err(Error::DataInvalid),
             VersionState::Active | VersionState::DecryptOnly => {}
         }
-        debug_assert!(!for_encrypt || view.state == VersionState::Active);
         let kek = self.kek(key, version, view.sealed).await?;
         Ok(Sealer::new(kek.bytes(), &self.tenant, key.clone(), version))
     }
@@ -338,7 +337,10 @@ impl TenantService {
         Ok(self.backend.seal(&kek_aad(&self.tenant, key, version), &kek)?)
     }
 
-    async fn seal_new_kek_blocking(&self, key: &KeyName, version: u32) -> Result<Vec<u8>, Error> {
+    /// Admin operations are rare and hold the admin lock across their root-key call and
+    /// fsyncs; block_in_place keeps them off the async workers without moving `self`
+    /// into a 'static task. Needs the multi-threaded runtime.
+    fn seal_new_kek_blocking(&self, key: &KeyName, version: u32) -> Result<Vec<u8>, Error> {
         tokio::task::block_in_place(|| self.seal_new_kek(key, version))
     }
 
@@ -347,7 +349,7 @@ impl TenantService {
         if self.store.exists(key) {
             return Err(crate::keystore::StoreError::KeyExists(key.clone()).into());
         }
-        let sealed = self.seal_new_kek_blocking(key, 1).await?;
+        let sealed = self.seal_new_kek_blocking(key, 1)?;
         let info = self.store.create_key(key, sealed)?;
         tracing::info!(tenant = %self.tenant, key = %key, "created key");
         Ok(info)
@@ -359,7 +361,7 @@ impl TenantService {
             return Err(crate::keystore::StoreError::NoSuchKey(key.clone()).into());
         }
         let version = self.store.next_version(key);
-        let sealed = self.seal_new_kek_blocking(key, version).await?;
+        let sealed = self.seal_new_kek_blocking(key, version)?;
         let info = self.store.add_version(key, version, sealed)?;
         tracing::info!(tenant = %self.tenant, key = %key, version, "rotated key");
         Ok(info)
