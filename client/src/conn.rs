@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
-use kekd_proto::frame::{encode_frame, write_frame};
+use kekd_proto::frame::write_frame;
 use kekd_proto::{
     pb, FrameError, FrameReader, Hello, HelloOk, MalformedResponse, Metadata, Op, Reply, Request, Response,
     TenantName, DEFAULT_MAX_FRAME, PROTOCOL_VERSION,
@@ -262,18 +262,12 @@ async fn handshake(
     }
 }
 
-/// Encodes a request into a zeroizing frame and wipes the plaintexts the wire form held.
-/// `encode_frame` reserves the exact size up front, so the frame is never reallocated and
-/// leaves no stray copies behind.
+/// Encodes a request into a zeroizing frame; `encode_request` wipes the plaintexts the
+/// wire form held, and into an empty buffer it allocates the exact frame size, so the
+/// frame is never reallocated and leaves no stray copies behind.
 fn encode_request(request: Request) -> Zeroizing<Vec<u8>> {
-    let mut msg = pb::Request::from(request);
     let mut frame = Zeroizing::new(Vec::new());
-    encode_frame(&msg, &mut frame);
-    if let Some(pb::request::Op::Wrap(wrap)) = &mut msg.op {
-        for item in &mut wrap.items {
-            item.plaintext.zeroize();
-        }
-    }
+    kekd_proto::encode_request(request, &mut frame);
     frame
 }
 

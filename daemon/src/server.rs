@@ -9,18 +9,21 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
 
-use kekd_proto::frame::encode_frame;
-use kekd_proto::{pb, Code, ErrorStatus, FrameError, FrameReader, Op, Reply, Request, Response, TenantName};
+use kekd_proto::{
+    encode_response, pb, Code, ErrorStatus, FrameError, FrameReader, Op, Reply, Request, Response, TenantName,
+};
 use tokio::io::AsyncWriteExt;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, Semaphore};
-use zeroize::Zeroize;
+use zeroize::{Zeroize, Zeroizing};
 
 use crate::service::{Peer, Role, TenantService};
 
 /// Requests one connection may have in flight; further frames wait to be read.
 const MAX_IN_FLIGHT: usize = 256;
+/// Responses ready at the same time are sent in one write of up to this size.
+const WRITE_BATCH_BYTES: usize = 256 * 1024;
 
 /// The tenants this process serves, by name.
 pub type Tenants = Arc<BTreeMap<TenantName, Arc<TenantService>>>;
@@ -199,25 +202,50 @@ pub async fn serve(
     let _ = writer.await;
 }
 
-/// Writes responses, coalescing whatever is ready into one write; frames are wiped after
-/// writing because they carry plaintext keys.
+/// Writes responses, coalescing whatever is ready into one write. Frames carry plaintext
+/// keys, so every buffer is wiped after use, and the batch buffer never grows: a
+/// reallocation would free a copy of its contents unwiped (a frame that does not fit is
+/// written on its own).
 async fn write_responses(mut write: OwnedWriteHalf, mut rx: mpsc::Receiver<Response>) {
-    let mut buf = Vec::new();
-    while let Some(resp) = rx.recv().await {
-        encode_frame(&pb::Response::from(resp), &mut buf);
-        while buf.len() < 256 * 1024 {
-            match rx.try_recv() {
-                Ok(more) => encode_frame(&pb::Response::from(more), &mut buf),
-                Err(_) => break,
+    let mut batch = Zeroizing::new(Vec::with_capacity(WRITE_BATCH_BYTES));
+    let mut frame = Zeroizing::new(Vec::new());
+    let result = async {
+        while let Some(mut resp) = rx.recv().await {
+            loop {
+                // Into an empty buffer, encode_response allocates the exact frame size.
+                frame.zeroize();
+                encode_response(resp, &mut frame);
+                if frame.len() > batch.capacity() - batch.len() {
+                    flush(&mut write, &mut batch).await?;
+                }
+                if frame.len() > batch.capacity() {
+                    write.write_all(&frame).await?;
+                } else {
+                    batch.extend_from_slice(&frame);
+                }
+                match rx.try_recv() {
+                    Ok(next) => resp = next,
+                    Err(_) => break,
+                }
             }
+            flush(&mut write, &mut batch).await?;
         }
-        let res = write.write_all(&buf).await;
-        buf.zeroize();
-        if res.is_err() {
-            break;
-        }
+        write.shutdown().await
     }
-    let _ = write.shutdown().await;
+    .await;
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "writing responses failed; closing the connection");
+    }
+}
+
+async fn flush(write: &mut OwnedWriteHalf, batch: &mut Vec<u8>) -> std::io::Result<()> {
+    if batch.is_empty() {
+        return Ok(());
+    }
+    let res = write.write_all(batch).await;
+    batch.as_mut_slice().zeroize();
+    batch.clear();
+    res
 }
 
 async fn send(write: &mut OwnedWriteHalf, resp: Response) -> std::io::Result<()> {

@@ -332,14 +332,16 @@ fn op_from(op: pb::request::Op) -> Result<Op, InvalidField> {
             Op::Generate { key: key_from("key_name", &g.key_name)?, edek_only: g.edek_only, contexts }
         }
         P::Wrap(w) => {
-            check_batch(w.items.len())?;
+            // Every plaintext goes into a wiping buffer before anything can fail, so a
+            // rejected batch leaves no copy of the good items behind.
+            let items: Vec<(Secret, BTreeMap<String, String>)> =
+                w.items.into_iter().map(|it| (Secret::from_vec(it.plaintext), it.context)).collect();
+            check_batch(items.len())?;
             let key = key_from("key_name", &w.key_name)?;
-            let items = w
-                .items
+            let items = items
                 .into_iter()
                 .enumerate()
-                .map(|(i, it)| {
-                    let plaintext = Secret::from_vec(it.plaintext);
+                .map(|(i, (plaintext, context))| {
                     if plaintext.is_empty() || plaintext.len() > MAX_SECRET_LEN {
                         return Err(InvalidField::new(
                             format!("items[{i}].plaintext"),
@@ -348,7 +350,7 @@ fn op_from(op: pb::request::Op) -> Result<Op, InvalidField> {
                     }
                     Ok(WrapItem {
                         plaintext,
-                        context: context_from(&format!("items[{i}].context"), it.context)?,
+                        context: context_from(&format!("items[{i}].context"), context)?,
                     })
                 })
                 .collect::<Result<_, _>>()?;
@@ -643,6 +645,38 @@ impl From<Response> for pb::Response {
     }
 }
 
+/// Daemon side: appends `r` as one frame to `out`, then wipes the plaintexts the wire
+/// message held. Converting moves each plaintext out of its [`Secret`] into a plain
+/// `Vec` inside the prost message; dropping that message unwiped would leave data keys
+/// in freed memory. The caller wipes `out` after writing it.
+pub fn encode_response(r: Response, out: &mut Vec<u8>) {
+    let mut msg = pb::Response::from(r);
+    crate::frame::encode_frame(&msg, out);
+    wipe_plaintexts(&mut msg);
+}
+
+/// Client side: appends `r` as one frame to `out`, then wipes the plaintexts (`Wrap`
+/// secrets) the wire message held, for the same reason as [`encode_response`].
+pub fn encode_request(r: Request, out: &mut Vec<u8>) {
+    use zeroize::Zeroize;
+    let mut msg = pb::Request::from(r);
+    crate::frame::encode_frame(&msg, out);
+    if let Some(pb::request::Op::Wrap(w)) = &mut msg.op {
+        for item in &mut w.items {
+            item.plaintext.zeroize();
+        }
+    }
+}
+
+fn wipe_plaintexts(msg: &mut pb::Response) {
+    use zeroize::Zeroize;
+    if let Some(pb::response::Result::Batch(b)) = &mut msg.result {
+        for item in &mut b.items {
+            item.plaintext.zeroize();
+        }
+    }
+}
+
 /// A response from the daemon that does not follow the protocol.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("malformed response from kekd: {0}")]
@@ -783,6 +817,29 @@ mod tests {
             op: Some(pb::request::Op::Unwrap(pb::UnwrapRequest { items: vec![] })),
         };
         assert_eq!(Request::try_from(req).unwrap_err().error.field, "items");
+    }
+
+    #[test]
+    fn encoding_a_response_wipes_the_plaintexts_it_moved() {
+        let item = |b| {
+            Ok(ItemOk {
+                plaintext: Some(Secret::from_vec(vec![b; 32])),
+                edek: Some(vec![1]),
+                key: KeyName::parse("default").unwrap(),
+                version: 1,
+            })
+        };
+        let mut msg =
+            pb::Response::from(Response { id: 1, result: Ok(Reply::Batch(vec![item(7), item(8)])) });
+        let mut frame = Vec::new();
+        crate::frame::encode_frame(&msg, &mut frame);
+        wipe_plaintexts(&mut msg);
+        let Some(pb::response::Result::Batch(b)) = &msg.result else { panic!("a batch") };
+        assert!(b.items.iter().all(|it| it.plaintext.is_empty()), "plaintexts must be wiped");
+        // What was encoded is still the real response.
+        let mut out = Vec::new();
+        encode_response(Response { id: 1, result: Ok(Reply::Batch(vec![item(7), item(8)])) }, &mut out);
+        assert_eq!(out, frame);
     }
 
     #[test]
