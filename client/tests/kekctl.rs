@@ -162,6 +162,7 @@ fn handle(op: Op, keys: &Keys) -> Result<Reply, ErrorStatus> {
             keys: keys.len() as u32,
             uptime_seconds: 61,
             memory_locked: true,
+            worker_pid: 4242,
         }),
         Op::CreateKey(k) if keys.contains_key(&k) => {
             return Err(ErrorStatus::new(Code::FailedPrecondition, format!("key {k} exists")))

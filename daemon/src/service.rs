@@ -327,6 +327,7 @@ impl TenantService {
             keys: self.store.len() as u32,
             uptime_seconds: BootInstant::now().since(self.started).as_secs(),
             memory_locked: self.cache.memory_locked(),
+            worker_pid: std::process::id(),
         }
     }
 

@@ -536,6 +536,8 @@ pub struct StatusInfo {
     pub keys: u32,
     pub uptime_seconds: u64,
     pub memory_locked: bool,
+    /// The worker process serving this tenant.
+    pub worker_pid: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -633,6 +635,7 @@ impl From<Response> for pb::Response {
                         keys: s.keys,
                         uptime_seconds: s.uptime_seconds,
                         memory_locked: s.memory_locked,
+                        worker_pid: s.worker_pid,
                     }),
                     Reply::Key(k) => R::Key(k.into()),
                     Reply::Keys(ks) => {
@@ -758,6 +761,7 @@ impl TryFrom<pb::Response> for Response {
                 keys: s.keys,
                 uptime_seconds: s.uptime_seconds,
                 memory_locked: s.memory_locked,
+                worker_pid: s.worker_pid,
             }),
             Some(R::Key(k)) => Reply::Key(key_info_from(k)?),
             Some(R::Keys(ks)) => {

@@ -182,6 +182,7 @@ struct StatusView<'a> {
     keys: u32,
     uptime_seconds: u64,
     memory_locked: bool,
+    worker_pid: u32,
 }
 
 pub fn status_json(s: &StatusInfo) -> String {
@@ -194,6 +195,7 @@ pub fn status_json(s: &StatusInfo) -> String {
         keys: s.keys,
         uptime_seconds: s.uptime_seconds,
         memory_locked: s.memory_locked,
+        worker_pid: s.worker_pid,
     })
 }
 
@@ -205,8 +207,9 @@ pub fn status_text(s: &StatusInfo) -> String {
     };
     let yes_no = |b| if b { "yes" } else { "no" };
     format!(
-        "tenant: {}\nbackend: {}\nhealth: {health}\ncached KEKs: {}\nkeys: {}\nuptime: {}\nmemory locked: {}\n",
+        "tenant: {}\nworker pid: {}\nbackend: {}\nhealth: {health}\ncached KEKs: {}\nkeys: {}\nuptime: {}\nmemory locked: {}\n",
         s.tenant,
+        s.worker_pid,
         s.backend,
         s.cached_keks,
         s.keys,
@@ -304,6 +307,7 @@ mod tests {
             keys: 2,
             uptime_seconds: 3723,
             memory_locked: true,
+            worker_pid: 4242,
         };
         let text = status_text(&s);
         assert!(text.contains("health: unhealthy: token absent\n"), "{text}");
