@@ -8,10 +8,12 @@ use std::time::Duration;
 use kekd_proto::frame::write_frame;
 use kekd_proto::{pb, FrameReader, ItemOk, Reply, Request, Response, PROTOCOL_VERSION};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::UnixListener;
+use tokio::net::{UnixListener, UnixStream};
 use tokio::time::timeout;
 
 use super::*;
+
+mod pool;
 
 /// Every test bounds its waits: a hang is exactly the failure these tests look for.
 const LIMIT: Duration = Duration::from_secs(5);
@@ -45,20 +47,8 @@ impl Fake {
     /// Accepts one connection and answers its `Hello` with `answer` (OK when `None`).
     async fn accept(&self, answer: Option<ErrorStatus>) -> Conn {
         let (stream, _) = self.listener.accept().await.unwrap();
-        let (r, w) = stream.into_split();
-        let mut conn = Conn { r: FrameReader::new(r, kekd_proto::DEFAULT_MAX_FRAME), w };
-        let hello = conn.next().await.expect("a Hello frame");
-        let Op::Hello(h) = hello.op else { panic!("first frame must be Hello, got {}", hello.op.name()) };
-        assert_eq!(h.protocol_version, PROTOCOL_VERSION);
-        let result = match answer {
-            None => Ok(Reply::Hello(HelloOk {
-                protocol_version: PROTOCOL_VERSION,
-                tenant: h.tenant,
-                admin: true,
-            })),
-            Some(e) => Err(e),
-        };
-        conn.send(Response { id: hello.id, result }).await;
+        let mut conn = Conn::new(stream);
+        conn.hello(answer).await;
         conn
     }
 }
@@ -69,6 +59,28 @@ struct Conn {
 }
 
 impl Conn {
+    fn new(stream: UnixStream) -> Conn {
+        let (r, w) = stream.into_split();
+        Conn { r: FrameReader::new(r, kekd_proto::DEFAULT_MAX_FRAME), w }
+    }
+
+    /// Reads the `Hello` and answers it with `answer` (OK when `None`); returns its tenant.
+    async fn hello(&mut self, answer: Option<ErrorStatus>) -> TenantName {
+        let hello = self.next().await.expect("a Hello frame");
+        let Op::Hello(h) = hello.op else { panic!("first frame must be Hello, got {}", hello.op.name()) };
+        assert_eq!(h.protocol_version, PROTOCOL_VERSION);
+        let result = match answer {
+            None => Ok(Reply::Hello(HelloOk {
+                protocol_version: PROTOCOL_VERSION,
+                tenant: h.tenant.clone(),
+                admin: true,
+            })),
+            Some(e) => Err(e),
+        };
+        self.send(Response { id: hello.id, result }).await;
+        h.tenant
+    }
+
     async fn next(&mut self) -> Option<Request> {
         let msg = self.r.read::<pb::Request>().await.unwrap()?;
         Some(Request::try_from(msg).unwrap())

@@ -6,7 +6,9 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
@@ -27,10 +29,13 @@ type Keys = Arc<Mutex<BTreeMap<KeyName, KeyInfo>>>;
 struct Toy {
     _dir: tempfile::TempDir,
     socket: PathBuf,
+    /// How many more `Hello`s to refuse.
+    refusals: Arc<AtomicUsize>,
 }
 
 impl Toy {
     fn start() -> Toy {
+        let refusals = Arc::new(AtomicUsize::new(0));
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("kekd.sock");
         let std_listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
@@ -39,17 +44,24 @@ impl Toy {
         let default = KeyName::parse("default").unwrap();
         keys.insert(default.clone(), key_info(default, 1));
         let keys: Keys = Arc::new(Mutex::new(keys));
+        let refused = Arc::clone(&refusals);
         std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
             rt.block_on(async move {
                 let listener = UnixListener::from_std(std_listener).unwrap();
                 loop {
                     let (stream, _) = listener.accept().await.unwrap();
-                    tokio::spawn(serve(stream, Arc::clone(&keys)));
+                    tokio::spawn(serve(stream, Arc::clone(&keys), Arc::clone(&refused)));
                 }
             });
         });
-        Toy { _dir: dir, socket }
+        Toy { _dir: dir, socket, refusals }
+    }
+
+    /// Makes the tenant's worker restart: the next `hellos` connections are refused with
+    /// UNAVAILABLE, as the supervisor does until the worker is back.
+    fn restart(&self, hellos: usize) {
+        self.refusals.store(hellos, Ordering::SeqCst);
     }
 
     fn kekctl(&self, args: &[&str], stdin: &[u8]) -> Output {
@@ -82,12 +94,18 @@ fn key_info(name: KeyName, active: u32) -> KeyInfo {
     KeyInfo { name, active_version: active, versions }
 }
 
-async fn serve(stream: tokio::net::UnixStream, keys: Keys) {
+async fn serve(stream: tokio::net::UnixStream, keys: Keys, refusals: Arc<AtomicUsize>) {
     let (r, mut w) = stream.into_split();
     let mut r = FrameReader::new(r, DEFAULT_MAX_FRAME);
     while let Ok(Some(msg)) = r.read::<pb::Request>().await {
         let req = Request::try_from(msg).unwrap();
-        let result = handle(req.op, &keys);
+        let restarting = matches!(req.op, Op::Hello(_))
+            && refusals.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok();
+        let result = if restarting {
+            Err(ErrorStatus::new(Code::Unavailable, format!("tenant {TENANT} is restarting")))
+        } else {
+            handle(req.op, &keys)
+        };
         let rejected = req.id == 1 && result.is_err();
         write_frame(&mut w, &pb::Response::from(Response { id: req.id, result })).await.unwrap();
         if rejected {
@@ -389,6 +407,28 @@ fn errors_and_exit_codes() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--context"));
     assert_eq!(toy.kekctl(&["audit", "verify", "--tenant", TENANT], b"").status.code(), Some(2));
+}
+
+#[test]
+fn commands_wait_for_a_restarting_worker() {
+    let toy = Toy::start();
+    toy.restart(3);
+    assert_eq!(json(&toy.kekctl(&["--json", "status", "--tenant", TENANT], b""))["tenant"], TENANT);
+    toy.restart(3);
+    let out = toy.kekctl(&["--json", "keys", "create", "restarted", "--tenant", TENANT], b"");
+    assert_eq!(json(&out)["name"], "restarted");
+    assert_eq!(toy.refusals.load(Ordering::SeqCst), 0, "every refusal was met");
+}
+
+#[test]
+fn a_worker_that_stays_down_is_unavailable_after_bounded_retries() {
+    let toy = Toy::start();
+    toy.restart(usize::MAX);
+    let start = Instant::now();
+    let out = toy.kekctl(&["status", "--tenant", TENANT], b"");
+    fails(&out, 8, "UNAVAILABLE");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("tenant acme is restarting"));
+    assert!(start.elapsed() < Duration::from_secs(10), "gave up only after {:?}", start.elapsed());
 }
 
 #[test]

@@ -1,8 +1,8 @@
 //! One function per command: connect, call, print.
 
 use kekd_client::{
-    Client, ClientError, Code, EdekItem, ErrorStatus, ItemOk, ItemResult, KeyInfo, KeyName,
-    MalformedResponse, Secret, TargetState, WrapItem,
+    ClientError, ClientOptions, Code, EdekItem, ErrorStatus, ItemOk, ItemResult, KeyInfo, KeyName,
+    MalformedResponse, Pool, PooledClient, RetryPolicy, Secret, TargetState, WrapItem,
 };
 use kekd_proto::{MAX_EDEK_LEN, MAX_SECRET_LEN};
 
@@ -45,8 +45,13 @@ pub async fn run(command: Command, s: Settings) -> Result<(), CliError> {
     }
 }
 
-async fn connect(s: &Settings) -> Result<Client, CliError> {
-    Client::connect(&s.socket, &s.tenant, CLIENT_NAME).await.map_err(|e| match e {
+/// The tenant's connection, taken from a pool so that a command issued while the tenant's
+/// worker restarts waits for it (within the default retry policy) instead of failing at
+/// once. Connecting up front keeps "cannot connect" apart from a connection lost later.
+async fn connect(s: &Settings) -> Result<PooledClient, CliError> {
+    let pool = Pool::new(&s.socket, CLIENT_NAME, ClientOptions::default(), RetryPolicy::default());
+    let client = pool.tenant(&s.tenant);
+    client.hello().await.map(|_| client).map_err(|e| match e {
         ClientError::Io(io) => {
             let msg = format!("cannot connect to {}: {io}", s.socket.display());
             ErrorStatus::new(Code::Unavailable, msg).into()
