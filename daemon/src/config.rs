@@ -9,8 +9,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use kekd_proto::TenantName;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
+
+use crate::sandbox::RunAs;
 
 pub const DEFAULT_SOCKET: &str = "/run/kekd/kekd.sock";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/kekd";
@@ -51,11 +53,14 @@ pub struct Config {
     /// Log filter, e.g. `info` or `kekd=debug`.
     #[serde(default = "default_log_level")]
     pub log_level: String,
+    /// On SIGTERM, how long workers may take to finish the requests they are serving.
+    #[serde(default = "default_shutdown_timeout", with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
     #[serde(default)]
     pub tenants: BTreeMap<String, TenantConfig>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TenantConfig {
     /// Peers whose uid is listed here may connect.
@@ -67,6 +72,10 @@ pub struct TenantConfig {
     /// Peers whose uid is listed here may connect and run admin operations.
     #[serde(default)]
     pub admin_uids: Vec<u32>,
+    /// The user (name or uid) the tenant's worker process runs as once its root key is
+    /// open; its groups come from the user database. Unset: the daemon's own user.
+    #[serde(default)]
+    pub run_as: Option<String>,
     /// How long an unwrapped KEK is used before it is unsealed again from the root key.
     #[serde(default = "default_ttl", with = "humantime_serde")]
     pub kek_ttl: Duration,
@@ -77,7 +86,7 @@ pub struct TenantConfig {
 }
 
 /// The PKCS#11 root-key backend of one tenant.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Pkcs11Config {
     /// Path of the PKCS#11 module, e.g. `/usr/lib/softhsm/libsofthsm2.so`.
@@ -111,6 +120,9 @@ fn default_max_frame() -> usize {
 }
 fn default_log_level() -> String {
     "info".into()
+}
+fn default_shutdown_timeout() -> Duration {
+    Duration::from_secs(10)
 }
 fn default_ttl() -> Duration {
     Duration::from_secs(300)
@@ -152,7 +164,9 @@ impl Config {
         if self.tenants.is_empty() {
             return Err(ConfigError::new("tenants", "no tenant is configured"));
         }
-        let mut softhsm_confs: BTreeMap<&Path, (&str, Option<&Path>)> = BTreeMap::new();
+        if self.shutdown_timeout > Duration::from_secs(3600) {
+            return Err(ConfigError::new("shutdown_timeout", "must be at most 1h"));
+        }
         for (name, t) in &self.tenants {
             let field = |f: &str| format!("tenants.{name}.{f}");
             TenantName::parse(name).map_err(|p| ConfigError::new(format!("tenants.{name}"), p))?;
@@ -167,19 +181,13 @@ impl Config {
                     return Err(ConfigError::new(field(f), "must be at least 1s"));
                 }
             }
+            if let Some(user) = &t.run_as {
+                RunAs::resolve(user).map_err(|p| ConfigError::new(field("run_as"), p))?;
+            }
             let p = t.pkcs11.as_ref().ok_or_else(|| {
                 ConfigError::new(field("pkcs11"), "no root-key backend: add a [tenants.NAME.pkcs11] table")
             })?;
             p.validate(&field("pkcs11"))?;
-            // One process loads a module once, with one SOFTHSM2_CONF.
-            if let Some((other, conf)) = softhsm_confs.insert(&p.module, (name, p.softhsm2_conf.as_deref())) {
-                if conf != p.softhsm2_conf.as_deref() {
-                    return Err(ConfigError::new(
-                        field("pkcs11.softhsm2_conf"),
-                        format!("differs from tenant {other:?}, which uses the same module"),
-                    ));
-                }
-            }
         }
         Ok(())
     }

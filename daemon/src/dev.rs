@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use crate::config::Config;
 use crate::keystore::write_atomic;
-use crate::softhsm::prepare_dev_token;
+use crate::softhsm::dev_token;
 use crate::StartError;
 
 pub fn run(dir: Option<PathBuf>) -> Result<(), StartError> {
@@ -31,7 +31,8 @@ pub fn run(dir: Option<PathBuf>) -> Result<(), StartError> {
         }
     };
     let dir = dir.canonicalize().map_err(io("cannot resolve the dev directory"))?;
-    let token = prepare_dev_token(&dir)?;
+    prepare_token(&dir)?;
+    let token = dev_token(&dir);
     let text = dev_config(&dir, &token, &callers());
     write_atomic(&dir, "kekd.toml", text.as_bytes())?;
     let cfg = Config::parse(&text)?;
@@ -41,7 +42,26 @@ pub fn run(dir: Option<PathBuf>) -> Result<(), StartError> {
         dir = dir.display(),
         sock = cfg.socket.display()
     );
-    crate::run(cfg)
+    crate::supervisor::run(cfg, dir.join("kekd.toml"))
+}
+
+/// Runs `kekd dev-token --dir DIR` and waits for it: the token is created by a process
+/// of its own, since the supervisor must never load the PKCS#11 module.
+fn prepare_token(dir: &Path) -> Result<(), StartError> {
+    let status = std::process::Command::new("/proc/self/exe")
+        .arg("dev-token")
+        .arg("--dir")
+        .arg(dir)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .status()
+        .map_err(|source| StartError::Io { what: "cannot run kekd dev-token".into(), source })?;
+    if status.success() {
+        Ok(())
+    } else {
+        // Its own `kekd: ...` line on stderr said why.
+        Err(StartError::DevToken(status))
+    }
 }
 
 /// The calling user, and the user behind sudo, may use and administer `demo`.

@@ -27,8 +27,6 @@ pub enum Error {
     KekRecordInvalid { key: KeyName, version: u32 },
     #[error("this operation needs an admin of tenant {tenant:?} (caller uid {uid})")]
     NotAdmin { tenant: String, uid: u32 },
-    #[error("{0}")]
-    InvalidArgument(String),
 }
 
 impl Error {
@@ -49,7 +47,6 @@ impl Error {
             Error::DataInvalid => Code::DataInvalid,
             Error::VersionDisabled { .. } | Error::KekRecordInvalid { .. } => Code::FailedPrecondition,
             Error::NotAdmin { .. } => Code::PermissionDenied,
-            Error::InvalidArgument(_) => Code::InvalidArgument,
         };
         // Store i/o and corruption details (paths) stay in the log.
         let message = match self {

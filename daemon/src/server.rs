@@ -1,21 +1,15 @@
-//! Connections: the Unix listener, the Hello handshake and pipelined serving.
-//!
-//! The handshake (peer credentials, Hello, tenant lookup, ACL) is separate from serving a
-//! greeted connection, so that the handshake can move to a supervisor and serving to a
-//! tenant's own process without changing either.
+//! Connections: the Unix listener (the supervisor's) and pipelined serving of a greeted
+//! connection (a worker's).
 
-use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
 
-use kekd_proto::{
-    encode_response, pb, Code, ErrorStatus, FrameError, FrameReader, Op, Reply, Request, Response, TenantName,
-};
-use tokio::io::AsyncWriteExt;
+use kekd_proto::{encode_response, pb, Code, ErrorStatus, FrameError, FrameReader, Request, Response};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::net::UnixListener;
+use tokio::sync::{mpsc, watch, Semaphore};
 use zeroize::{Zeroize, Zeroizing};
 
 use crate::service::{Peer, Role, TenantService};
@@ -24,9 +18,6 @@ use crate::service::{Peer, Role, TenantService};
 const MAX_IN_FLIGHT: usize = 256;
 /// Responses ready at the same time are sent in one write of up to this size.
 const WRITE_BATCH_BYTES: usize = 256 * 1024;
-
-/// The tenants this process serves, by name.
-pub type Tenants = Arc<BTreeMap<TenantName, Arc<TenantService>>>;
 
 /// Binds the socket, replacing a stale socket file but never a live one.
 pub fn bind(path: &Path, mode: u32) -> std::io::Result<UnixListener> {
@@ -45,101 +36,6 @@ pub fn bind(path: &Path, mode: u32) -> std::io::Result<UnixListener> {
     let listener = UnixListener::bind(path)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
     Ok(listener)
-}
-
-/// Accepts connections until the task is dropped.
-pub async fn accept_loop(listener: UnixListener, tenants: Tenants, max_frame: usize) {
-    loop {
-        match listener.accept().await {
-            Ok((stream, _)) => {
-                let tenants = Arc::clone(&tenants);
-                tokio::spawn(async move { connection(stream, tenants, max_frame).await });
-            }
-            Err(e) => {
-                // EMFILE and friends: back off instead of spinning.
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-            }
-        }
-    }
-}
-
-async fn connection(stream: UnixStream, tenants: Tenants, max_frame: usize) {
-    let peer = match stream.peer_cred() {
-        Ok(c) => Peer { uid: c.uid(), gid: c.gid(), pid: c.pid().unwrap_or(0) },
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot read peer credentials; closing");
-            return;
-        }
-    };
-    let (read, mut write) = stream.into_split();
-    let mut reader = FrameReader::new(read, max_frame);
-    match handshake(&mut reader, &tenants, &peer).await {
-        Ok((service, role, hello)) => {
-            if send(&mut write, Response { id: hello, result: Ok(Reply::Hello(service.hello(role))) })
-                .await
-                .is_ok()
-            {
-                serve(service, role, peer, reader, write).await;
-            }
-        }
-        Err(Some(resp)) => {
-            let _ = send(&mut write, resp).await;
-        }
-        Err(None) => {}
-    }
-}
-
-/// Reads the Hello and decides the tenant and role. On failure, the response to send
-/// before closing (None when the peer went away).
-async fn handshake(
-    reader: &mut FrameReader<OwnedReadHalf>,
-    tenants: &Tenants,
-    peer: &Peer,
-) -> Result<(Arc<TenantService>, Role, u64), Option<Response>> {
-    let fail = |id, code, msg: String| Some(Response { id, result: Err(ErrorStatus::new(code, msg)) });
-    let req = match read_request(reader).await {
-        Ok(Some(Ok(req))) => req,
-        Ok(Some(Err(resp))) => return Err(Some(resp)),
-        Ok(None) => return Err(None),
-        Err(resp) => return Err(resp),
-    };
-    let Op::Hello(hello) = req.op else {
-        return Err(fail(
-            req.id,
-            Code::InvalidArgument,
-            "the first request on a connection must be hello".into(),
-        ));
-    };
-    if hello.protocol_version != kekd_proto::PROTOCOL_VERSION {
-        return Err(fail(
-            req.id,
-            Code::FailedPrecondition,
-            format!(
-                "protocol version {} is not supported (kekd speaks {})",
-                hello.protocol_version,
-                kekd_proto::PROTOCOL_VERSION
-            ),
-        ));
-    }
-    let Some(service) = tenants.get(&hello.tenant) else {
-        tracing::info!(tenant = %hello.tenant, uid = peer.uid, pid = peer.pid, "hello for an unknown tenant");
-        return Err(fail(
-            req.id,
-            Code::NotFound,
-            format!("tenant {:?} does not exist", hello.tenant.as_str()),
-        ));
-    };
-    let Some(role) = service.role(peer) else {
-        tracing::warn!(tenant = %hello.tenant, uid = peer.uid, gid = peer.gid, pid = peer.pid, "caller not allowed");
-        return Err(fail(
-            req.id,
-            Code::PermissionDenied,
-            format!("uid {} gid {} may not use tenant {:?}", peer.uid, peer.gid, hello.tenant.as_str()),
-        ));
-    };
-    tracing::debug!(tenant = %hello.tenant, uid = peer.uid, pid = peer.pid, client = %hello.client_name, "connection greeted");
-    Ok((Arc::clone(service), role, req.id))
 }
 
 /// Next request: `Ok(None)` at a clean close; `Ok(Some(Err))` for a request that was framed
@@ -162,18 +58,27 @@ async fn read_request(
 
 /// Serves a greeted connection: each request runs as its own task (so a slow root-key
 /// call does not hold up the requests behind it) and answers in completion order.
+///
+/// Once `stop` turns true no further request is read; the requests already read are
+/// answered, then the connection closes.
 pub async fn serve(
     service: Arc<TenantService>,
     role: Role,
     peer: Peer,
     mut reader: FrameReader<OwnedReadHalf>,
     write: OwnedWriteHalf,
+    mut stop: watch::Receiver<bool>,
 ) {
     let (tx, rx) = mpsc::channel::<Response>(MAX_IN_FLIGHT);
     let writer = tokio::spawn(write_responses(write, rx));
     let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     loop {
-        match read_request(&mut reader).await {
+        let next = tokio::select! {
+            biased;
+            _ = stop.wait_for(|s| *s) => break,
+            next = read_request(&mut reader) => next,
+        };
+        match next {
             Ok(None) => break,
             Ok(Some(Err(resp))) => {
                 if tx.send(resp).await.is_err() {
@@ -248,6 +153,7 @@ async fn flush(write: &mut OwnedWriteHalf, batch: &mut Vec<u8>) -> std::io::Resu
     res
 }
 
-async fn send(write: &mut OwnedWriteHalf, resp: Response) -> std::io::Result<()> {
+/// Sends one response on its own (handshake answers, the worker's HelloOk).
+pub async fn send<W: AsyncWrite + Unpin>(write: &mut W, resp: Response) -> std::io::Result<()> {
     kekd_proto::frame::write_frame(write, &pb::Response::from(resp)).await
 }

@@ -17,7 +17,6 @@ use zeroize::Zeroizing;
 use crate::backend::{BackendError, RootKey, KEK_LEN};
 use crate::cache::{Kek, KekCache, LoadError, Source};
 use crate::clock::BootInstant;
-use crate::config::TenantConfig;
 use crate::envelope::{kek_aad, Edek, Sealer};
 use crate::error::Error;
 use crate::keystore::{KeyStore, StoredState};
@@ -26,51 +25,23 @@ use crate::keystore::{KeyStore, StoredState};
 pub const DEFAULT_KEY: &str = "default";
 
 /// Who is calling, from the kernel (SO_PEERCRED), never from the client's own word.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Peer {
     pub uid: u32,
     pub gid: u32,
     pub pid: i32,
 }
 
-/// What a connection may do, decided once at Hello.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What a connection may do, decided once at Hello (by the supervisor).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Role {
     User,
     Admin,
 }
 
-#[derive(Debug, Clone)]
-pub struct Acl {
-    allow_uids: Vec<u32>,
-    allow_gids: Vec<u32>,
-    admin_uids: Vec<u32>,
-}
-
-impl Acl {
-    pub fn from_config(c: &TenantConfig) -> Self {
-        Acl {
-            allow_uids: c.allow_uids.clone(),
-            allow_gids: c.allow_gids.clone(),
-            admin_uids: c.admin_uids.clone(),
-        }
-    }
-
-    /// None: the peer may not use this tenant at all.
-    pub fn role(&self, peer: &Peer) -> Option<Role> {
-        if self.admin_uids.contains(&peer.uid) {
-            Some(Role::Admin)
-        } else if self.allow_uids.contains(&peer.uid) || self.allow_gids.contains(&peer.gid) {
-            Some(Role::User)
-        } else {
-            None
-        }
-    }
-}
-
 pub struct TenantService {
     tenant: TenantName,
-    acl: Acl,
     backend: Arc<dyn RootKey>,
     store: KeyStore,
     cache: KekCache,
@@ -84,14 +55,12 @@ impl TenantService {
     /// for a new tenant. Blocks (root-key call); run before serving.
     pub fn new(
         tenant: TenantName,
-        acl: Acl,
         backend: Arc<dyn RootKey>,
         store: KeyStore,
         cache: KekCache,
     ) -> Result<Self, Error> {
         let svc = Self {
             tenant,
-            acl,
             backend,
             store,
             cache,
@@ -109,10 +78,6 @@ impl TenantService {
 
     pub fn tenant(&self) -> &TenantName {
         &self.tenant
-    }
-
-    pub fn role(&self, peer: &Peer) -> Option<Role> {
-        self.acl.role(peer)
     }
 
     pub fn hello(&self, role: Role) -> HelloOk {
@@ -448,8 +413,7 @@ mod tests {
         let store = KeyStore::open(dir, &t, "test".into()).unwrap();
         let cache =
             KekCache::new(LockedArena::new(false).unwrap(), Duration::from_secs(60), Duration::from_secs(60));
-        let acl = Acl { allow_uids: vec![1000], allow_gids: vec![50], admin_uids: vec![0] };
-        (TenantService::new(t, acl, root.clone(), store, cache).unwrap(), root)
+        (TenantService::new(t, root.clone(), store, cache).unwrap(), root)
     }
 
     const ADMIN: Peer = Peer { uid: 0, gid: 0, pid: 1 };
@@ -471,15 +435,6 @@ mod tests {
 
     fn ctx(k: &str, v: &str) -> Context {
         Context::new(BTreeMap::from([(k.to_string(), v.to_string())])).unwrap()
-    }
-
-    #[test]
-    fn acl_roles() {
-        let acl = Acl { allow_uids: vec![1000], allow_gids: vec![50], admin_uids: vec![0] };
-        assert_eq!(acl.role(&Peer { uid: 0, gid: 0, pid: 1 }), Some(Role::Admin));
-        assert_eq!(acl.role(&Peer { uid: 1000, gid: 1000, pid: 1 }), Some(Role::User));
-        assert_eq!(acl.role(&Peer { uid: 7, gid: 50, pid: 1 }), Some(Role::User));
-        assert_eq!(acl.role(&Peer { uid: 7, gid: 7, pid: 1 }), None);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -44,6 +44,18 @@ pub fn softhsm2_module() -> PathBuf {
         .map_or_else(|| SOFTHSM2_MODULE.into(), PathBuf::from)
 }
 
+/// Where [`prepare_dev_token`] puts the token of `dir`: known without loading the module,
+/// so the supervisor can write the config while a child process prepares the token.
+pub fn dev_token(dir: &Path) -> DevToken {
+    let base = dir.join("softhsm");
+    DevToken {
+        conf: base.join("softhsm2.conf"),
+        pin_file: base.join("user.pin"),
+        token_label: DEV_TOKEN_LABEL.to_owned(),
+        module: softhsm2_module(),
+    }
+}
+
 /// Creates (or finds again) the token labelled [`DEV_TOKEN_LABEL`] under `dir/softhsm/`.
 ///
 /// Loads the module through the backend's per-process registry with this token's
@@ -60,12 +72,13 @@ pub fn prepare_dev_token(dir: &Path) -> Result<DevToken, BackendError> {
         std::fs::set_permissions(d, Permissions::from_mode(0o700)).map_err(|e| io_error("chmod", d, e))?;
     }
     // Two `kekd dev --dir DIR` starting together would each initialise a token.
-    let _lock = TokenLock::acquire(&base.join("init.lock"))?;
+    let init_lock = TokenLock::open(&base.join("init.lock"))?;
+    let _guard = init_lock.acquire()?;
 
     let tokendir = tokens.to_str().filter(|s| !s.contains(['\n', '\r', '#'])).ok_or_else(|| {
         BackendError::Config(format!("{}: SoftHSM2 cannot be configured with this path", tokens.display()))
     })?;
-    let conf = base.join("softhsm2.conf");
+    let DevToken { conf, pin_file, module, .. } = dev_token(&dir);
     let text = format!(
         "# Written by kekd: a throwaway token for development and tests.\n\
          directories.tokendir = {tokendir}\n\
@@ -75,9 +88,7 @@ pub fn prepare_dev_token(dir: &Path) -> Result<DevToken, BackendError> {
     );
     write_atomic(&conf, text.as_bytes())?;
 
-    let module = softhsm2_module();
     let pkcs11 = library(&module, Some(&conf))?;
-    let pin_file = base.join("user.pin");
     let found = find_tokens(&pkcs11, DEV_TOKEN_LABEL).map_err(|e| {
         BackendError::Config(format!(
             "SoftHSM2 token in {}: cannot list tokens: {}",

@@ -81,7 +81,7 @@ pub struct Pkcs11RootKey {
     /// Set once the token rejected the PIN: every further try would count towards locking
     /// the user PIN, so the backend stops logging in until an operator restarts it.
     pin_rejected: AtomicBool,
-    lock_path: PathBuf,
+    token_lock: TokenLock,
     /// `None` after a reset of the sessions: found again by label before the next use.
     key: Mutex<Option<ObjectHandle>>,
     sessions: Mutex<Vec<Session>>,
@@ -101,8 +101,8 @@ impl Pkcs11RootKey {
         lock_dir: &Path,
     ) -> Result<Self, BackendError> {
         let (module, token, label) = (&cfg.module, &cfg.token_label, &cfg.key_label);
-        let lock_path = TokenLock::path(lock_dir, module, token);
-        let _lock = TokenLock::acquire(&lock_path)?;
+        let token_lock = TokenLock::open(&TokenLock::path(lock_dir, module, token))?;
+        let guard = token_lock.acquire()?;
         let pkcs11 = library(module, cfg.softhsm2_conf.as_deref())?;
         let failed = |what: &str, e: &CkError| match classify(e) {
             Class::Unreachable | Class::DeadSession => {
@@ -165,6 +165,7 @@ impl Pkcs11RootKey {
             )));
         }
 
+        drop(guard);
         Ok(Self {
             tenant: tenant.to_owned(),
             module: module.clone(),
@@ -174,7 +175,7 @@ impl Pkcs11RootKey {
             slot: Mutex::new(slot),
             pin,
             pin_rejected: AtomicBool::new(false),
-            lock_path,
+            token_lock,
             key: Mutex::new(Some(key)),
             sessions: Mutex::new(vec![session]),
         })
@@ -221,7 +222,7 @@ impl Pkcs11RootKey {
                 }
                 Class::NotLoggedIn if !relogged => {
                     relogged = true;
-                    let _lock = TokenLock::acquire(&self.lock_path)?;
+                    let _lock = self.token_lock.acquire()?;
                     self.login(&session)?;
                 }
                 Class::StaleKey if !refound => {
@@ -260,7 +261,7 @@ impl Pkcs11RootKey {
                 self.token_label
             )));
         }
-        let _lock = TokenLock::acquire(&self.lock_path)?;
+        let _lock = self.token_lock.acquire()?;
         let slot = *lock(&self.slot);
         let session = match self.pkcs11.open_ro_session(slot) {
             Ok(s) => s,
@@ -304,7 +305,7 @@ impl Pkcs11RootKey {
     fn refind_key(&self, session: &Session) -> Result<ObjectHandle, BackendError> {
         // Under the lock, like every object search of kekd: SoftHSM 2.6.1 fails a key
         // generation that runs while another thread of the process searches objects.
-        let _lock = TokenLock::acquire(&self.lock_path)?;
+        let _lock = self.token_lock.acquire()?;
         // Private objects are invisible to a session that is not logged in (another
         // application may have called C_Logout): log in again rather than report the key gone.
         let state =

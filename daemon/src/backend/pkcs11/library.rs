@@ -106,11 +106,24 @@ pub(crate) fn find_tokens(pkcs11: &Pkcs11, label: &str) -> Result<Vec<Slot>, CkE
     Ok(found)
 }
 
-/// An exclusive `flock` on a file, held while logging in: SoftHSM2 rewrites its token files
-/// on login, and processes logging in to one token at the same moment fail at random.
-/// Threads of one process exclude each other too (each open has its own lock).
+/// The cross-process lock of one token: an exclusive `flock` on a file, held while logging
+/// in, creating keys and searching objects. SoftHSM2 rewrites its token files on login, and
+/// processes logging in to one token at the same moment fail at random.
+///
+/// The file is opened once, while the worker is still root (the lock directory is root's),
+/// and each [`acquire`](Self::acquire) locks a duplicate of that descriptor: the worker can
+/// re-lock after it has dropped privileges. A `flock` belongs to the open file, shared by
+/// every duplicate, so threads of this process exclude each other with a mutex first.
 pub(crate) struct TokenLock {
-    _lock: Flock<File>,
+    path: PathBuf,
+    file: File,
+    local: Mutex<()>,
+}
+
+/// Held while the token is locked; unlocks (file, then mutex) on drop.
+pub(crate) struct TokenLockGuard<'a> {
+    _flock: Flock<File>,
+    _local: std::sync::MutexGuard<'a, ()>,
 }
 
 impl TokenLock {
@@ -125,35 +138,40 @@ impl TokenLock {
         lock_dir.join(format!("pkcs11-{}.lock", &hex[..16]))
     }
 
-    pub(crate) fn acquire(path: &Path) -> Result<Self, BackendError> {
-        let io = |what: &str, e: std::io::Error| {
-            BackendError::Internal(format!("token lock {}: cannot {what}: {e}", path.display()))
-        };
+    /// Opens (creating) the lock file, without locking it.
+    pub(crate) fn open(path: &Path) -> Result<Self, BackendError> {
         if let Some(dir) = path.parent() {
             DirBuilder::new()
                 .recursive(true)
                 .mode(0o700)
                 .create(dir)
-                .map_err(|e| io("create its directory", e))?;
+                .map_err(|e| lock_error(path, "create its directory", e))?;
         }
-        let mut file = OpenOptions::new()
+        let file = OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
             .mode(0o600)
             .open(path)
-            .map_err(|e| io("open", e))?;
+            .map_err(|e| lock_error(path, "open", e))?;
+        Ok(Self { path: path.to_owned(), file, local: Mutex::new(()) })
+    }
+
+    /// Locks, waiting up to [`LOCK_TIMEOUT`] for another process to let go.
+    pub(crate) fn acquire(&self) -> Result<TokenLockGuard<'_>, BackendError> {
+        let local = self.local.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut file = self.file.try_clone().map_err(|e| lock_error(&self.path, "duplicate", e))?;
         let deadline = Instant::now() + LOCK_TIMEOUT;
         let mut pause = Duration::from_millis(1);
         loop {
             match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-                Ok(lock) => return Ok(Self { _lock: lock }),
+                Ok(flock) => return Ok(TokenLockGuard { _flock: flock, _local: local }),
                 Err((f, Errno::EINTR)) => file = f,
                 Err((f, Errno::EWOULDBLOCK)) => {
                     if Instant::now() >= deadline {
                         return Err(BackendError::Unreachable(format!(
                             "token lock {} held by another process for more than {}s",
-                            path.display(),
+                            self.path.display(),
                             LOCK_TIMEOUT.as_secs()
                         )));
                     }
@@ -161,8 +179,12 @@ impl TokenLock {
                     pause = (pause * 2).min(Duration::from_millis(50));
                     file = f;
                 }
-                Err((_, e)) => return Err(io("lock", e.into())),
+                Err((_, e)) => return Err(lock_error(&self.path, "lock", e.into())),
             }
         }
     }
+}
+
+fn lock_error(path: &Path, what: &str, e: std::io::Error) -> BackendError {
+    BackendError::Internal(format!("token lock {}: cannot {what}: {e}", path.display()))
 }

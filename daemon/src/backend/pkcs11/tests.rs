@@ -39,8 +39,9 @@ fn open(key_label: &str, create_root_key: bool) -> Result<Pkcs11RootKey, Backend
 /// must be released before calling the backend, which takes it itself.
 fn with_admin<T>(f: impl FnOnce(&Session) -> T) -> T {
     let t = shared();
-    let _lock =
-        TokenLock::acquire(&TokenLock::path(&t.lock_dir(), &t.token.module, &t.token.token_label)).unwrap();
+    let lock =
+        TokenLock::open(&TokenLock::path(&t.lock_dir(), &t.token.module, &t.token.token_label)).unwrap();
+    let _guard = lock.acquire().unwrap();
     let pkcs11 = library(&t.token.module, Some(&t.token.conf)).unwrap();
     let slot = find_tokens(&pkcs11, &t.token.token_label).unwrap()[0];
     let session = pkcs11.open_rw_session(slot).unwrap();

@@ -1,0 +1,126 @@
+//! The worker's sandbox: what a tenant's process gives up before it serves.
+//!
+//! DESIGN §3 fixes the order, and each step depends on the one before:
+//!
+//! 1. [`close_inherited_fds`]: nothing of the supervisor's (listeners, other tenants'
+//!    connections) survives into the worker.
+//! 2. [`clear_environment`]: the PKCS#11 module and its configuration are passed explicitly;
+//!    nothing in the environment may steer the module the worker is about to load.
+//! 3. [`no_dumps`]: `PR_SET_DUMPABLE=0` (no core file, no ptrace or `/proc/<pid>/mem` for the
+//!    same user) and `RLIMIT_CORE=0`, before any key material exists in the process.
+//! 4. The root-key backend is opened (by the worker, not here): this may need root, to read
+//!    the PIN file and the token.
+//! 5. [`RunAs::enter`]: groups, then gid, then uid (the other order would leave the process
+//!    unable to change its groups), so the tenant's code runs without root's rights.
+//! 6. [`no_new_privs`]: nothing the worker could exec regains privileges.
+#![allow(unsafe_code)]
+
+use std::ffi::CString;
+use std::io;
+use std::path::Path;
+
+use nix::sys::resource::{setrlimit, Resource};
+use nix::unistd::{Gid, Uid, User};
+
+/// Closes every file descriptor above stderr except `keep`, which must be 0 (the control
+/// socket arrives as the worker's stdin). Call before anything in the process opens a file.
+pub fn close_inherited_fds() -> io::Result<()> {
+    // SAFETY: close_range only closes descriptors. It runs first thing in the worker, before
+    // any Rust object owns a descriptor above 2 (the control socket is stdin), so no live
+    // `OwnedFd`/`File` is invalidated behind its owner's back.
+    let rc = unsafe { libc::close_range(3, libc::c_uint::MAX, 0) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Removes every environment variable. Call while the process has one thread: the C
+/// library's environment is not thread-safe.
+pub fn clear_environment() {
+    let names: Vec<_> = std::env::vars_os().map(|(k, _)| k).collect();
+    for name in names {
+        std::env::remove_var(name);
+    }
+}
+
+/// No core dumps and no same-user debugging: a dump or `/proc/<pid>/mem` would show KEKs.
+pub fn no_dumps() -> io::Result<()> {
+    nix::sys::prctl::set_dumpable(false).map_err(io::Error::from)?;
+    setrlimit(Resource::RLIMIT_CORE, 0, 0).map_err(io::Error::from)
+}
+
+/// `PR_SET_NO_NEW_PRIVS`: set-uid binaries and file capabilities stop working for this
+/// process and anything it runs.
+pub fn no_new_privs() -> io::Result<()> {
+    nix::sys::prctl::set_no_new_privs().map_err(io::Error::from)
+}
+
+/// The user a tenant's worker runs as (`run_as` in the config), resolved from the user
+/// database.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunAs {
+    pub name: String,
+    pub uid: Uid,
+    pub gid: Gid,
+}
+
+impl RunAs {
+    /// Looks up a user name, or a numeric uid that has a user entry (its groups come from
+    /// the entry). The error names what was not found.
+    pub fn resolve(user: &str) -> Result<RunAs, String> {
+        let found = match user.parse::<u32>() {
+            Ok(uid) => User::from_uid(Uid::from_raw(uid)),
+            Err(_) => User::from_name(user),
+        };
+        match found {
+            Ok(Some(u)) => Ok(RunAs { name: u.name, uid: u.uid, gid: u.gid }),
+            Ok(None) => Err(format!("no user {user:?} in the user database")),
+            Err(e) => Err(format!("cannot look up user {user:?}: {e}")),
+        }
+    }
+
+    /// Gives `path` and everything under it to this user, so that the worker can still
+    /// write its key store once it is no longer root.
+    pub fn own_tree(&self, path: &Path) -> io::Result<()> {
+        std::os::unix::fs::lchown(path, Some(self.uid.as_raw()), Some(self.gid.as_raw()))?;
+        if path.symlink_metadata()?.is_dir() {
+            for entry in std::fs::read_dir(path)? {
+                self.own_tree(&entry?.path())?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Becomes this user: supplementary groups from the user database, then the gid, then
+    /// the uid (real, effective and saved, so nothing can switch back). Leaving root this
+    /// way clears every capability.
+    pub fn enter(&self) -> io::Result<()> {
+        let name = CString::new(self.name.as_str())
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "user name contains NUL"))?;
+        nix::unistd::initgroups(&name, self.gid).map_err(io::Error::from)?;
+        nix::unistd::setresgid(self.gid, self.gid, self.gid).map_err(io::Error::from)?;
+        nix::unistd::setresuid(self.uid, self.uid, self.uid).map_err(io::Error::from)?;
+        // A kernel that let setuid succeed without dropping would be a silent escalation.
+        if nix::unistd::setuid(Uid::from_raw(0)).is_ok() && !self.uid.is_root() {
+            return Err(io::Error::other("could regain root after dropping privileges"));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolves_users_by_name_and_uid() {
+        let root = RunAs::resolve("root").unwrap();
+        assert_eq!((root.uid.as_raw(), root.gid.as_raw()), (0, 0));
+        assert_eq!(RunAs::resolve("0").unwrap().name, "root");
+        let e = RunAs::resolve("no-such-user-kekd").unwrap_err();
+        assert!(e.contains("no-such-user-kekd"), "{e}");
+        assert!(RunAs::resolve("4000000000").is_err());
+    }
+}

@@ -1,0 +1,195 @@
+//! The supervisor: the root process that owns the listener and one worker per tenant.
+//!
+//! It never loads a PKCS#11 module or TPM library and never sees key material: it reads
+//! peer credentials and the Hello frame, applies the tenant's ACL, and passes the socket to
+//! the tenant's worker ([`handshake`]); it keeps each worker running ([`process`]).
+//!
+//! Signals: SIGTERM or SIGINT stops accepting, lets every worker drain (bounded by
+//! `shutdown_timeout`), removes the socket and exits 0. SIGHUP re-reads the config: ACLs
+//! change in place, added tenants get a worker, removed ones are stopped, and a worker
+//! whose own settings changed is restarted; all other workers keep running untouched.
+
+mod handshake;
+mod process;
+
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, PoisonError, RwLock};
+
+use kekd_proto::TenantName;
+use tokio::signal::unix::{signal, SignalKind};
+
+pub use handshake::Acl;
+use process::WorkerProcess;
+
+use crate::config::Config;
+use crate::worker::WorkerSpec;
+use crate::StartError;
+
+/// What the handshake needs, shared by every connection task.
+pub struct State {
+    tenants: RwLock<BTreeMap<TenantName, (Acl, WorkerProcess)>>,
+    max_frame: AtomicUsize,
+}
+
+impl State {
+    fn max_frame(&self) -> usize {
+        self.max_frame.load(Ordering::Relaxed)
+    }
+
+    fn with_tenant<T>(&self, name: &TenantName, f: impl FnOnce(Option<&(Acl, WorkerProcess)>) -> T) -> T {
+        let tenants = self.tenants.read().unwrap_or_else(PoisonError::into_inner);
+        f(tenants.get(name))
+    }
+}
+
+/// Serves `cfg` until SIGTERM or SIGINT. `config_path` is what SIGHUP re-reads.
+pub fn run(cfg: Config, config_path: PathBuf) -> Result<(), StartError> {
+    crate::init_logging(&cfg.log_level);
+    // Light work (handshakes, process bookkeeping): one thread is plenty, and keeps the
+    // supervisor's footprint small.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|source| StartError::Io { what: "cannot start the runtime".into(), source })?;
+    rt.block_on(serve(cfg, config_path))
+}
+
+async fn serve(cfg: Config, config_path: PathBuf) -> Result<(), StartError> {
+    let io = |what: String| move |source| StartError::Io { what, source };
+    let mut term = signal(SignalKind::terminate()).map_err(io("cannot handle SIGTERM".into()))?;
+    let mut int = signal(SignalKind::interrupt()).map_err(io("cannot handle SIGINT".into()))?;
+    let mut hup = signal(SignalKind::hangup()).map_err(io("cannot handle SIGHUP".into()))?;
+    let listener = crate::server::bind(&cfg.socket, cfg.socket_mode()?)
+        .map_err(io(format!("cannot listen on {}", cfg.socket.display())))?;
+
+    let tenants = start_all(&cfg).await?;
+    let count = tenants.len();
+    let state =
+        Arc::new(State { tenants: RwLock::new(tenants), max_frame: AtomicUsize::new(cfg.max_frame_bytes) });
+    tracing::info!(socket = %cfg.socket.display(), tenants = count, "serving");
+    println!("kekd ready socket={}", cfg.socket.display());
+    let _ = std::io::stdout().flush();
+
+    let mut running = cfg;
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    let state = Arc::clone(&state);
+                    tokio::spawn(async move { handshake::connection(stream, &state).await });
+                }
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+            },
+            _ = hup.recv() => running = reload(&state, running, &config_path).await,
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        }
+    }
+    tracing::info!("shutting down: no new connections; workers finish what they are serving");
+    drop(listener);
+    let _ = std::fs::remove_file(&running.socket);
+    let workers = std::mem::take(&mut *state.tenants.write().unwrap_or_else(PoisonError::into_inner));
+    futures_join(workers.into_values().map(|(_, w)| w.stop())).await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Starts every tenant's worker at once and waits until all serve. One failure stops the
+/// others and fails the start, naming the tenant.
+async fn start_all(cfg: &Config) -> Result<BTreeMap<TenantName, (Acl, WorkerProcess)>, StartError> {
+    let mut started = BTreeMap::new();
+    let mut waits = Vec::new();
+    for tenant in cfg.tenants() {
+        let (worker, ready) = WorkerProcess::spawn(tenant.name.clone(), WorkerSpec::new(cfg, &tenant), true);
+        waits.push((tenant.name.clone(), ready));
+        started.insert(tenant.name.clone(), (Acl::from_config(&tenant.config), worker));
+    }
+    let mut failure = None;
+    for (name, ready) in waits {
+        let outcome = ready.await.unwrap_or_else(|_| Err("its supervising task ended".into()));
+        if let (Err(message), None) = (outcome, &failure) {
+            failure = Some(StartError::Tenant { tenant: name.to_string(), message });
+        }
+    }
+    match failure {
+        None => Ok(started),
+        Some(e) => {
+            futures_join(started.into_values().map(|(_, w)| w.stop())).await;
+            Err(e)
+        }
+    }
+}
+
+/// Applies a changed config file; on any error the running configuration stays.
+async fn reload(state: &State, running: Config, path: &Path) -> Config {
+    let new = match Config::load(path) {
+        Ok(new) => new,
+        Err(e) => {
+            tracing::error!("SIGHUP: {e}; keeping the running configuration");
+            return running;
+        }
+    };
+    if new.socket != running.socket || new.socket_mode != running.socket_mode {
+        tracing::warn!("SIGHUP: socket and socket_mode changes take effect at the next restart");
+    }
+    state.max_frame.store(new.max_frame_bytes, Ordering::Relaxed);
+
+    let wanted: BTreeMap<TenantName, _> = new.tenants().into_iter().map(|t| (t.name.clone(), t)).collect();
+    // Under one write lock: no handshake sees a half-applied configuration.
+    let (mut stopping, mut kept) = (Vec::new(), 0);
+    {
+        let mut tenants = state.tenants.write().unwrap_or_else(PoisonError::into_inner);
+        for (name, (acl, worker)) in std::mem::take(&mut *tenants) {
+            match wanted.get(&name) {
+                Some(t) if *worker.spec() == WorkerSpec::new(&new, t) => {
+                    if acl != Acl::from_config(&t.config) {
+                        tracing::info!(tenant = %name, "SIGHUP: access rules changed");
+                    }
+                    tenants.insert(name, (Acl::from_config(&t.config), worker));
+                    kept += 1;
+                }
+                _ => stopping.push((name, worker)),
+            }
+        }
+    }
+    let changed = stopping.iter().filter(|(n, _)| wanted.contains_key(n)).count();
+    let removed = stopping.len() - changed;
+    let added = wanted.len() - kept - changed;
+    futures_join(stopping.into_iter().map(|(_, w)| w.stop())).await;
+    {
+        let mut tenants = state.tenants.write().unwrap_or_else(PoisonError::into_inner);
+        for (name, tenant) in &wanted {
+            if tenants.contains_key(name) {
+                continue;
+            }
+            let (worker, ready) = WorkerProcess::spawn(name.clone(), WorkerSpec::new(&new, tenant), false);
+            let name = name.clone();
+            tokio::spawn(async move {
+                if let Ok(Err(message)) = ready.await {
+                    tracing::error!(tenant = %name, "SIGHUP: worker could not start: {message}; retrying");
+                }
+            });
+            tenants.insert(tenant.name.clone(), (Acl::from_config(&tenant.config), worker));
+        }
+    }
+    tracing::info!(added, removed, restarted = changed, unchanged = kept, "SIGHUP: configuration reloaded");
+    new
+}
+
+/// Awaits every future, concurrently.
+async fn futures_join<F: std::future::Future<Output = ()> + Send + 'static>(
+    futures: impl Iterator<Item = F>,
+) {
+    let mut set = tokio::task::JoinSet::new();
+    for f in futures {
+        set.spawn(f);
+    }
+    while set.join_next().await.is_some() {}
+}

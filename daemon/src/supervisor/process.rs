@@ -1,0 +1,229 @@
+//! One tenant's worker process, kept running by the supervisor.
+//!
+//! A task per tenant spawns the worker (fork+exec of this very binary through
+//! `/proc/self/exe`, so an upgrade on disk cannot pair a new worker with an old
+//! supervisor), sends its setup, waits for Ready, and publishes the control channel so
+//! the handshake can pass connections. When the worker dies the channel is withdrawn at
+//! once (its tenant's new clients get UNAVAILABLE rather than waiting) and the worker is
+//! restarted: after [`RESTART_DELAY`] the first time, twice as long after each further
+//! crash up to [`MAX_RESTART_DELAY`], and back to the short delay once a worker has stayed
+//! up for [`STABLE_AFTER`].
+
+use std::os::unix::process::CommandExt as _;
+use std::process::{ExitStatus, Stdio};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use kekd_proto::TenantName;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use tokio::process::Child;
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinHandle;
+
+use crate::handoff::{self, Channel, FromWorker, ToWorker};
+use crate::worker::WorkerSpec;
+
+pub const RESTART_DELAY: Duration = Duration::from_millis(100);
+pub const MAX_RESTART_DELAY: Duration = Duration::from_secs(30);
+pub const STABLE_AFTER: Duration = Duration::from_secs(10);
+/// A worker that has not said Ready by then is stuck (the token lock alone gives up
+/// sooner) and is killed.
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// Grace beyond the worker's own drain bound before it is killed.
+const STOP_GRACE: Duration = Duration::from_secs(2);
+
+/// The current way to a tenant's worker: `None` while it is starting or restarting.
+pub type Link = Arc<Mutex<Option<Arc<Channel>>>>;
+
+/// A tenant's worker and the task that keeps it running.
+pub struct WorkerProcess {
+    spec: WorkerSpec,
+    link: Link,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl WorkerProcess {
+    /// Starts the supervising task. The receiver gets the first start's outcome: `Ok`
+    /// once the worker is serving, or why it could not start. With `give_up`, a failed
+    /// first start ends the task (daemon start-up: the operator must see the error);
+    /// without, it is retried with backoff like a crash (a reload must not leave a tenant
+    /// unattended).
+    pub fn spawn(
+        tenant: TenantName,
+        spec: WorkerSpec,
+        give_up: bool,
+    ) -> (WorkerProcess, oneshot::Receiver<Result<(), String>>) {
+        let link: Link = Arc::default();
+        let (stop, stop_rx) = watch::channel(false);
+        let (first_tx, first_rx) = oneshot::channel();
+        let keeper = Keeper { tenant, spec: spec.clone(), link: Arc::clone(&link), stop: stop_rx };
+        let task = tokio::spawn(keeper.run(first_tx, give_up));
+        (WorkerProcess { spec, link, stop, task }, first_rx)
+    }
+
+    pub fn spec(&self) -> &WorkerSpec {
+        &self.spec
+    }
+
+    /// The control channel of the serving worker, if one is serving.
+    pub fn link(&self) -> Option<Arc<Channel>> {
+        self.link.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// Stops the worker gracefully (SIGTERM, then SIGKILL past its drain bound) and
+    /// ends the supervising task.
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
+}
+
+struct Keeper {
+    tenant: TenantName,
+    spec: WorkerSpec,
+    link: Link,
+    stop: watch::Receiver<bool>,
+}
+
+/// How one run of a worker ended.
+enum Ended {
+    /// Asked to stop: the task ends.
+    Stopped,
+    /// Could not start (the message says why): retry, unless this was the first start of
+    /// a task told to give up.
+    Failed(String),
+    /// Served, then died: restart it.
+    Exited(String),
+}
+
+impl Keeper {
+    async fn run(mut self, first: oneshot::Sender<Result<(), String>>, give_up: bool) {
+        let mut first = Some(first);
+        let mut delay = RESTART_DELAY;
+        loop {
+            let started = Instant::now();
+            match self.run_once(&mut first).await {
+                Ended::Stopped => return,
+                Ended::Failed(message) => {
+                    if let Some(tx) = first.take() {
+                        let _ = tx.send(Err(message.clone()));
+                        if give_up {
+                            return;
+                        }
+                    }
+                    tracing::error!(tenant = %self.tenant, "worker could not start: {message}");
+                }
+                Ended::Exited(status) => tracing::warn!(tenant = %self.tenant, "worker exited: {status}"),
+            }
+            if started.elapsed() >= STABLE_AFTER {
+                delay = RESTART_DELAY;
+            }
+            tracing::info!(tenant = %self.tenant, "restarting the worker in {delay:?}");
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = stopped(&mut self.stop) => return,
+            }
+            delay = (delay * 2).min(MAX_RESTART_DELAY);
+        }
+    }
+
+    /// One worker process, from spawn to exit.
+    async fn run_once(&mut self, first: &mut Option<oneshot::Sender<Result<(), String>>>) -> Ended {
+        let (mut child, channel) = match spawn(&self.spec).await {
+            Ok(started) => started,
+            Err(e) => return Ended::Failed(format!("cannot start a worker process: {e}")),
+        };
+        let pid = child.id().unwrap_or(0);
+        let ready = tokio::select! {
+            r = tokio::time::timeout(READY_TIMEOUT, channel.recv::<FromWorker>()) => r,
+            _ = stopped(&mut self.stop) => {
+                terminate(&mut child, Duration::ZERO).await;
+                return Ended::Stopped;
+            }
+        };
+        match ready {
+            Ok(Ok(Some((FromWorker::Ready, _)))) => {}
+            Ok(Ok(Some((FromWorker::Failed { message }, _)))) => {
+                let _ = child.wait().await;
+                return Ended::Failed(message);
+            }
+            Ok(Ok(None)) | Ok(Err(_)) => {
+                let status = describe(child.wait().await);
+                return Ended::Failed(format!("its worker exited before it was ready ({status})"));
+            }
+            Err(_) => {
+                terminate(&mut child, Duration::ZERO).await;
+                return Ended::Failed(format!("its worker was not ready within {READY_TIMEOUT:?}"));
+            }
+        }
+        *self.link.lock().unwrap_or_else(PoisonError::into_inner) = Some(Arc::new(channel));
+        if let Some(tx) = first.take() {
+            let _ = tx.send(Ok(()));
+        }
+        tracing::info!(tenant = %self.tenant, pid, "worker ready");
+        let ended = tokio::select! {
+            status = child.wait() => Ended::Exited(describe(status)),
+            _ = stopped(&mut self.stop) => Ended::Stopped,
+        };
+        // Withdrawn before anything else: no new connection goes to a dying worker.
+        *self.link.lock().unwrap_or_else(PoisonError::into_inner) = None;
+        if let Ended::Stopped = ended {
+            terminate(&mut child, self.spec.shutdown_timeout + STOP_GRACE).await;
+        }
+        ended
+    }
+}
+
+/// Spawns `kekd worker` with the control channel as its stdin and an environment holding
+/// nothing but the PIN variable, if the tenant uses one, and sends it its setup.
+async fn spawn(spec: &WorkerSpec) -> std::io::Result<(Child, Channel)> {
+    let (ours, theirs) = handoff::pair()?;
+    let mut cmd = std::process::Command::new("/proc/self/exe");
+    cmd.arg0("kekd")
+        .args(["worker", "--tenant", &spec.tenant])
+        .env_clear()
+        .stdin(Stdio::from(theirs))
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    if let Some(var) = spec.pin_env() {
+        if let Some(value) = std::env::var_os(var) {
+            cmd.env(var, value);
+        }
+    }
+    let mut cmd = tokio::process::Command::from(cmd);
+    cmd.kill_on_drop(true);
+    let child = cmd.spawn()?;
+    // Dropping the command closes our copy of the worker's end, so the channel reports
+    // end-of-stream once the worker is gone.
+    drop(cmd);
+    let channel = Channel::new(ours)?;
+    channel.send(&ToWorker::Setup(Box::new(spec.clone())), None).await?;
+    Ok((child, channel))
+}
+
+/// SIGTERM, up to `grace` for the worker to drain and exit, then SIGKILL.
+async fn terminate(child: &mut Child, grace: Duration) {
+    if let (Some(pid), false) = (child.id(), grace.is_zero()) {
+        let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
+        if let Ok(status) = tokio::time::timeout(grace, child.wait()).await {
+            tracing::info!(pid, "worker stopped: {}", describe(status));
+            return;
+        }
+        tracing::warn!(pid, "worker did not stop within {grace:?}; killing it");
+    }
+    let _ = child.kill().await;
+}
+
+/// Resolves once a stop is asked for (or nobody can ask any more).
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+fn describe(status: std::io::Result<ExitStatus>) -> String {
+    match status {
+        Ok(s) => s.to_string(),
+        Err(e) => format!("status unknown: {e}"),
+    }
+}

@@ -1,0 +1,277 @@
+//! `kekd worker`: one tenant's process.
+//!
+//! Started by the supervisor (fork+exec of the kekd binary, never a bare fork: PKCS#11
+//! modules are not fork-safe) with the control channel as stdin. It sandboxes itself in
+//! the order of DESIGN §3, opens its tenant (its own `C_Initialize`), says Ready, and then
+//! serves the connections the supervisor hands over. Requests and responses flow between
+//! the client and this process only.
+//!
+//! It stops on SIGTERM, or when the supervisor's end of the channel closes (the supervisor
+//! died): it stops taking connections and reading requests, lets the requests it is
+//! serving finish within `shutdown_timeout`, wipes its KEK cache and exits 0. SIGINT is
+//! ignored: a Ctrl-C on a terminal reaches the whole process group, and the supervisor
+//! decides when its workers stop.
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kekd_proto::{Reply, Response, TenantName};
+use serde::{Deserialize, Serialize};
+use tokio::net::UnixStream;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use zeroize::Zeroizing;
+
+use crate::backend::pkcs11::Pkcs11RootKey;
+use crate::backend::RootKey;
+use crate::cache::KekCache;
+use crate::config::{Config, Tenant, TenantConfig};
+use crate::error::Error;
+use crate::handoff::{BlockingChannel, Channel, FromWorker, Handoff, ToWorker};
+use crate::keystore::KeyStore;
+use crate::sandbox::{self, RunAs};
+use crate::secret::LockedArena;
+use crate::server;
+use crate::service::TenantService;
+
+/// Everything a worker needs to open and serve its tenant, sent as its first control
+/// message. Two equal specs mean a running worker can keep running across a config
+/// reload; access rules are not part of it, since the supervisor alone applies them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkerSpec {
+    pub tenant: String,
+    pub tenant_config: TenantConfig,
+    pub state_dir: PathBuf,
+    pub max_frame_bytes: usize,
+    pub allow_unlocked_memory: bool,
+    pub log_level: String,
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+}
+
+impl WorkerSpec {
+    pub fn new(cfg: &Config, tenant: &Tenant) -> Self {
+        let mut tenant_config = tenant.config.clone();
+        tenant_config.allow_uids.clear();
+        tenant_config.allow_gids.clear();
+        tenant_config.admin_uids.clear();
+        Self {
+            tenant: tenant.name.to_string(),
+            tenant_config,
+            state_dir: cfg.state_dir.clone(),
+            max_frame_bytes: cfg.max_frame_bytes,
+            allow_unlocked_memory: cfg.allow_unlocked_memory,
+            log_level: cfg.log_level.clone(),
+            shutdown_timeout: cfg.shutdown_timeout,
+        }
+    }
+
+    /// The environment variable the PIN comes from, if any: the supervisor passes exactly
+    /// this variable to the worker, which reads it and then clears its environment.
+    pub fn pin_env(&self) -> Option<&str> {
+        self.tenant_config.pkcs11.as_ref().and_then(|p| p.pin_env.as_deref())
+    }
+}
+
+/// The worker's entry point; never returns to a caller that could serve anything else.
+pub fn main() -> ExitCode {
+    if let Err(e) = sandbox::close_inherited_fds() {
+        eprintln!("kekd worker: cannot close inherited descriptors: {e}");
+        return ExitCode::FAILURE;
+    }
+    let control = match std::io::stdin().as_fd().try_clone_to_owned() {
+        Ok(fd) => BlockingChannel::new(fd),
+        Err(e) => {
+            eprintln!("kekd worker: no control channel on stdin: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let spec = match control.recv::<ToWorker>() {
+        Ok(ToWorker::Setup(spec)) => spec,
+        Ok(other) => {
+            eprintln!("kekd worker: expected a setup message first, got {other:?}");
+            return ExitCode::FAILURE;
+        }
+        Err(e) => {
+            eprintln!("kekd worker: cannot read its setup: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    crate::init_logging(&spec.log_level);
+    let span = tracing::info_span!("worker", tenant = %spec.tenant);
+    let _entered = span.enter();
+
+    let service = match start(&spec) {
+        Ok(service) => service,
+        Err(message) => {
+            tracing::error!("cannot start: {message}");
+            let _ = control.send(&FromWorker::Failed { message });
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Err(e) = control.send(&FromWorker::Ready) {
+        tracing::error!(error = %e, "cannot report readiness; exiting");
+        return ExitCode::FAILURE;
+    }
+    tracing::info!(pid = std::process::id(), "serving");
+
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("kekd-worker").build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    let shutdown_timeout = spec.shutdown_timeout;
+    let max_frame = spec.max_frame_bytes;
+    let code = rt.block_on(serve(service, control.into_inner(), max_frame, shutdown_timeout));
+    // In-flight tasks past the bound are abandoned here; nothing of theirs is written.
+    rt.shutdown_timeout(Duration::from_millis(100));
+    code
+}
+
+/// Steps 2–6 of the sandbox, with the tenant opened between no_dumps and the user switch.
+fn start(spec: &WorkerSpec) -> Result<Arc<TenantService>, String> {
+    let name = TenantName::parse(&spec.tenant).map_err(|e| format!("bad tenant name: {e}"))?;
+    let p11 = spec.tenant_config.pkcs11.as_ref().ok_or("no root-key backend is configured")?;
+    let field = format!("tenants.{name}.pkcs11");
+    // Read before the environment goes: it may come from there.
+    let pin = p11.read_pin(&field).map_err(|e| e.to_string())?;
+    sandbox::clear_environment();
+    sandbox::no_dumps().map_err(|e| format!("cannot disable core dumps: {e}"))?;
+    let run_as = match &spec.tenant_config.run_as {
+        Some(user) => Some(RunAs::resolve(user).map_err(|e| format!("tenants.{name}.run_as: {e}"))?),
+        None => None,
+    };
+    let service = open_tenant(spec, &name, pin).map_err(|e| e.to_string())?;
+    if let Some(user) = &run_as {
+        give_state_to(&spec.state_dir, &name, user)?;
+        user.enter().map_err(|e| format!("cannot switch to user {:?}: {e}", user.name))?;
+    } else if nix::unistd::geteuid().is_root() {
+        tracing::warn!("runs as root: set run_as to give this tenant's worker its own user");
+    }
+    sandbox::no_new_privs().map_err(|e| format!("cannot set no_new_privs: {e}"))?;
+    Ok(Arc::new(service))
+}
+
+fn open_tenant(spec: &WorkerSpec, name: &TenantName, pin: Zeroizing<String>) -> Result<TenantService, Error> {
+    let p11 = spec.tenant_config.pkcs11.as_ref().expect("checked by start");
+    let arena = LockedArena::new(spec.allow_unlocked_memory)?;
+    let backend: Arc<dyn RootKey> =
+        Arc::new(Pkcs11RootKey::open(name.as_str(), p11, pin, &spec.state_dir.join("locks"))?);
+    let store = KeyStore::open(&spec.state_dir, name, backend.describe())?;
+    let cache = KekCache::new(arena, spec.tenant_config.kek_ttl, spec.tenant_config.idle_ttl);
+    tracing::info!(backend = %backend.describe(), "tenant opened");
+    TenantService::new(name.clone(), backend, store, cache)
+}
+
+/// The tenant's own directory becomes the worker user's; the directories above it stay
+/// root's but must let that user pass through (0711: enter, not list).
+fn give_state_to(state_dir: &Path, name: &TenantName, user: &RunAs) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let fail =
+        |p: &Path, e: std::io::Error| format!("cannot hand {} to user {:?}: {e}", p.display(), user.name);
+    for dir in [state_dir.to_path_buf(), state_dir.join("tenants")] {
+        let meta = std::fs::metadata(&dir).map_err(|e| fail(&dir, e))?;
+        let mode = meta.permissions().mode() & 0o7777;
+        if mode & 0o011 != 0o011 {
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(mode | 0o011))
+                .map_err(|e| fail(&dir, e))?;
+        }
+    }
+    let own = state_dir.join("tenants").join(name.as_str());
+    user.own_tree(&own).map_err(|e| fail(&own, e))
+}
+
+/// Serves handed-over connections until SIGTERM or the supervisor's end closes, then
+/// drains.
+async fn serve(service: Arc<TenantService>, control: OwnedFd, max_frame: usize, bound: Duration) -> ExitCode {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+    else {
+        tracing::error!("cannot install signal handlers");
+        return ExitCode::FAILURE;
+    };
+    let control = match Channel::new(control) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot use the control channel");
+            return ExitCode::FAILURE;
+        }
+    };
+    let sweeper = tokio::spawn(sweep(Arc::clone(&service)));
+    let (stop_tx, stop) = watch::channel(false);
+    let mut connections = JoinSet::new();
+    loop {
+        tokio::select! {
+            msg = control.recv::<ToWorker>() => match msg {
+                Ok(Some((ToWorker::Connection(handoff), Some(fd)))) => {
+                    let (service, stop) = (Arc::clone(&service), stop.clone());
+                    connections.spawn(connection(service, handoff, fd, max_frame, stop));
+                }
+                Ok(Some((other, _))) => tracing::warn!(message = ?other, "unexpected control message; ignored"),
+                Ok(None) => {
+                    tracing::info!("the supervisor is gone; stopping");
+                    break;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "control channel failed; stopping");
+                    break;
+                }
+            },
+            _ = term.recv() => {
+                tracing::info!("SIGTERM: finishing the requests in flight");
+                break;
+            }
+            _ = int.recv() => {}
+            Some(_) = connections.join_next() => {}
+        }
+    }
+    let _ = stop_tx.send(true);
+    let drained =
+        tokio::time::timeout(bound, async { while connections.join_next().await.is_some() {} }).await;
+    if drained.is_err() {
+        tracing::warn!(left = connections.len(), "requests still running after {bound:?}; abandoning them");
+        connections.abort_all();
+    }
+    sweeper.abort();
+    service.flush();
+    tracing::info!("KEK cache wiped; exiting");
+    ExitCode::SUCCESS
+}
+
+async fn connection(
+    service: Arc<TenantService>,
+    handoff: Handoff,
+    fd: OwnedFd,
+    max_frame: usize,
+    stop: watch::Receiver<bool>,
+) {
+    let stream = std::os::unix::net::UnixStream::from(fd);
+    let stream = match stream.set_nonblocking(true).and_then(|()| UnixStream::from_std(stream)) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot take over a connection");
+            return;
+        }
+    };
+    let (read, mut write) = stream.into_split();
+    let hello = Response { id: handoff.hello_id, result: Ok(Reply::Hello(service.hello(handoff.role))) };
+    if server::send(&mut write, hello).await.is_err() {
+        return;
+    }
+    let reader = kekd_proto::FrameReader::new(read, max_frame);
+    server::serve(service, handoff.role, handoff.peer, reader, write, stop).await;
+}
+
+async fn sweep(service: Arc<TenantService>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        service.sweep();
+    }
+}
