@@ -157,3 +157,83 @@ async fn flush(write: &mut OwnedWriteHalf, batch: &mut Vec<u8>) -> std::io::Resu
 pub async fn send<W: AsyncWrite + Unpin>(write: &mut W, resp: Response) -> std::io::Result<()> {
     kekd_proto::frame::write_frame(write, &pb::Response::from(resp)).await
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering;
+    use std::time::Duration;
+
+    use kekd_proto::{encode_request, KeyName, Metadata, Op};
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::UnixStream;
+
+    use super::*;
+    use crate::service::testing::service;
+
+    const PEER: Peer = Peer { uid: 0, gid: 0, pid: 1 };
+
+    fn generate(id: u64) -> Vec<u8> {
+        let op = Op::Generate {
+            key: KeyName::parse("default").unwrap(),
+            edek_only: true,
+            contexts: vec![kekd_proto::Context::default()],
+        };
+        let mut frame = Vec::new();
+        encode_request(Request { id, metadata: Metadata::default(), op }, &mut frame);
+        frame
+    }
+
+    /// The drain contract of SIGTERM, shown with a root key held slow on purpose: a request
+    /// already read is answered after the stop, one sent after it is not read, and then
+    /// the connection closes.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stop_answers_requests_in_flight_then_closes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (svc, root) = service(dir.path(), "acme");
+        svc.flush();
+        root.hold.store(true, Ordering::SeqCst);
+        let (client, server) = UnixStream::pair().unwrap();
+        let (read, write) = server.into_split();
+        let (stop_tx, stop) = watch::channel(false);
+        let served = tokio::spawn(serve(
+            Arc::new(svc),
+            Role::User,
+            PEER,
+            FrameReader::new(read, 1 << 20),
+            write,
+            stop,
+        ));
+
+        let (client_read, mut client_write) = client.into_split();
+        client_write.write_all(&generate(7)).await.unwrap();
+        // In flight: read, and waiting on the (cold, held) root key.
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while root.entered.load(Ordering::SeqCst) == 0 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+        .await
+        .expect("the generate reaches the root key");
+        stop_tx.send(true).unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let _ = client_write.write_all(&generate(8)).await;
+        root.hold.store(false, Ordering::SeqCst);
+
+        let mut responses = FrameReader::new(client_read, 1 << 20);
+        let first = tokio::time::timeout(Duration::from_secs(5), responses.read::<pb::Response>())
+            .await
+            .expect("the request in flight is answered")
+            .unwrap()
+            .expect("a response, not a close");
+        assert_eq!(first.request_id, 7);
+        assert_eq!(first.status.map_or(0, |s| s.code), Code::Ok as i32);
+        let next =
+            tokio::time::timeout(Duration::from_secs(5), responses.read::<pb::Response>()).await.unwrap();
+        // Closed without serving it: EOF, or a reset since the unread request was discarded.
+        assert!(
+            matches!(next, Ok(None) | Err(FrameError::Io(_))),
+            "the request sent after the stop was served: {next:?}"
+        );
+        tokio::time::timeout(Duration::from_secs(5), served).await.unwrap().unwrap();
+    }
+}

@@ -354,9 +354,10 @@ impl TenantService {
 #[derive(Default)]
 struct SealerSet<'s>(HashMap<(KeyName, u32), Result<Sealer<'s>, ErrorStatus>>);
 
+/// A service over an in-memory root key, for unit tests of this module and of the
+/// connection code. Never built outside tests.
 #[cfg(test)]
-mod tests {
-    use std::collections::BTreeMap;
+pub(crate) mod testing {
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     use std::time::Duration;
 
@@ -364,14 +365,17 @@ mod tests {
 
     use super::*;
     use crate::secret::LockedArena;
-    use kekd_proto::ItemResult;
 
     /// An in-memory root key for unit tests only: AES-GCM under a fixed key. The real
     /// backends are tested against SoftHSM2 and swtpm.
-    struct TestRoot {
+    pub(crate) struct TestRoot {
         key: LessSafeKey,
-        unseals: AtomicUsize,
-        down: AtomicBool,
+        pub unseals: AtomicUsize,
+        pub down: AtomicBool,
+        /// While set, unseals wait: a root-key call that is slow on purpose.
+        pub hold: AtomicBool,
+        /// Unseal calls begun, held or not.
+        pub entered: AtomicUsize,
     }
 
     impl RootKey for TestRoot {
@@ -383,6 +387,10 @@ mod tests {
             Ok(out)
         }
         fn unseal(&self, aad: &[u8], sealed: &[u8], out: &mut [u8; KEK_LEN]) -> Result<(), BackendError> {
+            self.entered.fetch_add(1, Ordering::SeqCst);
+            while self.hold.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(1));
+            }
             if self.down.load(Ordering::SeqCst) {
                 return Err(BackendError::Unreachable("test root is down".into()));
             }
@@ -403,11 +411,13 @@ mod tests {
         }
     }
 
-    fn service(dir: &std::path::Path, tenant: &str) -> (TenantService, Arc<TestRoot>) {
+    pub(crate) fn service(dir: &std::path::Path, tenant: &str) -> (TenantService, Arc<TestRoot>) {
         let root = Arc::new(TestRoot {
             key: LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &[3; 32]).unwrap()),
             unseals: AtomicUsize::new(0),
             down: AtomicBool::new(false),
+            hold: AtomicBool::new(false),
+            entered: AtomicUsize::new(0),
         });
         let t = TenantName::parse(tenant).unwrap();
         let store = KeyStore::open(dir, &t, "test".into()).unwrap();
@@ -415,6 +425,16 @@ mod tests {
             KekCache::new(LockedArena::new(false).unwrap(), Duration::from_secs(60), Duration::from_secs(60));
         (TenantService::new(t, root.clone(), store, cache).unwrap(), root)
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::sync::atomic::Ordering;
+
+    use super::testing::service;
+    use super::*;
+    use kekd_proto::ItemResult;
 
     const ADMIN: Peer = Peer { uid: 0, gid: 0, pid: 1 };
 

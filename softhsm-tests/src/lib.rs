@@ -509,6 +509,10 @@ pub struct Tenant {
     pub idle_ttl: Option<String>,
     pub create_root_key: bool,
     pub pin: String,
+    /// The token's label; `None`: a token of its own, labelled with the tenant's name.
+    pub token: Option<String>,
+    /// `run_as` in the config: the worker's user.
+    pub run_as: Option<String>,
 }
 
 impl Tenant {
@@ -523,7 +527,34 @@ impl Tenant {
             idle_ttl: None,
             create_root_key: true,
             pin: format!("pin-{name}-1234"),
+            token: None,
+            run_as: None,
         }
+    }
+
+    /// Puts the root key on the token labelled `label`, shared with every other tenant on
+    /// it. The token's PIN is derived from its label; [`Tenant::pin`] then overrides what
+    /// this tenant's PIN file says (to configure a wrong one).
+    pub fn on_token(mut self, label: &str) -> Self {
+        self.token = Some(label.into());
+        self.pin = shared_token_pin(label);
+        self
+    }
+
+    /// What this tenant's PIN file holds.
+    pub fn pin(mut self, pin: &str) -> Self {
+        self.pin = pin.into();
+        self
+    }
+
+    /// Runs the tenant's worker as `user`.
+    pub fn run_as(mut self, user: &str) -> Self {
+        self.run_as = Some(user.into());
+        self
+    }
+
+    fn token_label(&self) -> &str {
+        self.token.as_deref().unwrap_or(&self.name)
     }
 
     /// A tenant whose admin (and so also data user) is the user running the tests.
@@ -560,6 +591,10 @@ impl Tenant {
         self.create_root_key = create;
         self
     }
+}
+
+fn shared_token_pin(label: &str) -> String {
+    format!("pin-token-{label}-1234")
 }
 
 /// Builds the configuration of a test daemon.
@@ -606,8 +641,15 @@ impl KekdBuilder {
         if self.allow_unlocked_memory {
             cfg.push_str("allow_unlocked_memory = true\n");
         }
+        let mut tokens = std::collections::BTreeSet::new();
         for t in &self.tenants {
-            hsm.init_token(&t.name, &format!("so-{}", t.pin), &t.pin);
+            if tokens.insert(t.token_label().to_owned()) {
+                let pin = match &t.token {
+                    Some(label) => shared_token_pin(label),
+                    None => t.pin.clone(),
+                };
+                hsm.init_token(t.token_label(), &format!("so-{pin}"), &pin);
+            }
             let pin_file = pins.join(format!("{}.pin", t.name));
             fs::write(&pin_file, format!("{}\n", t.pin)).expect("write the PIN file");
             fs::set_permissions(&pin_file, fs::Permissions::from_mode(0o600)).expect("chmod the PIN file");
@@ -622,9 +664,12 @@ impl KekdBuilder {
             if let Some(ttl) = &t.idle_ttl {
                 cfg.push_str(&format!("idle_ttl = {}\n", toml_str(ttl)));
             }
+            if let Some(user) = &t.run_as {
+                cfg.push_str(&format!("run_as = {}\n", toml_str(user)));
+            }
             cfg.push_str(&format!("\n[tenants.{}.pkcs11]\n", t.name));
             cfg.push_str(&format!("module = {}\n", toml_path(&softhsm_module())));
-            cfg.push_str(&format!("token_label = {}\n", toml_str(&t.name)));
+            cfg.push_str(&format!("token_label = {}\n", toml_str(t.token_label())));
             cfg.push_str(&format!("key_label = {}\n", toml_str(&format!("kekd-root-{}", t.name))));
             cfg.push_str(&format!("pin_file = {}\n", toml_path(&pin_file)));
             cfg.push_str(&format!("create_root_key = {}\n", t.create_root_key));
@@ -937,6 +982,25 @@ impl Kekd {
         }
     }
 
+    /// Waits up to `timeout` for the daemon to exit by itself (after a signal sent with
+    /// [`Kekd::signal`]); panics with its stderr if it does not. Leftovers of its process
+    /// group are killed afterwards.
+    #[track_caller]
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let mut child = self.child.take().expect("kekd is not running");
+        let pid = Pid::from_raw(child.id() as i32);
+        let status = wait_deadline(&mut child, timeout);
+        let _ = killpg(pid, Signal::SIGKILL);
+        match status {
+            Some(s) => s,
+            None => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("kekd did not exit within {timeout:?}; stderr:\n{}", self.stderr());
+            }
+        }
+    }
+
     /// SIGKILL, then start again on the same directories.
     #[track_caller]
     pub fn restart_after_kill(&mut self) {
@@ -973,6 +1037,34 @@ impl Kekd {
     /// `kekctl --socket <socket> --tenant <tenant>`.
     pub fn kekctl_for(&self, tenant: &str) -> Kekctl {
         Kekctl::new().socket(&self.socket).tenant(tenant).with_private_bin(self.dir.path().join("bin"))
+    }
+
+    /// The pid of `tenant`'s worker process, as its `kekctl status` reports it.
+    #[track_caller]
+    pub fn worker_pid(&self, tenant: &str) -> u32 {
+        let status = self.kekctl_for(tenant).json().arg("status").run().json();
+        status["worker_pid"].as_u64().unwrap_or_else(|| panic!("no worker_pid in {status}")) as u32
+    }
+
+    /// Sends `signal` to the supervisor and returns at once.
+    #[track_caller]
+    pub fn signal(&self, signal: Signal) {
+        let pid = self.pid().expect("kekd is not running");
+        kill(Pid::from_raw(pid as i32), signal).expect("signal kekd");
+    }
+
+    /// Waits until the daemon's stderr contains `needle`; panics with the log at the deadline.
+    #[track_caller]
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let log = self.stderr();
+            if log.contains(needle) {
+                return log;
+            }
+            assert!(Instant::now() < deadline, "no {needle:?} in kekd's stderr within {timeout:?}:\n{log}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// A raw connection that has completed Hello for `tenant`.
@@ -1158,6 +1250,114 @@ pub fn edek_with_version(edek: &[u8], version: u32) -> Vec<u8> {
     let mut out = edek.to_vec();
     out[off..off + 4].copy_from_slice(&version.to_be_bytes());
     out
+}
+
+/// The byte range of tenant `name`'s tables (`[tenants.NAME]` and its sub-tables) in a
+/// config written by [`KekdBuilder::prepare`].
+fn tenant_block(text: &str, name: &str) -> std::ops::Range<usize> {
+    let header = format!("\n[tenants.{name}]\n");
+    let start = text.find(&header).unwrap_or_else(|| panic!("no {header:?} in the config")) + 1;
+    let own = format!("[tenants.{name}.");
+    let mut end = text.len();
+    let mut at = start + header.len() - 1;
+    while let Some(i) = text[at..].find("\n[tenants.") {
+        let next = at + i + 1;
+        if !text[next..].starts_with(&own) {
+            end = next;
+            break;
+        }
+        at = next;
+    }
+    start..end
+}
+
+/// `text` without tenant `name`.
+pub fn config_without_tenant(text: &str, name: &str) -> String {
+    let mut out = text.to_owned();
+    out.replace_range(tenant_block(text, name), "");
+    out
+}
+
+/// `text` with `edit` applied to tenant `name`'s tables only.
+pub fn config_edit_tenant(text: &str, name: &str, edit: impl FnOnce(&str) -> String) -> String {
+    let range = tenant_block(text, name);
+    let mut out = text.to_owned();
+    let edited = edit(&text[range.clone()]);
+    out.replace_range(range, &edited);
+    out
+}
+
+// ---------------------------------------------------------------------------------------
+// Looking inside processes (/proc)
+
+/// `/proc/<pid>/<file>` as text.
+#[track_caller]
+pub fn proc_file(pid: u32, file: &str) -> String {
+    fs::read_to_string(format!("/proc/{pid}/{file}"))
+        .unwrap_or_else(|e| panic!("read /proc/{pid}/{file}: {e}"))
+}
+
+/// The value of a `Key:\tvalue` line of `/proc/<pid>/status`, whitespace-normalised.
+#[track_caller]
+pub fn proc_status_field(pid: u32, key: &str) -> String {
+    let status = proc_file(pid, "status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}:")))
+        .map(|v| v.split_whitespace().collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|| panic!("no {key} in /proc/{pid}/status:\n{status}"))
+}
+
+/// What each open descriptor of `pid` points at (`socket:[123]`, `/dev/null`, …).
+pub fn open_fds(pid: u32) -> Vec<String> {
+    let dir = format!("/proc/{pid}/fd");
+    fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("list {dir}: {e}"))
+        .filter_map(|e| fs::read_link(e.ok()?.path()).ok())
+        .map(|p| p.display().to_string())
+        .collect()
+}
+
+/// The inode of the Unix socket bound to `path`, from /proc/net/unix.
+#[track_caller]
+pub fn unix_socket_inode(path: &Path) -> String {
+    let table = fs::read_to_string("/proc/net/unix").expect("read /proc/net/unix");
+    let path = path.display().to_string();
+    table
+        .lines()
+        .skip(1)
+        .find_map(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            (cols.len() >= 8 && cols[7] == path).then(|| cols[6].to_owned())
+        })
+        .unwrap_or_else(|| panic!("no socket bound to {path} in /proc/net/unix"))
+}
+
+/// Whether `needle` occurs anywhere in the readable memory of `pid` (needs root, or the
+/// same user and a dumpable process).
+pub fn memory_contains(pid: u32, needle: &[u8]) -> bool {
+    use std::os::unix::fs::FileExt;
+    let maps = proc_file(pid, "maps");
+    let mem =
+        fs::File::open(format!("/proc/{pid}/mem")).unwrap_or_else(|e| panic!("open /proc/{pid}/mem: {e}"));
+    for line in maps.lines() {
+        let mut cols = line.split_whitespace();
+        let (Some(range), Some(perms)) = (cols.next(), cols.next()) else { continue };
+        if !perms.starts_with('r') || line.ends_with("[vvar]") || line.ends_with("[vsyscall]") {
+            continue;
+        }
+        let Some((start, end)) = range.split_once('-') else { continue };
+        let (Ok(start), Ok(end)) = (u64::from_str_radix(start, 16), u64::from_str_radix(end, 16)) else {
+            continue;
+        };
+        let mut buf = vec![0u8; (end - start) as usize];
+        // Guard pages and the like fail to read: skip them.
+        let Ok(n) = mem.read_at(&mut buf, start) else { continue };
+        if buf[..n].windows(needle.len()).any(|w| w == needle) {
+            return true;
+        }
+    }
+    false
 }
 
 // ---------------------------------------------------------------------------------------

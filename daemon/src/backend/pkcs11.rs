@@ -91,7 +91,7 @@ impl Pkcs11RootKey {
     /// Logs in to the token labelled `cfg.token_label` and finds (or, with
     /// `cfg.create_root_key`, creates) the AES key labelled `cfg.key_label`.
     ///
-    /// Holds the token's lock file under `lock_dir` throughout: SoftHSM2 rewrites its token
+    /// Holds the module's lock file under `lock_dir` throughout: SoftHSM2 rewrites its token
     /// files on login, and two kekd workers creating the same root key at once would leave
     /// two keys with one label.
     pub fn open(
@@ -101,7 +101,7 @@ impl Pkcs11RootKey {
         lock_dir: &Path,
     ) -> Result<Self, BackendError> {
         let (module, token, label) = (&cfg.module, &cfg.token_label, &cfg.key_label);
-        let token_lock = TokenLock::open(&TokenLock::path(lock_dir, module, token))?;
+        let token_lock = TokenLock::open(&TokenLock::path(lock_dir, module, cfg.softhsm2_conf.as_deref()))?;
         let guard = token_lock.acquire()?;
         let pkcs11 = library(module, cfg.softhsm2_conf.as_deref())?;
         let failed = |what: &str, e: &CkError| match classify(e) {

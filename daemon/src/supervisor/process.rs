@@ -120,7 +120,7 @@ impl Keeper {
             if started.elapsed() >= STABLE_AFTER {
                 delay = RESTART_DELAY;
             }
-            tracing::info!(tenant = %self.tenant, "restarting the worker in {delay:?}");
+            tracing::info!(tenant = %self.tenant, delay_ms = delay.as_millis() as u64, "restarting the worker");
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
                 _ = stopped(&mut self.stop) => return,
@@ -139,7 +139,7 @@ impl Keeper {
         let ready = tokio::select! {
             r = tokio::time::timeout(READY_TIMEOUT, channel.recv::<FromWorker>()) => r,
             _ = stopped(&mut self.stop) => {
-                terminate(&mut child, Duration::ZERO).await;
+                let _ = child.kill().await;
                 return Ended::Stopped;
             }
         };
@@ -154,11 +154,14 @@ impl Keeper {
                 return Ended::Failed(format!("its worker exited before it was ready ({status})"));
             }
             Err(_) => {
-                terminate(&mut child, Duration::ZERO).await;
+                let _ = child.kill().await;
                 return Ended::Failed(format!("its worker was not ready within {READY_TIMEOUT:?}"));
             }
         }
-        *self.link.lock().unwrap_or_else(PoisonError::into_inner) = Some(Arc::new(channel));
+        // Our own reference keeps the channel open until the worker is gone: a worker that
+        // sees it close thinks the supervisor died.
+        let channel = Arc::new(channel);
+        *self.link.lock().unwrap_or_else(PoisonError::into_inner) = Some(Arc::clone(&channel));
         if let Some(tx) = first.take() {
             let _ = tx.send(Ok(()));
         }
@@ -167,11 +170,17 @@ impl Keeper {
             status = child.wait() => Ended::Exited(describe(status)),
             _ = stopped(&mut self.stop) => Ended::Stopped,
         };
-        // Withdrawn before anything else: no new connection goes to a dying worker.
+        if let Ended::Stopped = ended {
+            // SIGTERM before the channel closes, so the worker stops because it was told
+            // to, not because it believes the supervisor died.
+            ask_to_stop(&child);
+        }
+        // No new connection goes to a stopping or dead worker.
         *self.link.lock().unwrap_or_else(PoisonError::into_inner) = None;
         if let Ended::Stopped = ended {
-            terminate(&mut child, self.spec.shutdown_timeout + STOP_GRACE).await;
+            wait_or_kill(&mut child, self.spec.shutdown_timeout + STOP_GRACE).await;
         }
+        drop(channel);
         ended
     }
 }
@@ -203,17 +212,23 @@ async fn spawn(spec: &WorkerSpec) -> std::io::Result<(Child, Channel)> {
     Ok((child, channel))
 }
 
-/// SIGTERM, up to `grace` for the worker to drain and exit, then SIGKILL.
-async fn terminate(child: &mut Child, grace: Duration) {
-    if let (Some(pid), false) = (child.id(), grace.is_zero()) {
+/// SIGTERM: the worker drains and exits.
+fn ask_to_stop(child: &Child) {
+    if let Some(pid) = child.id() {
         let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
-        if let Ok(status) = tokio::time::timeout(grace, child.wait()).await {
-            tracing::info!(pid, "worker stopped: {}", describe(status));
-            return;
-        }
-        tracing::warn!(pid, "worker did not stop within {grace:?}; killing it");
     }
-    let _ = child.kill().await;
+}
+
+/// Up to `grace` for an asked-to-stop worker to exit, then SIGKILL.
+async fn wait_or_kill(child: &mut Child, grace: Duration) {
+    let pid = child.id().unwrap_or(0);
+    match tokio::time::timeout(grace, child.wait()).await {
+        Ok(status) => tracing::info!(pid, "worker stopped: {}", describe(status)),
+        Err(_) => {
+            tracing::warn!(pid, "worker did not stop within {grace:?}; killing it");
+            let _ = child.kill().await;
+        }
+    }
 }
 
 /// Resolves once a stop is asked for (or nobody can ask any more).

@@ -127,12 +127,19 @@ pub(crate) struct TokenLockGuard<'a> {
 }
 
 impl TokenLock {
-    /// The lock file of a (module, token) pair under `lock_dir`. Hashed so that labels with
-    /// any characters give a safe, bounded file name.
-    pub(crate) fn path(lock_dir: &Path, module: &Path, token_label: &str) -> PathBuf {
+    /// The lock file of a module installation under `lock_dir`: the module, plus the
+    /// SoftHSM2 configuration it runs under. Per installation rather than per token:
+    /// SoftHSM2 keeps every token of a configuration in one directory and reads all of them
+    /// when listing tokens, and a listing while another process writes a different token's
+    /// files fails with CKR_GENERAL_ERROR. Logins are rare, so a wider lock costs nothing.
+    /// Hashed, so that any path gives a safe, bounded file name.
+    pub(crate) fn path(lock_dir: &Path, module: &Path, softhsm2_conf: Option<&Path>) -> PathBuf {
         let mut id = module_id(module).into_os_string().into_vec();
         id.push(0);
-        id.extend_from_slice(token_label.as_bytes());
+        if let Some(conf) = softhsm2_conf {
+            let conf = std::fs::canonicalize(conf).unwrap_or_else(|_| conf.to_owned());
+            id.extend_from_slice(conf.as_os_str().as_encoded_bytes());
+        }
         let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &id);
         let hex = hex::encode(digest.as_ref());
         lock_dir.join(format!("pkcs11-{}.lock", &hex[..16]))

@@ -40,7 +40,7 @@ fn open(key_label: &str, create_root_key: bool) -> Result<Pkcs11RootKey, Backend
 fn with_admin<T>(f: impl FnOnce(&Session) -> T) -> T {
     let t = shared();
     let lock =
-        TokenLock::open(&TokenLock::path(&t.lock_dir(), &t.token.module, &t.token.token_label)).unwrap();
+        TokenLock::open(&TokenLock::path(&t.lock_dir(), &t.token.module, Some(&t.token.conf))).unwrap();
     let _guard = lock.acquire().unwrap();
     let pkcs11 = library(&t.token.module, Some(&t.token.conf)).unwrap();
     let slot = find_tokens(&pkcs11, &t.token.token_label).unwrap()[0];
