@@ -149,6 +149,8 @@ fn a_wrong_pin_is_refused_even_when_another_tenant_is_logged_in_to_the_token() {
     let e = kekd.try_start().expect_err("a tenant with a wrong PIN must not start");
     assert!(e.stderr.contains("kekd: tenant bad:"), "{e}");
     assert!(e.stderr.contains("PIN"), "{e}");
+    assert!(!kekd.socket().exists(), "a failed start left its socket behind");
+    assert!(!kekd.is_running());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -321,6 +323,8 @@ async fn a_killed_worker_is_back_within_a_second_and_other_tenants_see_no_errors
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
             eprintln!("round {round}: acme serving again {:?} after SIGKILL", killed.elapsed());
+            // Long enough up not to count as crash-looping (that backs off: next test).
+            tokio::time::sleep(Duration::from_millis(2100)).await;
         }
     })
     .await;

@@ -65,7 +65,14 @@ async fn serve(cfg: Config, config_path: PathBuf) -> Result<(), StartError> {
     let listener = crate::server::bind(&cfg.socket, cfg.socket_mode()?)
         .map_err(io(format!("cannot listen on {}", cfg.socket.display())))?;
 
-    let tenants = start_all(&cfg).await?;
+    let tenants = match start_all(&cfg).await {
+        Ok(tenants) => tenants,
+        Err(e) => {
+            drop(listener);
+            let _ = std::fs::remove_file(&cfg.socket);
+            return Err(e);
+        }
+    };
     let count = tenants.len();
     let state =
         Arc::new(State { tenants: RwLock::new(tenants), max_frame: AtomicUsize::new(cfg.max_frame_bytes) });

@@ -26,7 +26,9 @@ use crate::worker::WorkerSpec;
 
 pub const RESTART_DELAY: Duration = Duration::from_millis(100);
 pub const MAX_RESTART_DELAY: Duration = Duration::from_secs(30);
-pub const STABLE_AFTER: Duration = Duration::from_secs(10);
+/// A worker that served this long before dying was not crash-looping: its successor
+/// starts after the short delay again. Shorter than a start takes, a loop would be hot.
+pub const STABLE_AFTER: Duration = Duration::from_secs(2);
 /// A worker that has not said Ready by then is stuck (the token lock alone gives up
 /// sooner) and is killed.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
