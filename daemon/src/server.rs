@@ -10,6 +10,7 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixListener;
 use tokio::sync::{mpsc, watch, Semaphore};
+use tracing::Instrument as _;
 use zeroize::{Zeroize, Zeroizing};
 
 use crate::service::{Peer, Role, TenantService};
@@ -70,7 +71,7 @@ pub async fn serve(
     mut stop: watch::Receiver<bool>,
 ) {
     let (tx, rx) = mpsc::channel::<Response>(MAX_IN_FLIGHT);
-    let writer = tokio::spawn(write_responses(write, rx));
+    let writer = tokio::spawn(write_responses(write, rx).in_current_span());
     let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     loop {
         let next = tokio::select! {
@@ -88,11 +89,14 @@ pub async fn serve(
             Ok(Some(Ok(req))) => {
                 let permit = Arc::clone(&in_flight).acquire_owned().await.expect("semaphore is never closed");
                 let (service, tx) = (Arc::clone(&service), tx.clone());
-                tokio::spawn(async move {
-                    let resp = service.handle(role, &peer, req).await;
-                    let _ = tx.send(resp).await;
-                    drop(permit);
-                });
+                tokio::spawn(
+                    async move {
+                        let resp = service.handle(role, &peer, req).await;
+                        let _ = tx.send(resp).await;
+                        drop(permit);
+                    }
+                    .in_current_span(),
+                );
             }
             Err(resp) => {
                 if let Some(resp) = resp {

@@ -23,6 +23,7 @@ use serde::{Deserialize, Serialize};
 use tokio::net::UnixStream;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
+use tracing::Instrument as _;
 use zeroize::Zeroizing;
 
 use crate::backend::pkcs11::Pkcs11RootKey;
@@ -203,7 +204,7 @@ async fn serve(service: Arc<TenantService>, control: OwnedFd, max_frame: usize, 
             return ExitCode::FAILURE;
         }
     };
-    let sweeper = tokio::spawn(sweep(Arc::clone(&service)));
+    let sweeper = tokio::spawn(sweep(Arc::clone(&service)).in_current_span());
     let (stop_tx, stop) = watch::channel(false);
     let mut connections = JoinSet::new();
     loop {
@@ -211,7 +212,7 @@ async fn serve(service: Arc<TenantService>, control: OwnedFd, max_frame: usize, 
             msg = control.recv::<ToWorker>() => match msg {
                 Ok(Some((ToWorker::Connection(handoff), Some(fd)))) => {
                     let (service, stop) = (Arc::clone(&service), stop.clone());
-                    connections.spawn(connection(service, handoff, fd, max_frame, stop));
+                    connections.spawn(connection(service, handoff, fd, max_frame, stop).in_current_span());
                 }
                 Ok(Some((other, _))) => tracing::warn!(message = ?other, "unexpected control message; ignored"),
                 Ok(None) => {

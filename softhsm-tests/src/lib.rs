@@ -967,19 +967,8 @@ impl Kekd {
     /// killed afterwards.
     #[track_caller]
     pub fn stop_with(&mut self, signal: Signal) -> ExitStatus {
-        let mut child = self.child.take().expect("kekd is not running");
-        let pid = Pid::from_raw(child.id() as i32);
-        kill(pid, signal).expect("signal kekd");
-        let status = wait_deadline(&mut child, STOP_TIMEOUT);
-        let _ = killpg(pid, Signal::SIGKILL);
-        match status {
-            Some(s) => s,
-            None => {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("kekd did not exit within {STOP_TIMEOUT:?} of {signal}; stderr:\n{}", self.stderr());
-            }
-        }
+        self.signal(signal);
+        self.wait_exit(STOP_TIMEOUT)
     }
 
     /// Waits up to `timeout` for the daemon to exit by itself (after a signal sent with
@@ -1318,7 +1307,8 @@ pub fn open_fds(pid: u32) -> Vec<String> {
         .collect()
 }
 
-/// The inode of the Unix socket bound to `path`, from /proc/net/unix.
+/// The inode of the Unix socket listening on `path`, from /proc/net/unix (accepted
+/// connections show the same path; the listener has the `__SO_ACCEPTCON` flag).
 #[track_caller]
 pub fn unix_socket_inode(path: &Path) -> String {
     let table = fs::read_to_string("/proc/net/unix").expect("read /proc/net/unix");
@@ -1328,7 +1318,7 @@ pub fn unix_socket_inode(path: &Path) -> String {
         .skip(1)
         .find_map(|l| {
             let cols: Vec<&str> = l.split_whitespace().collect();
-            (cols.len() >= 8 && cols[7] == path).then(|| cols[6].to_owned())
+            (cols.len() >= 8 && cols[7] == path && cols[3] == "00010000").then(|| cols[6].to_owned())
         })
         .unwrap_or_else(|| panic!("no socket bound to {path} in /proc/net/unix"))
 }

@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 
 use kekd_proto::TenantName;
-use tokio::signal::unix::{signal, SignalKind};
+use tokio::signal::unix::{signal, Signal, SignalKind};
 
 pub use handshake::Acl;
 use process::WorkerProcess;
@@ -61,7 +61,7 @@ async fn serve(cfg: Config, config_path: PathBuf) -> Result<(), StartError> {
     let io = |what: String| move |source| StartError::Io { what, source };
     let mut term = signal(SignalKind::terminate()).map_err(io("cannot handle SIGTERM".into()))?;
     let mut int = signal(SignalKind::interrupt()).map_err(io("cannot handle SIGINT".into()))?;
-    let mut hup = signal(SignalKind::hangup()).map_err(io("cannot handle SIGHUP".into()))?;
+    let hup = signal(SignalKind::hangup()).map_err(io("cannot handle SIGHUP".into()))?;
     let listener = crate::server::bind(&cfg.socket, cfg.socket_mode()?)
         .map_err(io(format!("cannot listen on {}", cfg.socket.display())))?;
 
@@ -80,7 +80,10 @@ async fn serve(cfg: Config, config_path: PathBuf) -> Result<(), StartError> {
     println!("kekd ready socket={}", cfg.socket.display());
     let _ = std::io::stdout().flush();
 
-    let mut running = cfg;
+    // Reloads run beside the accept loop: stopping a changed tenant's worker may take its
+    // whole drain bound, and nobody else's connections should wait for that.
+    let socket = cfg.socket.clone();
+    let reloader = tokio::spawn(reload_on_hangup(hup, Arc::clone(&state), cfg, config_path));
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -94,14 +97,14 @@ async fn serve(cfg: Config, config_path: PathBuf) -> Result<(), StartError> {
                     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                 }
             },
-            _ = hup.recv() => running = reload(&state, running, &config_path).await,
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
     }
     tracing::info!("shutting down: no new connections; workers finish what they are serving");
+    reloader.abort();
     drop(listener);
-    let _ = std::fs::remove_file(&running.socket);
+    let _ = std::fs::remove_file(&socket);
     let workers = std::mem::take(&mut *state.tenants.write().unwrap_or_else(PoisonError::into_inner));
     futures_join(workers.into_values().map(|(_, w)| w.stop())).await;
     tracing::info!("stopped");
@@ -131,6 +134,12 @@ async fn start_all(cfg: &Config) -> Result<BTreeMap<TenantName, (Acl, WorkerProc
             futures_join(started.into_values().map(|(_, w)| w.stop())).await;
             Err(e)
         }
+    }
+}
+
+async fn reload_on_hangup(mut hup: Signal, state: Arc<State>, mut running: Config, path: PathBuf) {
+    while hup.recv().await.is_some() {
+        running = reload(&state, running, &path).await;
     }
 }
 
