@@ -19,8 +19,8 @@ use kekd_client::{
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use softhsm_tests::{
-    config_edit_tenant, config_without_tenant, exit, is_root, memory_contains, my_uid, open_fds, proc_file,
-    proc_status_field, unix_socket_inode, Kekd, Tenant, NOBODY_GID, NOBODY_UID,
+    code, config_edit_tenant, config_without_tenant, exit, is_root, memory_contains, my_uid, open_fds,
+    proc_file, proc_status_field, req, unix_socket_inode, Kekd, RawConn, Tenant, NOBODY_GID, NOBODY_UID,
 };
 
 async fn within<T>(fut: impl Future<Output = T>) -> T {
@@ -555,4 +555,42 @@ async fn the_client_pool_reconnects_after_a_worker_restart() {
         assert_eq!(out.ok(), &plain[..]);
     })
     .await;
+}
+
+#[test]
+fn a_stuck_worker_is_not_waited_on_forever() {
+    let kekd = Kekd::start_default();
+    let worker = kekd.worker_pid("acme");
+    signal_pid(worker, Signal::SIGSTOP);
+    // More hellos than the control channel holds while nobody reads it (its socket buffer
+    // takes a few hundred hand-offs).
+    let mut conns: Vec<RawConn> = (0..400u64)
+        .map(|i| {
+            let mut c = RawConn::connect(kekd.socket());
+            c.send(&req::hello(i, "acme"));
+            c
+        })
+        .collect();
+    let start = Instant::now();
+    let last = conns.last_mut().unwrap().recv().expect("an answer, not a close");
+    let waited = start.elapsed();
+    signal_pid(worker, Signal::SIGCONT);
+    assert_eq!(code(&last), Code::Unavailable, "{last:?}");
+    assert!(format!("{last:?}").contains("is not taking connections"), "{last:?}");
+    assert!(waited < Duration::from_secs(10), "refused only after {waited:?}");
+
+    // Those that were queued are served once the worker runs again; the rest were refused.
+    let mut served = 0;
+    let (_, queued) = conns.split_last_mut().unwrap();
+    for c in queued {
+        let resp = c.recv().expect("an answer, not a close");
+        match code(&resp) {
+            Code::Ok => served += 1,
+            Code::Unavailable => {}
+            other => panic!("unexpected {other:?}: {resp:?}"),
+        }
+    }
+    eprintln!("{served} queued connections served after SIGCONT");
+    assert!(served > 0, "no queued connection was served after SIGCONT");
+    kekd.kekctl().arg("status").run().ok();
 }

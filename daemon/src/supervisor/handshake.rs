@@ -21,6 +21,9 @@ use crate::service::{Peer, Role};
 /// A client that has not sent its Hello by then is dropped, so idle sockets cannot pile
 /// up in the supervisor.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// A worker whose control channel stays full this long is stuck; its callers get
+/// UNAVAILABLE instead of waiting on it.
+const HANDOFF_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Who may use a tenant, and who may administer it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,17 +84,24 @@ pub async fn connection(mut stream: UnixStream, state: &State) {
         return answer(stream, fail(Code::Unavailable, msg)).await;
     };
     let handoff = ToWorker::Connection(Handoff { peer, role, hello_id: id });
-    match link.send(&handoff, Some(stream.as_fd())).await {
+    let tenant = hello.tenant.as_str();
+    let refused = match tokio::time::timeout(HANDOFF_TIMEOUT, link.send(&handoff, Some(stream.as_fd()))).await
+    {
         // Our copy of the socket closes here; the worker's copy carries on.
-        Ok(()) => {
-            tracing::debug!(tenant = %hello.tenant, uid = peer.uid, pid = peer.pid, client = %hello.client_name, "connection handed over")
+        Ok(Ok(())) => {
+            tracing::debug!(tenant, uid = peer.uid, pid = peer.pid, client = %hello.client_name, "connection handed over");
+            return;
         }
-        Err(e) => {
-            tracing::warn!(tenant = %hello.tenant, error = %e, "cannot hand a connection to the worker");
-            let msg = format!("tenant {:?} is restarting; retry shortly", hello.tenant.as_str());
-            answer(stream, fail(Code::Unavailable, msg)).await
+        Ok(Err(e)) => {
+            tracing::warn!(tenant, error = %e, "cannot hand a connection to the worker");
+            format!("tenant {tenant:?} is restarting; retry shortly")
         }
-    }
+        Err(_) => {
+            tracing::warn!(tenant, "the worker took no connection for {HANDOFF_TIMEOUT:?}");
+            format!("tenant {tenant:?} is not taking connections; retry shortly")
+        }
+    };
+    answer(stream, fail(Code::Unavailable, refused)).await
 }
 
 type Admitted = (Role, Option<std::sync::Arc<crate::handoff::Channel>>);
