@@ -29,7 +29,7 @@ use zeroize::Zeroizing;
 use crate::backend::pkcs11::Pkcs11RootKey;
 use crate::backend::RootKey;
 use crate::cache::KekCache;
-use crate::config::{Config, Tenant, TenantConfig};
+use crate::config::{Config, Pkcs11Config, Tenant, TenantConfig};
 use crate::error::Error;
 use crate::handoff::{BlockingChannel, Channel, FromWorker, Handoff, ToWorker};
 use crate::keystore::KeyStore;
@@ -148,7 +148,7 @@ fn start(spec: &WorkerSpec) -> Result<Arc<TenantService>, String> {
         Some(user) => Some(RunAs::resolve(user).map_err(|e| format!("tenants.{name}.run_as: {e}"))?),
         None => None,
     };
-    let service = open_tenant(spec, &name, pin).map_err(|e| e.to_string())?;
+    let service = open_tenant(spec, p11, &name, pin).map_err(|e| e.to_string())?;
     if let Some(user) = &run_as {
         give_state_to(&spec.state_dir, &name, user)?;
         user.enter().map_err(|e| format!("cannot switch to user {:?}: {e}", user.name))?;
@@ -159,8 +159,12 @@ fn start(spec: &WorkerSpec) -> Result<Arc<TenantService>, String> {
     Ok(Arc::new(service))
 }
 
-fn open_tenant(spec: &WorkerSpec, name: &TenantName, pin: Zeroizing<String>) -> Result<TenantService, Error> {
-    let p11 = spec.tenant_config.pkcs11.as_ref().expect("checked by start");
+fn open_tenant(
+    spec: &WorkerSpec,
+    p11: &Pkcs11Config,
+    name: &TenantName,
+    pin: Zeroizing<String>,
+) -> Result<TenantService, Error> {
     let arena = LockedArena::new(spec.allow_unlocked_memory)?;
     let backend: Arc<dyn RootKey> =
         Arc::new(Pkcs11RootKey::open(name.as_str(), p11, pin, &spec.state_dir.join("locks"))?);

@@ -5,6 +5,7 @@
 //! request or response ever passes through here.
 
 use std::os::fd::AsFd;
+use std::sync::Arc;
 use std::time::Duration;
 
 use kekd_proto::{pb, Code, ErrorStatus, FrameError, Hello, Op, Request, Response};
@@ -14,7 +15,7 @@ use zeroize::Zeroizing;
 
 use super::State;
 use crate::config::TenantConfig;
-use crate::handoff::{Handoff, ToWorker};
+use crate::handoff::{Channel, Handoff, ToWorker};
 use crate::server;
 use crate::service::{Peer, Role};
 
@@ -104,7 +105,7 @@ pub async fn connection(mut stream: UnixStream, state: &State) {
     answer(stream, fail(Code::Unavailable, refused)).await
 }
 
-type Admitted = (Role, Option<std::sync::Arc<crate::handoff::Channel>>);
+type Admitted = (Role, Option<Arc<Channel>>);
 
 /// The tenant's ACL decides; its worker's current channel (None while restarting) comes
 /// with the decision, read under the same lock.
