@@ -83,6 +83,110 @@ pub struct TenantConfig {
     #[serde(default = "default_ttl", with = "humantime_serde")]
     pub idle_ttl: Duration,
     pub pkcs11: Option<Pkcs11Config>,
+    pub tpm: Option<TpmConfig>,
+}
+
+/// Where a tenant's root key lives: exactly one of the backend tables is set.
+#[derive(Debug, Clone, Copy)]
+pub enum BackendConfig<'a> {
+    Pkcs11(&'a Pkcs11Config),
+    Tpm(&'a TpmConfig),
+}
+
+impl TenantConfig {
+    /// The tenant's root-key backend. Validation guarantees exactly one; `None` only for a
+    /// config that was never validated.
+    pub fn backend(&self) -> Option<BackendConfig<'_>> {
+        match (&self.pkcs11, &self.tpm) {
+            (Some(p), None) => Some(BackendConfig::Pkcs11(p)),
+            (None, Some(t)) => Some(BackendConfig::Tpm(t)),
+            _ => None,
+        }
+    }
+}
+
+/// The TPM 2.0 root-key backend of one tenant: KEKs are sealed data objects under a
+/// storage primary key, optionally bound to PCR values.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TpmConfig {
+    /// How to reach the TPM, as a TSS2 TCTI string: `device:/dev/tpmrm0` (the kernel's
+    /// resource manager, the default), `swtpm:host=127.0.0.1,port=2321`, `mssim:…`,
+    /// `tabrmd:…`.
+    #[serde(default = "default_tcti")]
+    pub tcti: String,
+    /// Persistent handle (`0x81000000`–`0x81FFFFFF`) of a storage primary provisioned by
+    /// the operator. Unset: the primary is recreated from kekd's fixed ECC P-256 template
+    /// under the owner hierarchy, which yields the same key for as long as the owner seed
+    /// is not changed (`TPM2_Clear`).
+    pub primary_handle: Option<String>,
+    /// PCRs of the sha256 bank the KEKs are sealed to (PolicyPCR): a KEK unseals only
+    /// while these PCRs hold the values they had when the worker started.
+    #[serde(default)]
+    pub pcrs: Vec<u8>,
+    /// Encrypt the unsealed KEK (and the KEK being sealed) on its way between kekd and the
+    /// TPM, through a salted HMAC session. Default: on for `device:` TCTIs (a bus others
+    /// may probe), off otherwise.
+    pub parameter_encryption: Option<bool>,
+}
+
+impl TpmConfig {
+    /// Highest PCR index of a PC-client TPM.
+    pub const MAX_PCR: u8 = 23;
+
+    pub fn parameter_encryption(&self) -> bool {
+        self.parameter_encryption.unwrap_or_else(|| self.tcti.starts_with("device"))
+    }
+
+    /// The persistent handle, parsed; `Ok(None)` when the primary is recreated instead.
+    pub fn primary_handle(&self) -> Result<Option<u32>, String> {
+        let Some(text) = &self.primary_handle else { return Ok(None) };
+        let digits = text.strip_prefix("0x").or_else(|| text.strip_prefix("0X")).unwrap_or(text);
+        match u32::from_str_radix(digits, 16) {
+            Ok(h) if (0x8100_0000..=0x81FF_FFFF).contains(&h) => Ok(Some(h)),
+            _ => Err(format!("{text:?} is not a persistent handle (0x81000000 to 0x81FFFFFF)")),
+        }
+    }
+
+    fn validate(&self, field: &str) -> Result<(), ConfigError> {
+        let f = |s: &str| format!("{field}.{s}");
+        let (kind, conf) = self.tcti.split_once(':').unwrap_or((self.tcti.as_str(), ""));
+        match kind {
+            "device" => {
+                let path = if conf.is_empty() { "/dev/tpm0" } else { conf };
+                if !Path::new(path).exists() {
+                    return Err(ConfigError::new(
+                        f("tcti"),
+                        format!("{path} does not exist: no TPM, or its driver is not loaded"),
+                    ));
+                }
+            }
+            "swtpm" | "mssim" | "tabrmd" => {}
+            _ => {
+                return Err(ConfigError::new(
+                    f("tcti"),
+                    format!(
+                        "unknown TCTI {kind:?}: use device:PATH, swtpm:host=H,port=P, mssim:… or tabrmd:…"
+                    ),
+                ))
+            }
+        }
+        self.primary_handle().map_err(|p| ConfigError::new(f("primary_handle"), p))?;
+        let mut seen = [false; Self::MAX_PCR as usize + 1];
+        for &pcr in &self.pcrs {
+            match seen.get_mut(pcr as usize) {
+                None => {
+                    return Err(ConfigError::new(
+                        f("pcrs"),
+                        format!("PCR {pcr} does not exist (0 to {})", Self::MAX_PCR),
+                    ))
+                }
+                Some(true) => return Err(ConfigError::new(f("pcrs"), format!("PCR {pcr} is listed twice"))),
+                Some(s) => *s = true,
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The PKCS#11 root-key backend of one tenant.
@@ -123,6 +227,9 @@ fn default_log_level() -> String {
 }
 fn default_shutdown_timeout() -> Duration {
     Duration::from_secs(10)
+}
+fn default_tcti() -> String {
+    "device:/dev/tpmrm0".into()
 }
 fn default_ttl() -> Duration {
     Duration::from_secs(300)
@@ -184,10 +291,24 @@ impl Config {
             if let Some(user) = &t.run_as {
                 RunAs::resolve(user).map_err(|p| ConfigError::new(field("run_as"), p))?;
             }
-            let p = t.pkcs11.as_ref().ok_or_else(|| {
-                ConfigError::new(field("pkcs11"), "no root-key backend: add a [tenants.NAME.pkcs11] table")
-            })?;
-            p.validate(&field("pkcs11"))?;
+            match (&t.pkcs11, &t.tpm) {
+                (Some(p), None) => p.validate(&field("pkcs11"))?,
+                (None, Some(tpm)) => tpm.validate(&field("tpm"))?,
+                (None, None) => {
+                    return Err(ConfigError::new(
+                        field("pkcs11"),
+                        format!(
+                        "no root-key backend: add a [tenants.{name}.pkcs11] or [tenants.{name}.tpm] table"
+                    ),
+                    ))
+                }
+                (Some(_), Some(_)) => {
+                    return Err(ConfigError::new(
+                        field("tpm"),
+                        "a tenant has one root key: set either the pkcs11 or the tpm table, not both",
+                    ))
+                }
+            }
         }
         Ok(())
     }

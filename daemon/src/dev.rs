@@ -1,6 +1,7 @@
-//! `kekd dev`: the embedded default. A throwaway SoftHSM2 token, a tenant `demo` for the
-//! calling user, and everything (token, key store, socket, config) under one directory,
-//! so a first try leaves nothing behind elsewhere on the machine.
+//! `kekd dev`: the embedded default. A throwaway SoftHSM2 token (or, with `--backend tpm`,
+//! a swtpm of its own), a tenant `demo` for the calling user, and everything (token or
+//! TPM state, key store, socket, config) under one directory, so a first try leaves
+//! nothing behind elsewhere on the machine.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -8,9 +9,17 @@ use std::path::{Path, PathBuf};
 use crate::config::Config;
 use crate::keystore::write_atomic;
 use crate::softhsm::dev_token;
+use crate::swtpm::Swtpm;
 use crate::StartError;
 
-pub fn run(dir: Option<PathBuf>) -> Result<(), StartError> {
+/// The root-key backend of `kekd dev`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DevBackend {
+    Softhsm,
+    Tpm,
+}
+
+pub fn run(dir: Option<PathBuf>, backend: DevBackend) -> Result<(), StartError> {
     crate::init_logging("info");
     let io = |what: &str| {
         let what = what.to_owned();
@@ -31,9 +40,21 @@ pub fn run(dir: Option<PathBuf>) -> Result<(), StartError> {
         }
     };
     let dir = dir.canonicalize().map_err(io("cannot resolve the dev directory"))?;
-    prepare_token(&dir)?;
-    let token = dev_token(&dir);
-    let text = dev_config(&dir, &token, &callers());
+    // Kept until the supervisor returns: dropping it stops the TPM.
+    let mut _swtpm = None;
+    let root = match backend {
+        DevBackend::Softhsm => {
+            prepare_token(&dir)?;
+            DevRoot::Token(dev_token(&dir))
+        }
+        DevBackend::Tpm => {
+            let swtpm = start_swtpm(&dir)?;
+            let tcti = swtpm.tcti();
+            _swtpm = Some(swtpm);
+            DevRoot::Tpm { tcti }
+        }
+    };
+    let text = dev_config(&dir, &root, &callers());
     write_atomic(&dir, "kekd.toml", text.as_bytes())?;
     let cfg = Config::parse(&text)?;
     eprintln!(
@@ -64,6 +85,25 @@ fn prepare_token(dir: &Path) -> Result<(), StartError> {
     }
 }
 
+/// Starts the dev TPM on `DIR/swtpm`, which keeps its seeds (and so demo's keys) between
+/// runs. The TPM worker binary must sit next to kekd: say so now rather than at spawn.
+fn start_swtpm(dir: &Path) -> Result<Swtpm, StartError> {
+    crate::worker::tpm_worker_path().map_err(|e| StartError::DevTpm(e.to_string()))?;
+    let swtpm = Swtpm::start(&dir.join("swtpm")).map_err(|e| {
+        StartError::DevTpm(format!(
+            "{e} (on Debian: apt-get install swtpm swtpm-tools, or ./scripts/install-deps)"
+        ))
+    })?;
+    tracing::info!(tcti = %swtpm.tcti(), state = %swtpm.state_dir().display(), "swtpm started");
+    Ok(swtpm)
+}
+
+/// Where demo's root key is.
+enum DevRoot {
+    Token(crate::softhsm::DevToken),
+    Tpm { tcti: String },
+}
+
 /// The calling user, and the user behind sudo, may use and administer `demo`.
 fn callers() -> Vec<u32> {
     let mut uids = vec![nix::unistd::getuid().as_raw()];
@@ -75,7 +115,7 @@ fn callers() -> Vec<u32> {
     uids
 }
 
-fn dev_config(dir: &Path, token: &crate::softhsm::DevToken, uids: &[u32]) -> String {
+fn dev_config(dir: &Path, root: &DevRoot, uids: &[u32]) -> String {
     let uids = uids.iter().map(u32::to_string).collect::<Vec<_>>().join(", ");
     let mut s = String::new();
     let q = |p: &Path| toml_str(&p.display().to_string());
@@ -88,12 +128,24 @@ fn dev_config(dir: &Path, token: &crate::softhsm::DevToken, uids: &[u32]) -> Str
     writeln!(s, "socket = {}", q(&dir.join("kekd.sock"))).unwrap();
     writeln!(s, "state_dir = {}", q(&dir.join("state"))).unwrap();
     writeln!(s, "\n[tenants.demo]\nallow_uids = [{uids}]\nadmin_uids = [{uids}]").unwrap();
-    writeln!(s, "\n[tenants.demo.pkcs11]").unwrap();
-    writeln!(s, "module = {}", q(&token.module)).unwrap();
-    writeln!(s, "token_label = {}", toml_str(&token.token_label)).unwrap();
-    writeln!(s, "key_label = \"demo-root\"\npin_file = {}\ncreate_root_key = true", q(&token.pin_file))
-        .unwrap();
-    writeln!(s, "softhsm2_conf = {}", q(&token.conf)).unwrap();
+    match root {
+        DevRoot::Token(token) => {
+            writeln!(s, "\n[tenants.demo.pkcs11]").unwrap();
+            writeln!(s, "module = {}", q(&token.module)).unwrap();
+            writeln!(s, "token_label = {}", toml_str(&token.token_label)).unwrap();
+            writeln!(
+                s,
+                "key_label = \"demo-root\"\npin_file = {}\ncreate_root_key = true",
+                q(&token.pin_file)
+            )
+            .unwrap();
+            writeln!(s, "softhsm2_conf = {}", q(&token.conf)).unwrap();
+        }
+        DevRoot::Tpm { tcti } => {
+            writeln!(s, "\n# The swtpm kekd dev started; it listens only while kekd dev runs.").unwrap();
+            writeln!(s, "[tenants.demo.tpm]\ntcti = {}", toml_str(tcti)).unwrap();
+        }
+    }
     s
 }
 

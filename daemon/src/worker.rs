@@ -27,9 +27,9 @@ use tracing::Instrument as _;
 use zeroize::Zeroizing;
 
 use crate::backend::pkcs11::Pkcs11RootKey;
-use crate::backend::RootKey;
+use crate::backend::{BackendError, RootKey};
 use crate::cache::KekCache;
-use crate::config::{Config, Pkcs11Config, Tenant, TenantConfig};
+use crate::config::{BackendConfig, Config, Tenant, TenantConfig, TpmConfig};
 use crate::error::Error;
 use crate::handoff::{BlockingChannel, Channel, FromWorker, Handoff, ToWorker};
 use crate::keystore::KeyStore;
@@ -77,8 +77,62 @@ impl WorkerSpec {
     }
 }
 
+/// Opens a TPM root key; a function pointer so that only the binary that names it links
+/// libtss2.
+pub type OpenTpm = fn(&TenantName, &TpmConfig) -> Result<Arc<dyn RootKey>, BackendError>;
+
+/// The root-key backends a worker binary carries. PKCS#11 modules are loaded at run time
+/// (dlopen), so every worker has that backend; the TPM backend is linked, so only
+/// `kekd-tpm-worker` has it.
+#[derive(Clone, Copy)]
+pub struct Backends {
+    pub tpm: Option<OpenTpm>,
+}
+
+impl Backends {
+    /// `kekd worker`.
+    pub const PKCS11_ONLY: Backends = Backends { tpm: None };
+    /// `kekd-tpm-worker`.
+    pub const ALL: Backends = Backends { tpm: Some(crate::backend::tpm::open) };
+}
+
+/// The program that serves a tenant with this backend: `kekd worker` itself, or the TPM
+/// worker binary installed next to it.
+pub fn program_for(config: &TenantConfig) -> WorkerProgram {
+    match config.backend() {
+        Some(BackendConfig::Tpm(_)) => WorkerProgram::TpmWorker,
+        _ => WorkerProgram::Kekd,
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerProgram {
+    /// `/proc/self/exe worker --tenant NAME`.
+    Kekd,
+    /// `kekd-tpm-worker --tenant NAME`, from the directory of the kekd binary.
+    TpmWorker,
+}
+
+/// File name of the TPM worker binary.
+pub const TPM_WORKER: &str = "kekd-tpm-worker";
+
+/// The TPM worker next to the running kekd binary; an error that says where it was
+/// looked for when it is not there.
+pub fn tpm_worker_path() -> std::io::Result<PathBuf> {
+    let exe = std::fs::read_link("/proc/self/exe")?;
+    let path = exe.with_file_name(TPM_WORKER);
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("{} is missing: TPM tenants are served by it, installed next to kekd", path.display()),
+        ))
+    }
+}
+
 /// The worker's entry point; never returns to a caller that could serve anything else.
-pub fn main() -> ExitCode {
+pub fn main(backends: Backends) -> ExitCode {
     if let Err(e) = sandbox::close_inherited_fds() {
         eprintln!("kekd worker: cannot close inherited descriptors: {e}");
         return ExitCode::FAILURE;
@@ -105,7 +159,7 @@ pub fn main() -> ExitCode {
     let span = tracing::info_span!("worker", tenant = %spec.tenant);
     let _entered = span.enter();
 
-    let service = match start(&spec) {
+    let service = match start(&spec, backends) {
         Ok(service) => service,
         Err(message) => {
             tracing::error!("cannot start: {message}");
@@ -136,19 +190,42 @@ pub fn main() -> ExitCode {
 }
 
 /// Steps 2–6 of the sandbox, with the tenant opened between no_dumps and the user switch.
-fn start(spec: &WorkerSpec) -> Result<Arc<TenantService>, String> {
+fn start(spec: &WorkerSpec, backends: Backends) -> Result<Arc<TenantService>, String> {
     let name = TenantName::parse(&spec.tenant).map_err(|e| format!("bad tenant name: {e}"))?;
-    let p11 = spec.tenant_config.pkcs11.as_ref().ok_or("no root-key backend is configured")?;
-    let field = format!("tenants.{name}.pkcs11");
-    // Read before the environment goes: it may come from there.
-    let pin = p11.read_pin(&field).map_err(|e| e.to_string())?;
+    let backend = spec.tenant_config.backend().ok_or("no root-key backend is configured")?;
+    // The PIN is read before the environment goes: it may come from there.
+    let opening = match backend {
+        BackendConfig::Pkcs11(p11) => {
+            let pin = p11.read_pin(&format!("tenants.{name}.pkcs11")).map_err(|e| e.to_string())?;
+            Opening::Pkcs11(p11, pin)
+        }
+        BackendConfig::Tpm(tpm) => Opening::Tpm(tpm),
+    };
     sandbox::clear_environment();
+    if let Opening::Tpm(_) = opening {
+        // libtss2 logs every TPM error response as a warning on stderr, including the ones
+        // kekd expects and reports itself (a failed policy, a tampered blob).
+        std::env::set_var("TSS2_LOG", "all+none");
+    }
     sandbox::no_dumps().map_err(|e| format!("cannot disable core dumps: {e}"))?;
     let run_as = match &spec.tenant_config.run_as {
         Some(user) => Some(RunAs::resolve(user).map_err(|e| format!("tenants.{name}.run_as: {e}"))?),
         None => None,
     };
-    let service = open_tenant(spec, p11, &name, pin).map_err(|e| e.to_string())?;
+    let root = match opening {
+        Opening::Pkcs11(p11, pin) => {
+            Pkcs11RootKey::open(name.as_str(), p11, pin, &spec.state_dir.join("locks"))
+                .map(|k| Arc::new(k) as Arc<dyn RootKey>)
+        }
+        Opening::Tpm(tpm) => match backends.tpm {
+            Some(open) => open(&name, tpm),
+            None => Err(BackendError::Config(format!(
+                "tenants.{name}.tpm: TPM tenants are served by {TPM_WORKER}, not `kekd worker`"
+            ))),
+        },
+    }
+    .map_err(|e| e.to_string())?;
+    let service = open_tenant(spec, root, &name).map_err(|e| e.to_string())?;
     if let Some(user) = &run_as {
         give_state_to(&spec.state_dir, &name, user)?;
         user.enter().map_err(|e| format!("cannot switch to user {:?}: {e}", user.name))?;
@@ -159,15 +236,18 @@ fn start(spec: &WorkerSpec) -> Result<Arc<TenantService>, String> {
     Ok(Arc::new(service))
 }
 
+/// A backend about to be opened, with what it needs from the environment.
+enum Opening<'a> {
+    Pkcs11(&'a crate::config::Pkcs11Config, Zeroizing<String>),
+    Tpm(&'a TpmConfig),
+}
+
 fn open_tenant(
     spec: &WorkerSpec,
-    p11: &Pkcs11Config,
+    backend: Arc<dyn RootKey>,
     name: &TenantName,
-    pin: Zeroizing<String>,
 ) -> Result<TenantService, Error> {
     let arena = LockedArena::new(spec.allow_unlocked_memory)?;
-    let backend: Arc<dyn RootKey> =
-        Arc::new(Pkcs11RootKey::open(name.as_str(), p11, pin, &spec.state_dir.join("locks"))?);
     let store = KeyStore::open(&spec.state_dir, name, backend.describe())?;
     let cache = KekCache::new(arena, spec.tenant_config.kek_ttl, spec.tenant_config.idle_ttl);
     tracing::info!(backend = %backend.describe(), "tenant opened");

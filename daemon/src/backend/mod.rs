@@ -5,6 +5,7 @@
 //! callers run them off the async executor.
 
 pub mod pkcs11;
+pub mod tpm;
 
 use std::fmt;
 

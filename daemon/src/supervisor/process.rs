@@ -2,7 +2,8 @@
 //!
 //! A task per tenant spawns the worker (fork+exec of this very binary through
 //! `/proc/self/exe`, so an upgrade on disk cannot pair a new worker with an old
-//! supervisor), sends its setup, waits for Ready, and publishes the control channel so
+//! supervisor; for a TPM tenant, of `kekd-tpm-worker` next to it, since only that binary
+//! links libtss2), sends its setup, waits for Ready, and publishes the control channel so
 //! the handshake can pass connections. When the worker dies the channel is withdrawn at
 //! once (its tenant's new clients get UNAVAILABLE rather than waiting) and the worker is
 //! restarted: after [`RESTART_DELAY`] the first time, twice as long after each further
@@ -22,7 +23,7 @@ use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::handoff::{self, Channel, FromWorker, ToWorker};
-use crate::worker::WorkerSpec;
+use crate::worker::{self, WorkerProgram, WorkerSpec};
 
 pub const RESTART_DELAY: Duration = Duration::from_millis(100);
 pub const MAX_RESTART_DELAY: Duration = Duration::from_secs(30);
@@ -187,13 +188,20 @@ impl Keeper {
     }
 }
 
-/// Spawns `kekd worker` with the control channel as its stdin and an environment holding
-/// nothing but the PIN variable, if the tenant uses one, and sends it its setup.
+/// Spawns the tenant's worker (`kekd worker`, or `kekd-tpm-worker` for a TPM tenant)
+/// with the control channel as its stdin and an environment holding nothing but the PIN
+/// variable, if the tenant uses one, and sends it its setup.
 async fn spawn(spec: &WorkerSpec) -> std::io::Result<(Child, Channel)> {
     let (ours, theirs) = handoff::pair()?;
-    let mut cmd = std::process::Command::new("/proc/self/exe");
-    cmd.arg0("kekd")
-        .args(["worker", "--tenant", &spec.tenant])
+    let mut cmd = match worker::program_for(&spec.tenant_config) {
+        WorkerProgram::Kekd => {
+            let mut cmd = std::process::Command::new("/proc/self/exe");
+            cmd.arg0("kekd").arg("worker");
+            cmd
+        }
+        WorkerProgram::TpmWorker => std::process::Command::new(worker::tpm_worker_path()?),
+    };
+    cmd.args(["--tenant", &spec.tenant])
         .env_clear()
         .stdin(Stdio::from(theirs))
         .stdout(Stdio::null())

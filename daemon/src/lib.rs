@@ -1,0 +1,150 @@
+//! kekd: a hardware-backed key daemon.
+//!
+//! A library so that two binaries can share it: `kekd` (supervisor, PKCS#11 workers, CLI)
+//! and `kekd-tpm-worker` (the workers of TPM tenants). The TPM backend links libtss2,
+//! and the supervisor must never load a key library, so only the second binary calls
+//! into [`backend::tpm`]; the linker (`--as-needed`) leaves libtss2 out of `kekd`.
+#![deny(unsafe_code)]
+
+pub mod backend;
+mod cache;
+mod clock;
+mod config;
+mod dev;
+mod envelope;
+mod error;
+mod handoff;
+mod keystore;
+mod sandbox;
+mod secret;
+mod server;
+mod service;
+mod softhsm;
+mod supervisor;
+mod swtpm;
+pub mod worker;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::Config;
+
+#[derive(Parser)]
+#[command(
+    name = "kekd",
+    version,
+    about = "Hardware-backed key daemon: envelope encryption under HSM/TPM root keys"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve, as configured in the config file.
+    Run {
+        #[arg(long, default_value = "/etc/kekd/kekd.toml")]
+        config: PathBuf,
+    },
+    /// Serve a throwaway SoftHSM2 token and a tenant "demo" for the calling user; everything
+    /// it writes stays under DIR (default: a temporary directory removed on exit).
+    Dev {
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Where demo's root key lives: a SoftHSM2 token, or a TPM emulated by a swtpm
+        /// that kekd starts (state under DIR/swtpm) and stops.
+        #[arg(long, value_enum, default_value_t = dev::DevBackend::Softhsm)]
+        backend: dev::DevBackend,
+    },
+    /// Validate a config file; errors name the offending field.
+    CheckConfig {
+        #[arg(long, default_value = "/etc/kekd/kekd.toml")]
+        config: PathBuf,
+    },
+    /// One tenant's process; started by `kekd run`, with its control channel as stdin.
+    #[command(hide = true)]
+    Worker {
+        /// Shown in `ps`; the tenant actually served comes from the control channel.
+        #[arg(long)]
+        tenant: String,
+    },
+    /// Creates (or finds) the `kekd dev` token under DIR, in a process of its own so the
+    /// supervisor never loads the PKCS#11 module.
+    #[command(hide = true)]
+    DevToken {
+        #[arg(long)]
+        dir: PathBuf,
+    },
+}
+
+/// A start-up failure, printed as `kekd: <message>`.
+#[derive(Debug, thiserror::Error)]
+enum StartError {
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error("tenant {tenant}: {message}")]
+    Tenant { tenant: String, message: String },
+    #[error(transparent)]
+    Memory(#[from] secret::MemoryError),
+    #[error("{what}: {source}")]
+    Io { what: String, source: std::io::Error },
+    #[error(transparent)]
+    Backend(#[from] backend::BackendError),
+    #[error(transparent)]
+    Store(#[from] keystore::StoreError),
+    #[error("the development token could not be prepared ({0})")]
+    DevToken(std::process::ExitStatus),
+    #[error("kekd dev --backend tpm: {0}")]
+    DevTpm(String),
+}
+
+/// The `kekd` command line.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let res = match cli.command {
+        Command::CheckConfig { config } => match Config::load(&config) {
+            Ok(cfg) => {
+                println!("config OK: {} tenant(s)", cfg.tenants.len());
+                return ExitCode::SUCCESS;
+            }
+            Err(e) => {
+                // Scripts and editors match on the leading field path: no prefix here.
+                eprintln!("{e}");
+                return ExitCode::FAILURE;
+            }
+        },
+        Command::Run { config } => {
+            Config::load(&config).map_err(StartError::from).and_then(|cfg| supervisor::run(cfg, config))
+        }
+        Command::Dev { dir, backend } => dev::run(dir, backend),
+        Command::Worker { tenant: _ } => return worker::main(worker::Backends::PKCS11_ONLY),
+        Command::DevToken { dir } => softhsm::prepare_dev_token(&dir).map(drop).map_err(StartError::from),
+    };
+    match res {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("kekd: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Logs to stderr, coloured only on a terminal (journald and files get plain text).
+/// Idempotent: `dev` starts logging early, then `run` calls it again.
+pub(crate) fn init_logging(filter: &str) {
+    use std::io::IsTerminal;
+    // tss-esapi logs every handle it flushes at info and every TPM error it returns at
+    // error, including the ones kekd expects and reports itself; unless asked for by name,
+    // it stays quiet.
+    let filter =
+        if filter.contains("tss_esapi") { filter.to_owned() } else { format!("{filter},tss_esapi=off") };
+    let filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| "info".into());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .try_init();
+}
