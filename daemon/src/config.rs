@@ -407,10 +407,20 @@ fn toml_error(text: &str, e: toml::de::Error) -> ConfigError {
 mod tests {
     use super::*;
 
+    thread_local! {
+        /// A PIN file per test thread, removed when the thread (the test) ends.
+        static PIN_DIR: tempfile::TempDir = {
+            let d = tempfile::tempdir().unwrap();
+            std::fs::write(d.path().join("pin"), "1234\n").unwrap();
+            d
+        };
+    }
+
+    fn pin_file() -> PathBuf {
+        PIN_DIR.with(|d| d.path().join("pin"))
+    }
+
     fn with_module(extra: &str) -> String {
-        let dir = std::env::temp_dir();
-        let pin = dir.join(format!("kekd-config-test-pin-{}", std::process::id()));
-        std::fs::write(&pin, "1234\n").unwrap();
         format!(
             r#"
 state_dir = "/tmp/x"
@@ -423,8 +433,12 @@ token_label = "kekd"
 key_label = "acme-root"
 pin_file = "{}"
 "#,
-            pin.display()
+            pin_file().display()
         )
+    }
+
+    fn with_tpm(table: &str) -> String {
+        format!("[tenants.acme]\nallow_uids = [1000]\n[tenants.acme.tpm]\n{table}\n")
     }
 
     #[test]
@@ -440,13 +454,8 @@ pin_file = "{}"
     fn pin_from_an_environment_variable() {
         // A variable name no other test uses: tests share the process environment.
         let var = format!("KEKD_TEST_PIN_{}", std::process::id());
-        let text = with_module("").replace(
-            &format!(
-                "pin_file = \"{}\"",
-                std::env::temp_dir().join(format!("kekd-config-test-pin-{}", std::process::id())).display()
-            ),
-            &format!("pin_env = \"{var}\""),
-        );
+        let text = with_module("")
+            .replace(&format!("pin_file = \"{}\"", pin_file().display()), &format!("pin_env = \"{var}\""));
         let e = Config::parse(&text).unwrap_err();
         assert_eq!(e.field, "tenants.acme.pkcs11.pin_env", "{e}");
         assert!(e.problem.contains(&var), "{e}");
@@ -470,5 +479,53 @@ pin_file = "{}"
         assert!(e.problem.contains("/nonexistent/lib.so"), "{e}");
         let e = Config::parse(&with_module("").replace("[tenants.acme]", "[tenants.Acme]")).unwrap_err();
         assert_eq!(e.field, "tenants.Acme", "{e}");
+    }
+
+    #[test]
+    fn a_tpm_tenant_and_its_defaults() {
+        let cfg =
+            Config::parse(&with_tpm("tcti = \"swtpm:host=127.0.0.1,port=2321\"\npcrs = [7, 16]")).unwrap();
+        let t = &cfg.tenants["acme"];
+        let Some(BackendConfig::Tpm(tpm)) = t.backend() else { panic!("not a TPM tenant: {t:?}") };
+        assert_eq!(tpm.pcrs, [7, 16]);
+        assert!(!tpm.parameter_encryption(), "off by default for a socket TCTI");
+        assert_eq!(tpm.primary_handle(), Ok(None));
+        let cfg =
+            Config::parse(&with_tpm("tcti = \"device:/dev/null\"\nprimary_handle = \"0x81000001\"")).unwrap();
+        let Some(BackendConfig::Tpm(tpm)) = cfg.tenants["acme"].backend() else { panic!() };
+        assert!(tpm.parameter_encryption(), "on by default for a device");
+        assert_eq!(tpm.primary_handle(), Ok(Some(0x8100_0001)));
+    }
+
+    #[test]
+    fn tpm_errors_name_the_field() {
+        for (table, field, says) in [
+            (
+                "tcti = \"device:/dev/no-such-tpm\"",
+                "tenants.acme.tpm.tcti",
+                "/dev/no-such-tpm does not exist",
+            ),
+            ("tcti = \"serial:/dev/ttyS0\"", "tenants.acme.tpm.tcti", "unknown TCTI \"serial\""),
+            ("tcti = \"swtpm:\"\npcrs = [24]", "tenants.acme.tpm.pcrs", "PCR 24 does not exist"),
+            ("tcti = \"swtpm:\"\npcrs = [7, 7]", "tenants.acme.tpm.pcrs", "PCR 7 is listed twice"),
+            (
+                "tcti = \"swtpm:\"\nprimary_handle = \"0x80000001\"",
+                "tenants.acme.tpm.primary_handle",
+                "not a persistent handle",
+            ),
+            ("tcti = \"swtpm:\"\npcr = [7]", "tenants.acme.tpm.pcr", "unknown field"),
+        ] {
+            let e = Config::parse(&with_tpm(table)).unwrap_err();
+            assert_eq!(e.field, field, "{table}: {e}");
+            assert!(e.problem.contains(says), "{table}: {e}");
+        }
+        let both = with_module("")
+            .replace("[tenants.acme.pkcs11]", "[tenants.acme.tpm]\ntcti = \"swtpm:\"\n[tenants.acme.pkcs11]");
+        let e = Config::parse(&both).unwrap_err();
+        assert_eq!(e.field, "tenants.acme.tpm", "{e}");
+        assert!(e.problem.contains("not both"), "{e}");
+        let neither = "[tenants.acme]\nallow_uids = [1000]\n";
+        let e = Config::parse(neither).unwrap_err();
+        assert!(e.problem.contains("[tenants.acme.tpm]"), "{e}");
     }
 }

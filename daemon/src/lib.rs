@@ -66,11 +66,7 @@ enum Command {
     },
     /// One tenant's process; started by `kekd run`, with its control channel as stdin.
     #[command(hide = true)]
-    Worker {
-        /// Shown in `ps`; the tenant actually served comes from the control channel.
-        #[arg(long)]
-        tenant: String,
-    },
+    Worker(worker::WorkerArgs),
     /// Creates (or finds) the `kekd dev` token under DIR, in a process of its own so the
     /// supervisor never loads the PKCS#11 module.
     #[command(hide = true)]
@@ -120,7 +116,7 @@ pub fn main() -> ExitCode {
             Config::load(&config).map_err(StartError::from).and_then(|cfg| supervisor::run(cfg, config))
         }
         Command::Dev { dir, backend } => dev::run(dir, backend),
-        Command::Worker { tenant: _ } => return worker::main(worker::Backends::PKCS11_ONLY),
+        Command::Worker(args) => return worker::main(worker::Backends::PKCS11_ONLY, args),
         Command::DevToken { dir } => softhsm::prepare_dev_token(&dir).map(drop).map_err(StartError::from),
     };
     match res {

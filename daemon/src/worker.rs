@@ -131,10 +131,32 @@ pub fn tpm_worker_path() -> std::io::Result<PathBuf> {
     }
 }
 
+/// The command line of a worker: `kekd worker ARGS` or `kekd-tpm-worker ARGS`.
+#[derive(Debug, clap::Args)]
+pub struct WorkerArgs {
+    /// Shown in `ps`; the tenant actually served comes from the control channel.
+    #[arg(long)]
+    pub tenant: String,
+    /// The supervisor's version. `kekd-tpm-worker` is a file of its own: after an upgrade
+    /// on disk, a supervisor still running the old kekd must not talk to a new worker.
+    #[arg(long)]
+    pub kekd_version: Option<String>,
+}
+
+/// This build's version, which the supervisor passes to its workers.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
 /// The worker's entry point; never returns to a caller that could serve anything else.
-pub fn main(backends: Backends) -> ExitCode {
+pub fn main(backends: Backends, args: WorkerArgs) -> ExitCode {
     if let Err(e) = sandbox::close_inherited_fds() {
         eprintln!("kekd worker: cannot close inherited descriptors: {e}");
+        return ExitCode::FAILURE;
+    }
+    if let Some(theirs) = args.kekd_version.as_deref().filter(|v| *v != VERSION) {
+        eprintln!(
+            "kekd worker: this is version {VERSION} but the supervisor runs kekd {theirs}: \
+             restart kekd after an upgrade"
+        );
         return ExitCode::FAILURE;
     }
     let control = match std::io::stdin().as_fd().try_clone_to_owned() {

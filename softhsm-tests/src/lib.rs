@@ -1,9 +1,31 @@
-//! Fixtures for kekd's end-to-end tests against real SoftHSM2.
+//! Fixtures for kekd's end-to-end tests against real SoftHSM2 and real swtpm.
 //!
 //! Every test owns its world: a temporary directory with its own `softhsm2.conf` and token
-//! directory, its own key store, socket and daemon. Nothing is shared between tests, so they
-//! run in parallel (threads under `cargo test`, processes under nextest) and leave nothing
-//! behind: the daemon's process group is killed and the directory removed on drop.
+//! directory (or its own swtpm per tenant), its own key store, socket and daemon. Nothing is
+//! shared between tests, so they run in parallel (threads under `cargo test`, processes
+//! under nextest) and leave nothing behind: the daemon's process group is killed, then its
+//! swtpms, and the directory removed on drop.
+//!
+//! # Which root-key backend
+//!
+//! The same test files run against both root-key backends, so that a behaviour the README
+//! promises is checked on each. The backend is chosen per test process by the environment
+//! variable `KEKD_TEST_BACKEND` (see [`backend()`]):
+//!
+//! - unset or `softhsm`: every tenant's root key is on a SoftHSM2 token (the default);
+//! - `tpm`: every tenant gets a swtpm of its own ([`Swtpm`], under `<test dir>/swtpm/<tenant>`)
+//!   and a `[tenants.NAME.tpm]` table naming it, instead of a token and a PIN file;
+//! - anything else panics, rather than silently testing the default.
+//!
+//! ```text
+//! KEKD_TEST_BACKEND=tpm cargo nextest run -p softhsm-tests
+//! ```
+//!
+//! Tests that are about PKCS#11 itself (tokens, PINs, the module) keep their tenants on
+//! SoftHSM2 whatever the variable says, with [`Tenant::backend`]; using a PKCS#11-only
+//! setting ([`Tenant::on_token`], [`Tenant::pin`], [`Tenant::create_root_key`]) does the same
+//! implicitly, and a TPM-only one ([`Tenant::pcrs`], [`Tenant::parameter_encryption`]) puts the
+//! tenant on a TPM. Mixing the two on one tenant panics in [`KekdBuilder::prepare`].
 //!
 //! The programs under test are the real `kekd` and `kekctl`, taken from the target directory
 //! the test executable was built into: build them first with `cargo build --workspace --bins`.
@@ -31,6 +53,9 @@ use prost::Message as _;
 use tempfile::TempDir;
 
 pub use kekd_proto::Code;
+pub use swtpm::Swtpm;
+
+mod swtpm;
 
 /// How long a daemon may take to print its ready line.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -59,6 +84,31 @@ pub mod exit {
     pub const UNAVAILABLE: i32 = 8;
     pub const RESOURCE_EXHAUSTED: i32 = 9;
     pub const INTERNAL: i32 = 10;
+}
+
+// ---------------------------------------------------------------------------------------
+// Backends
+
+/// Where a test tenant's root key lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// A token in the test's private SoftHSM2 installation, through PKCS#11.
+    SoftHsm,
+    /// The tenant's own swtpm, through the swtpm TCTI.
+    Tpm,
+}
+
+/// The backend this test process runs its tenants on, from `KEKD_TEST_BACKEND`: unset or
+/// `softhsm` for SoftHSM2, `tpm` for swtpm. Any other value panics: a typo must not quietly
+/// run the whole suite against the default backend.
+pub fn backend() -> Backend {
+    match std::env::var("KEKD_TEST_BACKEND") {
+        Err(std::env::VarError::NotPresent) => Backend::SoftHsm,
+        Ok(v) if v == "softhsm" => Backend::SoftHsm,
+        Ok(v) if v == "tpm" => Backend::Tpm,
+        Ok(v) => panic!("KEKD_TEST_BACKEND={v:?}: expected \"softhsm\" (the default when unset) or \"tpm\""),
+        Err(e) => panic!("KEKD_TEST_BACKEND: {e}; expected \"softhsm\" (the default when unset) or \"tpm\""),
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -202,7 +252,7 @@ pub fn wait_deadline(child: &mut Child, timeout: Duration) -> Option<ExitStatus>
 
 /// Asks the kernel to SIGKILL the child when the thread that spawned it dies, so that a
 /// test process killed by a harness timeout leaves no daemon behind.
-fn die_with_parent(cmd: &mut Command) {
+pub(crate) fn die_with_parent(cmd: &mut Command) {
     // SAFETY: the closure runs in the forked child before exec and only calls prctl, which
     // is async-signal-safe; it touches no memory of the parent.
     unsafe {
@@ -279,14 +329,25 @@ impl Output {
 }
 
 /// Runs a command with stdin bytes and a deadline; panics if it does not finish in time.
-pub fn run_command(mut cmd: Command, stdin: Vec<u8>) -> Output {
-    let command = format!(
+pub fn run_command(cmd: Command, stdin: Vec<u8>) -> Output {
+    let command = command_line(&cmd);
+    try_run_command(cmd, stdin).unwrap_or_else(|e| panic!("cannot start `{command}`: {e}"))
+}
+
+fn command_line(cmd: &Command) -> String {
+    format!(
         "{} {}",
         Path::new(cmd.get_program()).file_name().unwrap_or(cmd.get_program()).to_string_lossy(),
         cmd.get_args().map(|a| a.to_string_lossy().into_owned()).collect::<Vec<_>>().join(" ")
-    );
+    )
+}
+
+/// [`run_command`], returning the error when the command cannot be started at all (so the
+/// caller can say which package is missing); still panics if it does not finish in time.
+pub(crate) fn try_run_command(mut cmd: Command, stdin: Vec<u8>) -> io::Result<Output> {
+    let command = command_line(&cmd);
     cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
-    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start `{command}`: {e}"));
+    let mut child = cmd.spawn()?;
     let pid = Pid::from_raw(child.id() as i32);
     let mut input = child.stdin.take().expect("stdin is piped");
     // The command may exit without reading everything (an error): a broken pipe is fine.
@@ -306,7 +367,12 @@ pub fn run_command(mut cmd: Command, stdin: Vec<u8>) -> Output {
     };
     let _ = writer.join();
     let code = out.status.code().unwrap_or_else(|| 128 + out.status.signal().unwrap_or(0));
-    Output { command, code, stdout: out.stdout, stderr: String::from_utf8_lossy(&out.stderr).into_owned() }
+    Ok(Output {
+        command,
+        code,
+        stdout: out.stdout,
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    })
 }
 
 /// Runs `kekd ARGS` to completion (for `check-config` and other one-shot commands).
@@ -497,8 +563,9 @@ impl SoftHsm {
 // ---------------------------------------------------------------------------------------
 // The daemon
 
-/// One tenant of a test daemon. Each tenant gets its own token (labelled with its name)
-/// in the daemon's private SoftHSM2 token directory.
+/// One tenant of a test daemon. On SoftHSM2 each tenant gets its own token (labelled with
+/// its name) in the daemon's private SoftHSM2 token directory; on a TPM, its own swtpm.
+/// Which of the two: the module documentation, "Which root-key backend".
 #[derive(Debug, Clone)]
 pub struct Tenant {
     pub name: String,
@@ -513,6 +580,15 @@ pub struct Tenant {
     pub token: Option<String>,
     /// `run_as` in the config: the worker's user.
     pub run_as: Option<String>,
+    /// The backend set with [`Tenant::backend`]; `None`: the one the tenant's settings
+    /// imply, else the process's [`backend()`].
+    pub backend: Option<Backend>,
+    /// `tpm.pcrs` in the config (TPM only); `None`: not written.
+    pub pcrs: Option<Vec<u8>>,
+    /// `tpm.parameter_encryption` in the config (TPM only); `None`: not written.
+    pub parameter_encryption: Option<bool>,
+    /// The first PKCS#11-only setting used, which puts the tenant on SoftHSM2.
+    pkcs11_setting: Option<&'static str>,
 }
 
 impl Tenant {
@@ -529,22 +605,81 @@ impl Tenant {
             pin: format!("pin-{name}-1234"),
             token: None,
             run_as: None,
+            backend: None,
+            pcrs: None,
+            parameter_encryption: None,
+            pkcs11_setting: None,
         }
+    }
+
+    /// Puts the root key on `backend` whatever `KEKD_TEST_BACKEND` says: for tests that
+    /// are about one backend (PKCS#11 tokens and PINs, PCR policies).
+    pub fn backend(mut self, backend: Backend) -> Self {
+        self.backend = Some(backend);
+        self
     }
 
     /// Puts the root key on the token labelled `label`, shared with every other tenant on
     /// it. The token's PIN is derived from its label; [`Tenant::pin`] then overrides what
-    /// this tenant's PIN file says (to configure a wrong one).
+    /// this tenant's PIN file says (to configure a wrong one). Implies SoftHSM2.
     pub fn on_token(mut self, label: &str) -> Self {
         self.token = Some(label.into());
         self.pin = shared_token_pin(label);
+        self.pkcs11_setting.get_or_insert("on_token");
         self
     }
 
-    /// What this tenant's PIN file holds.
+    /// What this tenant's PIN file holds. Implies SoftHSM2.
     pub fn pin(mut self, pin: &str) -> Self {
         self.pin = pin.into();
+        self.pkcs11_setting.get_or_insert("pin");
         self
+    }
+
+    /// Seals the tenant's KEKs to these PCRs of the sha256 bank (`tpm.pcrs`). Implies a TPM.
+    pub fn pcrs(mut self, pcrs: &[u8]) -> Self {
+        self.pcrs = Some(pcrs.to_vec());
+        self
+    }
+
+    /// `tpm.parameter_encryption`. Implies a TPM.
+    pub fn parameter_encryption(mut self, on: bool) -> Self {
+        self.parameter_encryption = Some(on);
+        self
+    }
+
+    /// The backend the tenant's root key will be on: [`Tenant::backend`] if set, else the
+    /// one its PKCS#11-only or TPM-only settings imply, else the process's [`backend()`].
+    pub fn effective_backend(&self) -> Backend {
+        match (self.backend, self.pkcs11_setting, self.tpm_setting()) {
+            (Some(b), _, _) => b,
+            (None, Some(_), _) => Backend::SoftHsm,
+            (None, None, Some(_)) => Backend::Tpm,
+            (None, None, None) => backend(),
+        }
+    }
+
+    fn tpm_setting(&self) -> Option<&'static str> {
+        match (&self.pcrs, self.parameter_encryption) {
+            (Some(_), _) => Some("pcrs"),
+            (None, Some(_)) => Some("parameter_encryption"),
+            (None, None) => None,
+        }
+    }
+
+    /// [`Tenant::effective_backend`], panicking when a setting of the other backend was
+    /// used too: it would be silently left out of the config.
+    #[track_caller]
+    fn checked_backend(&self) -> Backend {
+        let backend = self.effective_backend();
+        let (other, setting) = match backend {
+            Backend::SoftHsm => ("TPM", self.tpm_setting()),
+            Backend::Tpm => ("PKCS#11", self.pkcs11_setting),
+        };
+        if let Some(setting) = setting {
+            panic!("tenant {:?} is on {backend:?} but sets {setting}, a {other} setting", self.name);
+        }
+        backend
     }
 
     /// Runs the tenant's worker as `user`.
@@ -587,14 +722,31 @@ impl Tenant {
         self
     }
 
+    /// `pkcs11.create_root_key`. Implies SoftHSM2.
     pub fn create_root_key(mut self, create: bool) -> Self {
         self.create_root_key = create;
+        self.pkcs11_setting.get_or_insert("create_root_key");
         self
     }
 }
 
 fn shared_token_pin(label: &str) -> String {
     format!("pin-token-{label}-1234")
+}
+
+/// The label of a SoftHSM2 tenant's root key (`pkcs11.key_label`).
+fn root_key_label(tenant: &str) -> String {
+    format!("kekd-root-{tenant}")
+}
+
+/// Where one tenant of a test daemon keeps its root key.
+#[derive(Debug)]
+enum RootKeyHome {
+    /// A SoftHSM2 token: its label and user PIN (which the tenant's PIN file may get
+    /// wrong on purpose), and the tenant's PIN file.
+    Token { label: String, pin: String, pin_file: PathBuf },
+    /// The tenant's own swtpm.
+    Tpm(Swtpm),
 }
 
 /// Builds the configuration of a test daemon.
@@ -621,14 +773,24 @@ impl KekdBuilder {
         self
     }
 
-    /// Creates the directory, tokens, PIN files and config file, without starting kekd.
+    /// Creates the directory, tokens, PIN files (or swtpms) and config file, without
+    /// starting kekd. Each TPM tenant's swtpm is started here: the config names its port.
+    #[track_caller]
     pub fn prepare(self) -> Kekd {
         assert!(!self.tenants.is_empty(), "a test daemon needs at least one tenant");
+        // A loop, not a map: the panic then points at the test's call.
+        let mut backends = Vec::new();
+        for t in &self.tenants {
+            backends.push(t.checked_backend());
+        }
         let dir = test_dir();
         let root = dir.path().to_path_buf();
-        let hsm = SoftHsm::create(&root.join("softhsm"));
+        let on_softhsm = backends.contains(&Backend::SoftHsm);
+        let hsm = on_softhsm.then(|| SoftHsm::create(&root.join("softhsm")));
         let pins = root.join("pins");
-        fs::create_dir_all(&pins).expect("create the PIN directory");
+        if on_softhsm {
+            fs::create_dir_all(&pins).expect("create the PIN directory");
+        }
         let socket = root.join("kekd.sock");
 
         let mut cfg = String::new();
@@ -642,17 +804,26 @@ impl KekdBuilder {
             cfg.push_str("allow_unlocked_memory = true\n");
         }
         let mut tokens = std::collections::BTreeSet::new();
-        for t in &self.tenants {
-            if tokens.insert(t.token_label().to_owned()) {
-                let pin = match &t.token {
-                    Some(label) => shared_token_pin(label),
-                    None => t.pin.clone(),
-                };
-                hsm.init_token(t.token_label(), &format!("so-{pin}"), &pin);
-            }
-            let pin_file = pins.join(format!("{}.pin", t.name));
-            fs::write(&pin_file, format!("{}\n", t.pin)).expect("write the PIN file");
-            fs::set_permissions(&pin_file, fs::Permissions::from_mode(0o600)).expect("chmod the PIN file");
+        let mut homes = Vec::new();
+        for (t, backend) in self.tenants.iter().zip(backends) {
+            let home = match backend {
+                Backend::SoftHsm => {
+                    let hsm = hsm.as_ref().expect("created for SoftHSM2 tenants");
+                    let token_pin = match &t.token {
+                        Some(label) => shared_token_pin(label),
+                        None => t.pin.clone(),
+                    };
+                    if tokens.insert(t.token_label().to_owned()) {
+                        hsm.init_token(t.token_label(), &format!("so-{token_pin}"), &token_pin);
+                    }
+                    let pin_file = pins.join(format!("{}.pin", t.name));
+                    fs::write(&pin_file, format!("{}\n", t.pin)).expect("write the PIN file");
+                    fs::set_permissions(&pin_file, fs::Permissions::from_mode(0o600))
+                        .expect("chmod the PIN file");
+                    RootKeyHome::Token { label: t.token_label().to_owned(), pin: token_pin, pin_file }
+                }
+                Backend::Tpm => RootKeyHome::Tpm(Swtpm::start(&root.join("swtpm").join(&t.name))),
+            };
 
             cfg.push_str(&format!("\n[tenants.{}]\n", t.name));
             cfg.push_str(&format!("allow_uids = {}\n", toml_list(&t.allow_uids)));
@@ -667,13 +838,30 @@ impl KekdBuilder {
             if let Some(user) = &t.run_as {
                 cfg.push_str(&format!("run_as = {}\n", toml_str(user)));
             }
-            cfg.push_str(&format!("\n[tenants.{}.pkcs11]\n", t.name));
-            cfg.push_str(&format!("module = {}\n", toml_path(&softhsm_module())));
-            cfg.push_str(&format!("token_label = {}\n", toml_str(t.token_label())));
-            cfg.push_str(&format!("key_label = {}\n", toml_str(&format!("kekd-root-{}", t.name))));
-            cfg.push_str(&format!("pin_file = {}\n", toml_path(&pin_file)));
-            cfg.push_str(&format!("create_root_key = {}\n", t.create_root_key));
-            cfg.push_str(&format!("softhsm2_conf = {}\n", toml_path(hsm.conf())));
+            match &home {
+                RootKeyHome::Token { pin_file, .. } => {
+                    let hsm = hsm.as_ref().expect("created for SoftHSM2 tenants");
+                    cfg.push_str(&format!("\n[tenants.{}.pkcs11]\n", t.name));
+                    cfg.push_str(&format!("module = {}\n", toml_path(&softhsm_module())));
+                    cfg.push_str(&format!("token_label = {}\n", toml_str(t.token_label())));
+                    cfg.push_str(&format!("key_label = {}\n", toml_str(&root_key_label(&t.name))));
+                    cfg.push_str(&format!("pin_file = {}\n", toml_path(pin_file)));
+                    cfg.push_str(&format!("create_root_key = {}\n", t.create_root_key));
+                    cfg.push_str(&format!("softhsm2_conf = {}\n", toml_path(hsm.conf())));
+                }
+                RootKeyHome::Tpm(swtpm) => {
+                    cfg.push_str(&format!("\n[tenants.{}.tpm]\n", t.name));
+                    cfg.push_str(&format!("tcti = {}\n", toml_str(&swtpm.tcti())));
+                    if let Some(pcrs) = &t.pcrs {
+                        let pcrs: Vec<u32> = pcrs.iter().map(|&p| p.into()).collect();
+                        cfg.push_str(&format!("pcrs = {}\n", toml_list(&pcrs)));
+                    }
+                    if let Some(on) = t.parameter_encryption {
+                        cfg.push_str(&format!("parameter_encryption = {on}\n"));
+                    }
+                }
+            }
+            homes.push((t.name.clone(), home));
         }
         let config = root.join("kekd.toml");
         fs::write(&config, cfg).expect("write kekd.toml");
@@ -682,12 +870,13 @@ impl KekdBuilder {
             launch: Launch::Run { config },
             socket,
             tenants: self.tenants.iter().map(|t| t.name.clone()).collect(),
-            hsm: Some(hsm),
+            hsm,
             child: None,
             starts: 0,
             log: None,
             envs: Vec::new(),
             wrapper: Vec::new(),
+            homes,
             dir,
         }
     }
@@ -705,8 +894,8 @@ impl KekdBuilder {
 enum Launch {
     /// `kekd run --config PATH`
     Run { config: PathBuf },
-    /// `kekd dev --dir DIR`, or `kekd dev` (a temporary directory) without one.
-    Dev { dir: Option<PathBuf> },
+    /// `kekd dev --dir DIR ARGS`, or `kekd dev ARGS` (a temporary directory) without one.
+    Dev { dir: Option<PathBuf>, args: Vec<OsString> },
 }
 
 /// Why a daemon did not become ready.
@@ -743,7 +932,10 @@ pub struct Kekd {
     /// A command kekd runs under (e.g. `setpriv ... prlimit ...`), to start it with fewer
     /// privileges or lower limits than the test has.
     wrapper: Vec<OsString>,
-    // Last: removed after the daemon is dead.
+    /// Each tenant's root-key home, in run mode. After `child`: a daemon is never left
+    /// talking to a swtpm that is gone (drop kills the daemon first anyway).
+    homes: Vec<(String, RootKeyHome)>,
+    // Last: removed after the daemon and the swtpms are dead.
     dir: TempDir,
 }
 
@@ -768,16 +960,21 @@ impl Kekd {
     /// directories under `<test dir>/outside/`, so a test can check nothing was written
     /// outside DIR.
     pub fn dev() -> Kekd {
-        Self::dev_with(true)
+        Self::dev_with(true, Vec::new())
+    }
+
+    /// [`Kekd::dev`] with more arguments after `--dir DIR` (e.g. `--backend tpm`).
+    pub fn dev_args(args: &[&str]) -> Kekd {
+        Self::dev_with(true, args.iter().map(OsString::from).collect())
     }
 
     /// Plain `kekd dev`, without `--dir`: it picks a temporary directory (under the fake
     /// TMPDIR, `<test dir>/outside/tmp`), known from the ready line once started.
     pub fn dev_without_dir() -> Kekd {
-        Self::dev_with(false)
+        Self::dev_with(false, Vec::new())
     }
 
-    fn dev_with(with_dir: bool) -> Kekd {
+    fn dev_with(with_dir: bool, args: Vec<OsString>) -> Kekd {
         let dir = test_dir();
         let dev_dir = dir.path().join("dev");
         let home = dir.path().join("outside/home");
@@ -785,7 +982,7 @@ impl Kekd {
         fs::create_dir_all(&home).expect("create the fake HOME");
         fs::create_dir_all(&tmp).expect("create the fake TMPDIR");
         Kekd {
-            launch: Launch::Dev { dir: with_dir.then(|| dev_dir.clone()) },
+            launch: Launch::Dev { dir: with_dir.then(|| dev_dir.clone()), args },
             socket: dev_dir.join("kekd.sock"),
             tenants: vec!["demo".into()],
             hsm: None,
@@ -794,6 +991,7 @@ impl Kekd {
             log: None,
             envs: vec![("HOME".into(), home.into()), ("TMPDIR".into(), tmp.into())],
             wrapper: Vec::new(),
+            homes: Vec::new(),
             dir,
         }
     }
@@ -806,7 +1004,7 @@ impl Kekd {
     /// The directory given to `kekd dev --dir`, in dev mode.
     pub fn dev_dir(&self) -> Option<&Path> {
         match &self.launch {
-            Launch::Dev { dir } => dir.as_deref(),
+            Launch::Dev { dir, .. } => dir.as_deref(),
             Launch::Run { .. } => None,
         }
     }
@@ -828,8 +1026,76 @@ impl Kekd {
         &self.tenants[0]
     }
 
+    /// The private SoftHSM2 installation; `None` in dev mode (`kekd dev` makes its own)
+    /// and when no tenant is on SoftHSM2.
     pub fn softhsm(&self) -> Option<&SoftHsm> {
         self.hsm.as_ref()
+    }
+
+    #[track_caller]
+    fn home(&self, tenant: &str) -> &RootKeyHome {
+        match self.homes.iter().find(|(name, _)| name == tenant) {
+            Some((_, home)) => home,
+            None => panic!("{tenant:?} is not a tenant of this run-mode test daemon ({:?})", self.tenants),
+        }
+    }
+
+    /// Which backend `tenant`'s root key is on.
+    #[track_caller]
+    pub fn backend_of(&self, tenant: &str) -> Backend {
+        match self.home(tenant) {
+            RootKeyHome::Token { .. } => Backend::SoftHsm,
+            RootKeyHome::Tpm(_) => Backend::Tpm,
+        }
+    }
+
+    /// `tenant`'s swtpm; panics if the tenant is not on a TPM.
+    #[track_caller]
+    pub fn swtpm(&self, tenant: &str) -> &Swtpm {
+        match self.home(tenant) {
+            RootKeyHome::Tpm(swtpm) => swtpm,
+            RootKeyHome::Token { .. } => panic!("tenant {tenant:?} is on SoftHSM2, not on a swtpm"),
+        }
+    }
+
+    /// `tenant`'s swtpm, to stop or restart it; panics if the tenant is not on a TPM.
+    #[track_caller]
+    pub fn swtpm_mut(&mut self, tenant: &str) -> &mut Swtpm {
+        match self.homes.iter_mut().find(|(name, _)| name == tenant) {
+            Some((_, RootKeyHome::Tpm(swtpm))) => swtpm,
+            Some((_, RootKeyHome::Token { .. })) => {
+                panic!("tenant {tenant:?} is on SoftHSM2, not on a swtpm")
+            }
+            None => panic!("{tenant:?} is not a tenant of this run-mode test daemon ({:?})", self.tenants),
+        }
+    }
+
+    /// Destroys `tenant`'s root key behind the daemon's back, as an operator revoking it
+    /// would: on SoftHSM2 the key object is deleted from the token (with pkcs11-tool); on a
+    /// TPM the owner hierarchy is cleared, which changes the seed the storage primary is
+    /// derived from, so nothing sealed under it can be unsealed again.
+    #[track_caller]
+    pub fn destroy_root_key(&self, tenant: &str) {
+        match self.home(tenant) {
+            RootKeyHome::Tpm(swtpm) => swtpm.clear(),
+            RootKeyHome::Token { label, pin, .. } => {
+                let hsm = self.hsm.as_ref().expect("a SoftHSM2 tenant has a SoftHSM2 installation");
+                let mut cmd = Command::new("pkcs11-tool");
+                cmd.arg("--module")
+                    .arg(softhsm_module())
+                    .args(["--token-label", label, "--login", "--pin", pin])
+                    .args(["--delete-object", "--type", "secrkey", "--label", &root_key_label(tenant)])
+                    .env("SOFTHSM2_CONF", hsm.conf());
+                let out = try_run_command(cmd, Vec::new()).unwrap_or_else(|e| {
+                    panic!("cannot run pkcs11-tool (opensc): {e}: run ./scripts/install-deps")
+                });
+                assert_eq!(
+                    out.code, 0,
+                    "deleting {}'s root key from token {label:?} failed: `{}` exited with {}; stderr:\n{}",
+                    tenant, out.command, out.code, out.stderr
+                );
+            }
+        }
     }
 
     pub fn is_running(&mut self) -> bool {
@@ -869,8 +1135,8 @@ impl Kekd {
         };
         match &self.launch {
             Launch::Run { config } => cmd.arg("run").arg("--config").arg(config),
-            Launch::Dev { dir: Some(dir) } => cmd.arg("dev").arg("--dir").arg(dir),
-            Launch::Dev { dir: None } => cmd.arg("dev"),
+            Launch::Dev { dir: Some(dir), args } => cmd.arg("dev").arg("--dir").arg(dir).args(args),
+            Launch::Dev { dir: None, args } => cmd.arg("dev").args(args),
         };
         // Run mode must take SOFTHSM2_CONF from the config, never from the environment.
         cmd.env_remove("SOFTHSM2_CONF").env_remove("KEKD_SOCKET").env_remove("KEKD_TENANT");

@@ -2,17 +2,33 @@
 //! accepted, and an error names the offending field by its dotted path, first thing on
 //! stderr, for `check-config` and for `run` alike.
 
-use softhsm_tests::{Kekd, Tenant};
+use softhsm_tests::{Backend, Kekd, Tenant};
 
 fn prepared() -> Kekd {
     Kekd::builder().tenant(Tenant::owned_by_me("acme").kek_ttl("30s")).prepare()
 }
 
+/// [`prepared`] on SoftHSM2 whatever KEKD_TEST_BACKEND says: for the fields of the pkcs11
+/// table, which a TPM tenant does not have.
+fn prepared_pkcs11() -> Kekd {
+    Kekd::builder().tenant(Tenant::owned_by_me("acme").kek_ttl("30s").backend(Backend::SoftHsm)).prepare()
+}
+
+/// [`assert_names_field_in`] a [`prepared`] daemon.
+#[track_caller]
+fn assert_names_field(edit: impl FnOnce(String) -> String, field: &str, also_mentions: &str) {
+    assert_names_field_in(prepared(), edit, field, also_mentions)
+}
+
 /// Applies `edit` to the config text, then checks that `check-config` fails with exit code 1
 /// and a stderr starting with `field`, and that `run` refuses to start, naming it too.
 #[track_caller]
-fn assert_names_field(edit: impl FnOnce(String) -> String, field: &str, also_mentions: &str) {
-    let mut kekd = prepared();
+fn assert_names_field_in(
+    mut kekd: Kekd,
+    edit: impl FnOnce(String) -> String,
+    field: &str,
+    also_mentions: &str,
+) {
     let text = kekd.config_text();
     let edited = edit(text.clone());
     assert_ne!(edited, text, "the edit changed nothing");
@@ -65,13 +81,15 @@ fn a_bad_duration_is_named() {
 
 #[test]
 fn a_missing_pin_source_is_named() {
-    assert_names_field(
+    assert_names_field_in(
+        prepared_pkcs11(),
         |t| t.lines().filter(|l| !l.starts_with("pin_file")).map(|l| format!("{l}\n")).collect(),
         "tenants.acme.pkcs11.pin_file",
         "",
     );
     // A PIN file that cannot be read.
-    assert_names_field(
+    assert_names_field_in(
+        prepared_pkcs11(),
         |t| {
             let start = t.find("pin_file = ").expect("pin_file line");
             let end = start + t[start..].find('\n').expect("end of line");
@@ -84,7 +102,8 @@ fn a_missing_pin_source_is_named() {
 
 #[test]
 fn an_unreadable_module_is_named() {
-    assert_names_field(
+    assert_names_field_in(
+        prepared_pkcs11(),
         |t| {
             let start = t.find("module = ").expect("module line");
             let end = start + t[start..].find('\n').expect("end of line");

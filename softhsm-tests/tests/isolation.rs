@@ -20,7 +20,8 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use softhsm_tests::{
     code, config_edit_tenant, config_without_tenant, exit, is_root, memory_contains, my_uid, open_fds,
-    proc_file, proc_status_field, req, unix_socket_inode, Kekd, RawConn, Tenant, NOBODY_GID, NOBODY_UID,
+    proc_file, proc_status_field, req, unix_socket_inode, Backend, Kekd, RawConn, Tenant, NOBODY_GID,
+    NOBODY_UID,
 };
 
 async fn within<T>(fut: impl Future<Output = T>) -> T {
@@ -71,8 +72,11 @@ async fn round_trip(client: &Client, n: usize) -> Result<(), String> {
 
 #[test]
 fn the_supervisor_loads_no_hsm_library_and_never_sees_key_material() {
-    let kekd =
-        Kekd::builder().tenant(Tenant::owned_by_me("acme")).tenant(Tenant::owned_by_me("globex")).start();
+    // SoftHSM2: the workers are kekd itself and load the PKCS#11 module.
+    let kekd = Kekd::builder()
+        .tenant(Tenant::owned_by_me("acme").backend(Backend::SoftHsm))
+        .tenant(Tenant::owned_by_me("globex").backend(Backend::SoftHsm))
+        .start();
     let (plain, edek) = kekd.generate("default", &[]);
     assert_eq!(kekd.unwrap(&edek, &[]).ok(), &plain[..]);
     kekd.kekctl_for("globex").args(["generate", "--key", "default"]).run().ok();
@@ -196,7 +200,10 @@ fn a_worker_runs_as_its_user_without_privileges() {
         eprintln!("SKIPPED (needs root): switching a worker to another user");
         return;
     }
-    let mut kekd = Kekd::builder().tenant(Tenant::owned_by_me("acme").run_as("nobody")).prepare();
+    // SoftHSM2: the token's files are handed to the worker's user.
+    let mut kekd = Kekd::builder()
+        .tenant(Tenant::owned_by_me("acme").run_as("nobody").backend(Backend::SoftHsm))
+        .prepare();
     // First as root, to create the root key and the key store; then the operator hands
     // the token's files to the tenant's user (a real HSM has no files to hand over).
     let config = kekd.config_text();
@@ -336,7 +343,8 @@ async fn a_killed_worker_is_back_within_a_second_and_other_tenants_see_no_errors
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_that_cannot_start_is_retried_with_backoff_and_clients_fail_fast() {
-    let kekd = Kekd::start_default();
+    // SoftHSM2: a missing PIN file is what keeps the worker from starting.
+    let kekd = Kekd::builder().tenant(Tenant::owned_by_me("acme").backend(Backend::SoftHsm)).start();
     let pin = kekd.dir().join("pins/acme.pin");
     let away = kekd.dir().join("pins/acme.pin.away");
     fs::rename(&pin, &away).unwrap();

@@ -201,7 +201,7 @@ async fn spawn(spec: &WorkerSpec) -> std::io::Result<(Child, Channel)> {
         }
         WorkerProgram::TpmWorker => std::process::Command::new(worker::tpm_worker_path()?),
     };
-    cmd.args(["--tenant", &spec.tenant])
+    cmd.args(["--tenant", &spec.tenant, "--kekd-version", worker::VERSION])
         .env_clear()
         .stdin(Stdio::from(theirs))
         .stdout(Stdio::null())
