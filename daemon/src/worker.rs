@@ -96,23 +96,6 @@ impl Backends {
     pub const ALL: Backends = Backends { tpm: Some(crate::backend::tpm::open) };
 }
 
-/// The program that serves a tenant with this backend: `kekd worker` itself, or the TPM
-/// worker binary installed next to it.
-pub fn program_for(config: &TenantConfig) -> WorkerProgram {
-    match config.backend() {
-        Some(BackendConfig::Tpm(_)) => WorkerProgram::TpmWorker,
-        _ => WorkerProgram::Kekd,
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum WorkerProgram {
-    /// `/proc/self/exe worker --tenant NAME`.
-    Kekd,
-    /// `kekd-tpm-worker --tenant NAME`, from the directory of the kekd binary.
-    TpmWorker,
-}
-
 /// File name of the TPM worker binary.
 pub const TPM_WORKER: &str = "kekd-tpm-worker";
 

@@ -22,8 +22,9 @@ use tokio::process::Child;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
+use crate::config::BackendConfig;
 use crate::handoff::{self, Channel, FromWorker, ToWorker};
-use crate::worker::{self, WorkerProgram, WorkerSpec};
+use crate::worker::{self, WorkerSpec};
 
 pub const RESTART_DELAY: Duration = Duration::from_millis(100);
 pub const MAX_RESTART_DELAY: Duration = Duration::from_secs(30);
@@ -193,13 +194,13 @@ impl Keeper {
 /// variable, if the tenant uses one, and sends it its setup.
 async fn spawn(spec: &WorkerSpec) -> std::io::Result<(Child, Channel)> {
     let (ours, theirs) = handoff::pair()?;
-    let mut cmd = match worker::program_for(&spec.tenant_config) {
-        WorkerProgram::Kekd => {
+    let mut cmd = match spec.tenant_config.backend() {
+        Some(BackendConfig::Tpm(_)) => std::process::Command::new(worker::tpm_worker_path()?),
+        _ => {
             let mut cmd = std::process::Command::new("/proc/self/exe");
             cmd.arg0("kekd").arg("worker");
             cmd
         }
-        WorkerProgram::TpmWorker => std::process::Command::new(worker::tpm_worker_path()?),
     };
     cmd.args(["--tenant", &spec.tenant, "--kekd-version", worker::VERSION])
         .env_clear()
