@@ -181,6 +181,7 @@ fn handle(op: Op, keys: &Keys) -> Result<Reply, ErrorStatus> {
             uptime_seconds: 61,
             memory_locked: true,
             worker_pid: 4242,
+            lease: "online".into(),
         }),
         Op::CreateKey(k) if keys.contains_key(&k) => {
             return Err(ErrorStatus::new(Code::FailedPrecondition, format!("key {k} exists")))

@@ -82,6 +82,14 @@ pub struct TenantConfig {
     /// An unwrapped KEK nobody used for this long is flushed.
     #[serde(default = "default_ttl", with = "humantime_serde")]
     pub idle_ttl: Duration,
+    /// While the root key is unreachable, cached KEKs keep serving up to this long after
+    /// the last successful root-key operation. 0: fail closed at `kek_ttl`.
+    #[serde(default = "default_offline_grace", with = "humantime_serde")]
+    pub offline_grace: Duration,
+    /// How often a cheap operation with the root key checks it is still there and usable:
+    /// a revoked root key stops all service within this bound.
+    #[serde(default = "default_revocation_poll", with = "humantime_serde")]
+    pub revocation_poll: Duration,
     pub pkcs11: Option<Pkcs11Config>,
     pub tpm: Option<TpmConfig>,
 }
@@ -208,6 +216,10 @@ pub struct Pkcs11Config {
     pub create_root_key: bool,
     /// SOFTHSM2_CONF to give the module (SoftHSM2 only).
     pub softhsm2_conf: Option<PathBuf>,
+    /// Environment variables the module reads at C_Initialize (the worker's own environment
+    /// is cleared), e.g. `{ P11_KIT_SERVER_ADDRESS = "unix:path=/run/hsm.sock" }`.
+    #[serde(default)]
+    pub module_env: BTreeMap<String, String>,
 }
 
 fn default_socket() -> PathBuf {
@@ -227,6 +239,12 @@ fn default_log_level() -> String {
 }
 fn default_shutdown_timeout() -> Duration {
     Duration::from_secs(10)
+}
+fn default_offline_grace() -> Duration {
+    Duration::from_secs(3600)
+}
+fn default_revocation_poll() -> Duration {
+    Duration::from_secs(30)
 }
 fn default_tcti() -> String {
     "device:/dev/tpmrm0".into()
@@ -283,7 +301,9 @@ impl Config {
                     "no caller is allowed: set allow_uids, allow_gids or admin_uids",
                 ));
             }
-            for (f, d) in [("kek_ttl", t.kek_ttl), ("idle_ttl", t.idle_ttl)] {
+            for (f, d) in
+                [("kek_ttl", t.kek_ttl), ("idle_ttl", t.idle_ttl), ("revocation_poll", t.revocation_poll)]
+            {
                 if d < Duration::from_secs(1) {
                     return Err(ConfigError::new(field(f), "must be at least 1s"));
                 }
@@ -343,6 +363,20 @@ impl Pkcs11Config {
             _ => {}
         }
         self.read_pin(field)?;
+        for name in self.module_env.keys() {
+            if name.is_empty() || name.contains(['=', '\0']) {
+                return Err(ConfigError::new(
+                    f("module_env"),
+                    format!("{name:?} is not an environment variable name"),
+                ));
+            }
+            if name == "SOFTHSM2_CONF" && self.softhsm2_conf.is_some() {
+                return Err(ConfigError::new(
+                    f("module_env"),
+                    "SOFTHSM2_CONF is set by softhsm2_conf already",
+                ));
+            }
+        }
         if let Some(c) = &self.softhsm2_conf {
             if let Err(e) = std::fs::File::open(c) {
                 return Err(ConfigError::new(

@@ -15,7 +15,7 @@ use kekd_proto::{
 use zeroize::Zeroizing;
 
 use crate::backend::{BackendError, RootKey, KEK_LEN};
-use crate::cache::{Kek, KekCache, LoadError, Source};
+use crate::cache::{Kek, KekCache, LeaseState, LoadError, Source};
 use crate::clock::BootInstant;
 use crate::envelope::{kek_aad, Edek, Sealer};
 use crate::error::Error;
@@ -88,9 +88,64 @@ impl TenantService {
         }
     }
 
-    /// Periodic upkeep: evict expired and idle KEKs.
-    pub fn sweep(&self) {
+    /// Periodic upkeep: evict expired and idle KEKs, and unseal again, in the background,
+    /// the KEKs in use that near `kek_ttl`, so requests do not wait for the root key.
+    pub async fn sweep(&self) {
         self.cache.sweep();
+        for (key, version) in self.cache.due_for_refresh() {
+            let Ok(view) = self.store.version(&key, version) else {
+                self.cache.evict(&key, version);
+                continue;
+            };
+            let backend = Arc::clone(&self.backend);
+            let aad = kek_aad(&self.tenant, &key, version);
+            let sealed = view.sealed;
+            let res = self
+                .cache
+                .refresh(&key, version, move |slot| backend.unseal(&aad, &sealed, slot.bytes_mut()))
+                .await;
+            match res {
+                Ok(()) => {}
+                Err(LoadError::Load(e)) => {
+                    self.root_failed(&e);
+                    tracing::warn!(tenant = %self.tenant, key = %key, version, error = %e, "background KEK refresh failed");
+                }
+                Err(LoadError::Memory(e)) => {
+                    tracing::warn!(tenant = %self.tenant, error = %e, "background KEK refresh failed")
+                }
+            }
+        }
+    }
+
+    /// The revocation poll: a canary operation with the root key. A refusal flushes every
+    /// cached KEK at once, so a revoked root key stops all service within one poll.
+    pub async fn poll_root(&self) {
+        let backend = Arc::clone(&self.backend);
+        let health =
+            tokio::task::spawn_blocking(move || backend.canary()).await.expect("canary does not panic");
+        match health {
+            Ok(()) => self.cache.root_ok(),
+            Err(e) => {
+                tracing::warn!(tenant = %self.tenant, error = %e, "root-key check failed");
+                self.root_failed(&e);
+            }
+        }
+    }
+
+    /// What every failed root-key call teaches the cache: an outage starts the grace, a
+    /// definitive refusal flushes everything (DESIGN §5).
+    fn root_failed(&self, e: &BackendError) {
+        match e {
+            BackendError::Unreachable(_) => self.cache.root_unreachable(),
+            BackendError::Refused(_) => {
+                let n = self.cache.len();
+                self.cache.flush();
+                if n > 0 {
+                    tracing::error!(tenant = %self.tenant, flushed = n, "the root key refused: cached KEKs flushed");
+                }
+            }
+            _ => {}
+        }
     }
 
     /// Wipes every cached KEK (shutdown).
@@ -258,8 +313,14 @@ impl TenantService {
             self.cache.get(key, version, move |slot| backend.unseal(&aad, &sealed, slot.bytes_mut())).await;
         match res {
             Ok((kek, source)) => {
-                if source == Source::Root {
-                    tracing::debug!(tenant = %self.tenant, key = %key, version, "unsealed KEK from the root key");
+                match source {
+                    Source::Root => {
+                        tracing::debug!(tenant = %self.tenant, key = %key, version, "unsealed KEK from the root key")
+                    }
+                    Source::Grace => {
+                        tracing::debug!(tenant = %self.tenant, key = %key, version, "root key unreachable: KEK served in its offline grace")
+                    }
+                    Source::Cache => {}
                 }
                 Ok(kek)
             }
@@ -269,10 +330,8 @@ impl TenantService {
                 Err(Error::KekRecordInvalid { key: key.clone(), version })
             }
             Err(LoadError::Load(e)) => {
-                if matches!(e, BackendError::Refused(_)) {
-                    // A definitive refusal from the root key: nothing cached may outlive it.
-                    self.cache.flush();
-                }
+                // A definitive refusal from the root key: nothing cached may outlive it.
+                self.root_failed(&e);
                 tracing::warn!(tenant = %self.tenant, error = %e, "root-key unseal failed");
                 Err(e.into())
             }
@@ -283,6 +342,10 @@ impl TenantService {
         let backend = Arc::clone(&self.backend);
         let health =
             tokio::task::spawn_blocking(move || backend.canary()).await.expect("canary does not panic");
+        match &health {
+            Ok(()) => self.cache.root_ok(),
+            Err(e) => self.root_failed(e),
+        }
         StatusInfo {
             tenant: self.tenant.clone(),
             backend: self.backend.describe(),
@@ -293,6 +356,12 @@ impl TenantService {
             uptime_seconds: BootInstant::now().since(self.started).as_secs(),
             memory_locked: self.cache.memory_locked(),
             worker_pid: std::process::id(),
+            lease: match self.cache.lease_state() {
+                LeaseState::Online => "online",
+                LeaseState::Grace => "grace",
+                LeaseState::Expired => "expired",
+            }
+            .to_owned(),
         }
     }
 
@@ -372,6 +441,8 @@ pub(crate) mod testing {
         key: LessSafeKey,
         pub unseals: AtomicUsize,
         pub down: AtomicBool,
+        /// While set, the root key answers no (as if deleted): unseals and the canary fail.
+        pub refused: AtomicBool,
         /// While set, unseals wait: a root-key call that is slow on purpose.
         pub hold: AtomicBool,
         /// Unseal calls begun, held or not.
@@ -391,9 +462,7 @@ pub(crate) mod testing {
             while self.hold.load(Ordering::SeqCst) {
                 std::thread::sleep(Duration::from_millis(1));
             }
-            if self.down.load(Ordering::SeqCst) {
-                return Err(BackendError::Unreachable("test root is down".into()));
-            }
+            self.check()?;
             self.unseals.fetch_add(1, Ordering::SeqCst);
             let mut buf = sealed.to_vec();
             let pt = self
@@ -404,25 +473,52 @@ pub(crate) mod testing {
             Ok(())
         }
         fn canary(&self) -> Result<(), BackendError> {
-            Ok(())
+            self.check()
         }
         fn describe(&self) -> String {
             "test".into()
         }
     }
 
+    impl TestRoot {
+        fn check(&self) -> Result<(), BackendError> {
+            if self.down.load(Ordering::SeqCst) {
+                return Err(BackendError::Unreachable("test root is down".into()));
+            }
+            if self.refused.load(Ordering::SeqCst) {
+                return Err(BackendError::Refused("test root key was deleted".into()));
+            }
+            Ok(())
+        }
+    }
+
     pub(crate) fn service(dir: &std::path::Path, tenant: &str) -> (TenantService, Arc<TestRoot>) {
+        let lease = crate::cache::Lease {
+            kek_ttl: Duration::from_secs(60),
+            idle_ttl: Duration::from_secs(60),
+            offline_grace: Duration::from_secs(3600),
+        };
+        service_with(dir, tenant, lease, Arc::new(crate::clock::BootInstant::now))
+    }
+
+    /// A service whose KEK cache runs on `clock`.
+    pub(crate) fn service_with(
+        dir: &std::path::Path,
+        tenant: &str,
+        lease: crate::cache::Lease,
+        clock: crate::cache::Clock,
+    ) -> (TenantService, Arc<TestRoot>) {
         let root = Arc::new(TestRoot {
             key: LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &[3; 32]).unwrap()),
             unseals: AtomicUsize::new(0),
             down: AtomicBool::new(false),
+            refused: AtomicBool::new(false),
             hold: AtomicBool::new(false),
             entered: AtomicUsize::new(0),
         });
         let t = TenantName::parse(tenant).unwrap();
         let store = KeyStore::open(dir, &t, "test".into()).unwrap();
-        let cache =
-            KekCache::new(LockedArena::new(false).unwrap(), Duration::from_secs(60), Duration::from_secs(60));
+        let cache = KekCache::with_clock(LockedArena::new(false).unwrap(), lease, clock);
         (TenantService::new(t, root.clone(), store, cache).unwrap(), root)
     }
 }
@@ -561,5 +657,76 @@ mod tests {
         root.down.store(true, Ordering::SeqCst);
         let gen = Op::Generate { key: key("default"), edek_only: true, contexts: vec![Context::default()] };
         assert_eq!(call(&s, gen).await.unwrap_err().code, Code::Unavailable);
+    }
+
+    fn lease(kek_ttl: u64, offline_grace: u64) -> crate::cache::Lease {
+        crate::cache::Lease {
+            kek_ttl: std::time::Duration::from_secs(kek_ttl),
+            idle_ttl: std::time::Duration::from_secs(3600),
+            offline_grace: std::time::Duration::from_secs(offline_grace),
+        }
+    }
+
+    fn manual_clock() -> (crate::cache::Clock, Arc<std::sync::atomic::AtomicU64>) {
+        let t = Arc::new(std::sync::atomic::AtomicU64::new(1_000_000));
+        let t2 = Arc::clone(&t);
+        (Arc::new(move || BootInstant::from_millis(t2.load(Ordering::Relaxed))), t)
+    }
+
+    fn unwrap_one(edek: &[u8]) -> Op {
+        Op::Unwrap(vec![EdekItem { edek: edek.to_vec(), context: Context::default() }])
+    }
+
+    async fn wrap_one(s: &TenantService) -> Vec<u8> {
+        let op = Op::Wrap {
+            key: key("default"),
+            items: vec![WrapItem { plaintext: Secret::from_vec(b"x".to_vec()), context: Context::default() }],
+        };
+        items(call(s, op).await)[0].as_ref().unwrap().edek.clone().unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_refused_poll_flushes_every_cached_kek() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, root) = service(dir.path(), "acme");
+        let edek = wrap_one(&s).await;
+        s.poll_root().await;
+        assert_eq!(s.cache.len(), 1, "a healthy poll keeps the cache");
+        root.refused.store(true, Ordering::SeqCst);
+        s.poll_root().await;
+        assert_eq!(s.cache.len(), 0, "a refused poll flushes it");
+        let r = items(call(&s, unwrap_one(&edek)).await);
+        assert_eq!(r[0].as_ref().unwrap_err().code, Code::FailedPrecondition);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_sweeper_refreshes_keks_in_use_and_rides_out_an_outage() {
+        let dir = tempfile::tempdir().unwrap();
+        let (clock, t) = manual_clock();
+        let (s, root) = super::testing::service_with(dir.path(), "acme", lease(60, 100), clock);
+        let edek = wrap_one(&s).await;
+        assert_eq!(root.unseals.load(Ordering::SeqCst), 1);
+        // Used at 40 s; at 46 s (past three quarters of kek_ttl) the sweeper unseals again.
+        t.fetch_add(40_000, Ordering::Relaxed);
+        items(call(&s, unwrap_one(&edek)).await)[0].as_ref().unwrap();
+        t.fetch_add(6_000, Ordering::Relaxed);
+        s.sweep().await;
+        assert_eq!(root.unseals.load(Ordering::SeqCst), 2, "refreshed in the background");
+        // The root key goes down: past kek_ttl the KEK serves within offline_grace
+        // (100 s after the last success, the refresh at 46 s)...
+        root.down.store(true, Ordering::SeqCst);
+        t.fetch_add(61_000, Ordering::Relaxed); // 107 s: the refreshed KEK expired at 106 s
+        s.sweep().await;
+        assert_eq!(s.cache.len(), 1, "expired, but kept for the grace");
+        let r = items(call(&s, unwrap_one(&edek)).await);
+        assert!(r[0].is_ok(), "served within the grace: {:?}", r[0]);
+        let st = call(&s, Op::Status).await.unwrap();
+        assert!(matches!(st, Reply::Status(ref i) if i.lease == "grace" && !i.backend_healthy), "{st:?}");
+        // ...then UNAVAILABLE once the grace is over (146 s), and served again when it is back.
+        t.fetch_add(40_000, Ordering::Relaxed);
+        let r = items(call(&s, unwrap_one(&edek)).await);
+        assert_eq!(r[0].as_ref().unwrap_err().code, Code::Unavailable);
+        root.down.store(false, Ordering::SeqCst);
+        assert!(items(call(&s, unwrap_one(&edek)).await)[0].is_ok());
     }
 }

@@ -28,7 +28,7 @@ use zeroize::Zeroizing;
 
 use crate::backend::pkcs11::Pkcs11RootKey;
 use crate::backend::{BackendError, RootKey};
-use crate::cache::KekCache;
+use crate::cache::{KekCache, Lease};
 use crate::config::{BackendConfig, Config, Tenant, TenantConfig, TpmConfig};
 use crate::error::Error;
 use crate::handoff::{BlockingChannel, Channel, FromWorker, Handoff, ToWorker};
@@ -188,7 +188,8 @@ pub fn main(backends: Backends, args: WorkerArgs) -> ExitCode {
     };
     let shutdown_timeout = spec.shutdown_timeout;
     let max_frame = spec.max_frame_bytes;
-    let code = rt.block_on(serve(service, control.into_inner(), max_frame, shutdown_timeout));
+    let poll = spec.tenant_config.revocation_poll;
+    let code = rt.block_on(serve(service, control.into_inner(), max_frame, shutdown_timeout, poll));
     // In-flight tasks past the bound are abandoned here; nothing of theirs is written.
     rt.shutdown_timeout(Duration::from_millis(100));
     code
@@ -254,7 +255,11 @@ fn open_tenant(
 ) -> Result<TenantService, Error> {
     let arena = LockedArena::new(spec.allow_unlocked_memory)?;
     let store = KeyStore::open(&spec.state_dir, name, backend.describe())?;
-    let cache = KekCache::new(arena, spec.tenant_config.kek_ttl, spec.tenant_config.idle_ttl);
+    let t = &spec.tenant_config;
+    let cache = KekCache::new(
+        arena,
+        Lease { kek_ttl: t.kek_ttl, idle_ttl: t.idle_ttl, offline_grace: t.offline_grace },
+    );
     tracing::info!(backend = %backend.describe(), "tenant opened");
     TenantService::new(name.clone(), backend, store, cache)
 }
@@ -279,7 +284,13 @@ fn give_state_to(state_dir: &Path, name: &TenantName, user: &RunAs) -> Result<()
 
 /// Serves handed-over connections until SIGTERM or the supervisor's end closes, then
 /// drains.
-async fn serve(service: Arc<TenantService>, control: OwnedFd, max_frame: usize, bound: Duration) -> ExitCode {
+async fn serve(
+    service: Arc<TenantService>,
+    control: OwnedFd,
+    max_frame: usize,
+    bound: Duration,
+    revocation_poll: Duration,
+) -> ExitCode {
     use tokio::signal::unix::{signal, SignalKind};
     let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
     else {
@@ -294,6 +305,7 @@ async fn serve(service: Arc<TenantService>, control: OwnedFd, max_frame: usize, 
         }
     };
     let sweeper = tokio::spawn(sweep(Arc::clone(&service)).in_current_span());
+    let poller = tokio::spawn(poll_root(Arc::clone(&service), revocation_poll).in_current_span());
     let (stop_tx, stop) = watch::channel(false);
     let mut connections = JoinSet::new();
     loop {
@@ -329,6 +341,7 @@ async fn serve(service: Arc<TenantService>, control: OwnedFd, max_frame: usize, 
         connections.abort_all();
     }
     sweeper.abort();
+    poller.abort();
     service.flush();
     tracing::info!("KEK cache wiped; exiting");
     ExitCode::SUCCESS
@@ -362,6 +375,17 @@ async fn sweep(service: Arc<TenantService>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tick.tick().await;
-        service.sweep();
+        service.sweep().await;
+    }
+}
+
+/// The revocation poll (DESIGN §5): a refused canary flushes the cache within one period.
+async fn poll_root(service: Arc<TenantService>, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await; // the root key was just opened
+    loop {
+        tick.tick().await;
+        service.poll_root().await;
     }
 }

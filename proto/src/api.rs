@@ -538,6 +538,8 @@ pub struct StatusInfo {
     pub memory_locked: bool,
     /// The worker process serving this tenant.
     pub worker_pid: u32,
+    /// `online`, `grace` or `expired`: the root key as the KEK cache sees it.
+    pub lease: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -636,6 +638,7 @@ impl From<Response> for pb::Response {
                         uptime_seconds: s.uptime_seconds,
                         memory_locked: s.memory_locked,
                         worker_pid: s.worker_pid,
+                        lease: s.lease,
                     }),
                     Reply::Key(k) => R::Key(k.into()),
                     Reply::Keys(ks) => {
@@ -762,6 +765,7 @@ impl TryFrom<pb::Response> for Response {
                 uptime_seconds: s.uptime_seconds,
                 memory_locked: s.memory_locked,
                 worker_pid: s.worker_pid,
+                lease: s.lease,
             }),
             Some(R::Key(k)) => Reply::Key(key_info_from(k)?),
             Some(R::Keys(ks)) => {

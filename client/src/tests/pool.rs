@@ -125,6 +125,7 @@ fn ok(req: &Request) -> Result<Reply, ErrorStatus> {
             uptime_seconds: 1,
             memory_locked: true,
             worker_pid: 1,
+            lease: "online".into(),
         }),
         Op::CreateKey(k) | Op::RotateKey(k) => Reply::Key(key_info(k.clone())),
         Op::Unwrap(items) => {

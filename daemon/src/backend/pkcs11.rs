@@ -101,6 +101,11 @@ impl Pkcs11RootKey {
         lock_dir: &Path,
     ) -> Result<Self, BackendError> {
         let (module, token, label) = (&cfg.module, &cfg.token_label, &cfg.key_label);
+        // Read by the module in C_Initialize; the worker's environment was cleared, and one
+        // worker serves one tenant, so nothing else in this process reads these.
+        for (name, value) in &cfg.module_env {
+            std::env::set_var(name, value);
+        }
         let token_lock = TokenLock::open(&TokenLock::path(lock_dir, module, cfg.softhsm2_conf.as_deref()))?;
         let guard = token_lock.acquire()?;
         let pkcs11 = library(module, cfg.softhsm2_conf.as_deref())?;

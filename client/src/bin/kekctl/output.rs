@@ -183,6 +183,7 @@ struct StatusView<'a> {
     uptime_seconds: u64,
     memory_locked: bool,
     worker_pid: u32,
+    lease: &'a str,
 }
 
 pub fn status_json(s: &StatusInfo) -> String {
@@ -196,6 +197,7 @@ pub fn status_json(s: &StatusInfo) -> String {
         uptime_seconds: s.uptime_seconds,
         memory_locked: s.memory_locked,
         worker_pid: s.worker_pid,
+        lease: &s.lease,
     })
 }
 
@@ -207,10 +209,11 @@ pub fn status_text(s: &StatusInfo) -> String {
     };
     let yes_no = |b| if b { "yes" } else { "no" };
     format!(
-        "tenant: {}\nworker pid: {}\nbackend: {}\nhealth: {health}\ncached KEKs: {}\nkeys: {}\nuptime: {}\nmemory locked: {}\n",
+        "tenant: {}\nworker pid: {}\nbackend: {}\nhealth: {health}\nlease: {}\ncached KEKs: {}\nkeys: {}\nuptime: {}\nmemory locked: {}\n",
         s.tenant,
         s.worker_pid,
         s.backend,
+        s.lease,
         s.cached_keks,
         s.keys,
         uptime(s.uptime_seconds),
@@ -308,6 +311,7 @@ mod tests {
             uptime_seconds: 3723,
             memory_locked: true,
             worker_pid: 4242,
+            lease: "online".into(),
         };
         let text = status_text(&s);
         assert!(text.contains("health: unhealthy: token absent\n"), "{text}");

@@ -20,6 +20,7 @@ fn config(key_label: &str, create_root_key: bool) -> Pkcs11Config {
         pin_env: None,
         create_root_key,
         softhsm2_conf: Some(t.conf.clone()),
+        module_env: Default::default(),
     }
 }
 
