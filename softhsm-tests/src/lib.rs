@@ -23,9 +23,23 @@
 //!
 //! Tests that are about PKCS#11 itself (tokens, PINs, the module) keep their tenants on
 //! SoftHSM2 whatever the variable says, with [`Tenant::backend`]; using a PKCS#11-only
-//! setting ([`Tenant::on_token`], [`Tenant::pin`], [`Tenant::create_root_key`]) does the same
-//! implicitly, and a TPM-only one ([`Tenant::pcrs`], [`Tenant::parameter_encryption`]) puts the
+//! setting ([`Tenant::on_token`], [`Tenant::pin`], [`Tenant::create_root_key`],
+//! [`Tenant::behind_outage_switch`]) does the same implicitly, and a TPM-only one ([`Tenant::pcrs`], [`Tenant::parameter_encryption`]) puts the
 //! tenant on a TPM. Mixing the two on one tenant panics in [`KekdBuilder::prepare`].
+//!
+//! # Cutting the link to a token
+//!
+//! A tenant [`Tenant::behind_outage_switch`] reaches its SoftHSM2 token through
+//! `pkcs11_outage.so` ([`outage_module`]), a PKCS#11 proxy built from
+//! `softhsm-tests/outage/pkcs11_outage.c` by this crate's build script. Its config names the
+//! proxy as `module`, and gives it, in `module_env`, the real SoftHSM2 module
+//! (`KEKD_OUTAGE_MODULE`) and a flag file (`KEKD_OUTAGE_FLAG`, `<test dir>/outage/<tenant>.down`).
+//! While the flag file exists, every PKCS#11 call other than `C_GetFunctionList`,
+//! `C_Initialize`, `C_Finalize` and `C_GetInfo` fails with `CKR_DEVICE_ERROR` without reaching
+//! SoftHSM2, like a network HSM whose link is down; the token and its keys are untouched.
+//! [`Kekd::cut_token`] creates the flag, [`Kekd::restore_token`] removes it, while kekd keeps
+//! running. (Moving SoftHSM2's token directory away instead would make the key look deleted,
+//! and SoftHSM2 never recovers from that in the same process.)
 //!
 //! The programs under test are the real `kekd` and `kekctl`, taken from the target directory
 //! the test executable was built into: build them first with `cargo build --workspace --bins`.
@@ -135,6 +149,19 @@ pub fn bin(name: &str) -> PathBuf {
         path.is_file(),
         "{} not found: build the binaries first with `cargo build --workspace --bins` \
          (same profile as the tests), or point KEKD_TEST_BIN_DIR at them",
+        path.display()
+    );
+    path
+}
+
+/// The PKCS#11 fault-injection proxy `pkcs11_outage.so`, built by this crate's build script
+/// (module documentation, "Cutting the link to a token").
+#[track_caller]
+pub fn outage_module() -> PathBuf {
+    let path = PathBuf::from(env!("KEKD_OUTAGE_SO"));
+    assert!(
+        path.is_file(),
+        "{} (built by softhsm-tests/build.rs) is missing: rebuild the tests",
         path.display()
     );
     path
@@ -574,6 +601,10 @@ pub struct Tenant {
     pub admin_uids: Vec<u32>,
     pub kek_ttl: Option<String>,
     pub idle_ttl: Option<String>,
+    /// `offline_grace` in the config; `None`: not written.
+    pub offline_grace: Option<String>,
+    /// `revocation_poll` in the config; `None`: not written.
+    pub revocation_poll: Option<String>,
     pub create_root_key: bool,
     pub pin: String,
     /// The token's label; `None`: a token of its own, labelled with the tenant's name.
@@ -587,6 +618,9 @@ pub struct Tenant {
     pub pcrs: Option<Vec<u8>>,
     /// `tpm.parameter_encryption` in the config (TPM only); `None`: not written.
     pub parameter_encryption: Option<bool>,
+    /// Whether the tenant reaches its token through the outage proxy
+    /// ([`Tenant::behind_outage_switch`]).
+    pub outage_switch: bool,
     /// The first PKCS#11-only setting used, which puts the tenant on SoftHSM2.
     pkcs11_setting: Option<&'static str>,
 }
@@ -601,6 +635,8 @@ impl Tenant {
             admin_uids: Vec::new(),
             kek_ttl: None,
             idle_ttl: None,
+            offline_grace: None,
+            revocation_poll: None,
             create_root_key: true,
             pin: format!("pin-{name}-1234"),
             token: None,
@@ -608,6 +644,7 @@ impl Tenant {
             backend: None,
             pcrs: None,
             parameter_encryption: None,
+            outage_switch: false,
             pkcs11_setting: None,
         }
     }
@@ -633,6 +670,16 @@ impl Tenant {
     pub fn pin(mut self, pin: &str) -> Self {
         self.pin = pin.into();
         self.pkcs11_setting.get_or_insert("pin");
+        self
+    }
+
+    /// Puts the PKCS#11 fault-injection proxy between kekd and the tenant's SoftHSM2 token,
+    /// so that [`Kekd::cut_token`] and [`Kekd::restore_token`] can make the token unreachable
+    /// and bring it back while kekd runs (module documentation, "Cutting the link to a
+    /// token"). Implies SoftHSM2.
+    pub fn behind_outage_switch(mut self) -> Self {
+        self.outage_switch = true;
+        self.pkcs11_setting.get_or_insert("behind_outage_switch");
         self
     }
 
@@ -722,6 +769,18 @@ impl Tenant {
         self
     }
 
+    /// `offline_grace` (a humantime duration; "0s" fails closed at `kek_ttl`).
+    pub fn offline_grace(mut self, grace: &str) -> Self {
+        self.offline_grace = Some(grace.into());
+        self
+    }
+
+    /// `revocation_poll` (a humantime duration).
+    pub fn revocation_poll(mut self, poll: &str) -> Self {
+        self.revocation_poll = Some(poll.into());
+        self
+    }
+
     /// `pkcs11.create_root_key`. Implies SoftHSM2.
     pub fn create_root_key(mut self, create: bool) -> Self {
         self.create_root_key = create;
@@ -743,8 +802,9 @@ fn root_key_label(tenant: &str) -> String {
 #[derive(Debug)]
 enum RootKeyHome {
     /// A SoftHSM2 token: its label and user PIN (which the tenant's PIN file may get
-    /// wrong on purpose), and the tenant's PIN file.
-    Token { label: String, pin: String, pin_file: PathBuf },
+    /// wrong on purpose), the tenant's PIN file, and the outage proxy's flag file when the
+    /// tenant is behind one.
+    Token { label: String, pin: String, pin_file: PathBuf, outage_flag: Option<PathBuf> },
     /// The tenant's own swtpm.
     Tpm(Swtpm),
 }
@@ -820,7 +880,19 @@ impl KekdBuilder {
                     fs::write(&pin_file, format!("{}\n", t.pin)).expect("write the PIN file");
                     fs::set_permissions(&pin_file, fs::Permissions::from_mode(0o600))
                         .expect("chmod the PIN file");
-                    RootKeyHome::Token { label: t.token_label().to_owned(), pin: token_pin, pin_file }
+                    let outage_flag = t.outage_switch.then(|| {
+                        let dir = root.join("outage");
+                        fs::create_dir_all(&dir).expect("create the outage flag directory");
+                        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755))
+                            .expect("chmod the outage flag directory");
+                        dir.join(format!("{}.down", t.name))
+                    });
+                    RootKeyHome::Token {
+                        label: t.token_label().to_owned(),
+                        pin: token_pin,
+                        pin_file,
+                        outage_flag,
+                    }
                 }
                 Backend::Tpm => RootKeyHome::Tpm(Swtpm::start(&root.join("swtpm").join(&t.name))),
             };
@@ -835,19 +907,36 @@ impl KekdBuilder {
             if let Some(ttl) = &t.idle_ttl {
                 cfg.push_str(&format!("idle_ttl = {}\n", toml_str(ttl)));
             }
+            if let Some(grace) = &t.offline_grace {
+                cfg.push_str(&format!("offline_grace = {}\n", toml_str(grace)));
+            }
+            if let Some(poll) = &t.revocation_poll {
+                cfg.push_str(&format!("revocation_poll = {}\n", toml_str(poll)));
+            }
             if let Some(user) = &t.run_as {
                 cfg.push_str(&format!("run_as = {}\n", toml_str(user)));
             }
             match &home {
-                RootKeyHome::Token { pin_file, .. } => {
+                RootKeyHome::Token { pin_file, outage_flag, .. } => {
                     let hsm = hsm.as_ref().expect("created for SoftHSM2 tenants");
                     cfg.push_str(&format!("\n[tenants.{}.pkcs11]\n", t.name));
-                    cfg.push_str(&format!("module = {}\n", toml_path(&softhsm_module())));
+                    let module = match outage_flag {
+                        Some(_) => outage_module(),
+                        None => softhsm_module(),
+                    };
+                    cfg.push_str(&format!("module = {}\n", toml_path(&module)));
                     cfg.push_str(&format!("token_label = {}\n", toml_str(t.token_label())));
                     cfg.push_str(&format!("key_label = {}\n", toml_str(&root_key_label(&t.name))));
                     cfg.push_str(&format!("pin_file = {}\n", toml_path(pin_file)));
                     cfg.push_str(&format!("create_root_key = {}\n", t.create_root_key));
                     cfg.push_str(&format!("softhsm2_conf = {}\n", toml_path(hsm.conf())));
+                    if let Some(flag) = outage_flag {
+                        cfg.push_str(&format!(
+                            "module_env = {{ KEKD_OUTAGE_MODULE = {}, KEKD_OUTAGE_FLAG = {} }}\n",
+                            toml_path(&softhsm_module()),
+                            toml_path(flag)
+                        ));
+                    }
                 }
                 RootKeyHome::Tpm(swtpm) => {
                     cfg.push_str(&format!("\n[tenants.{}.tpm]\n", t.name));
@@ -1096,6 +1185,51 @@ impl Kekd {
                 );
             }
         }
+    }
+
+    /// The outage proxy's flag file for `tenant`; panics if the tenant is not behind one.
+    #[track_caller]
+    fn outage_flag(&self, tenant: &str) -> &Path {
+        match self.home(tenant) {
+            RootKeyHome::Token { outage_flag: Some(flag), .. } => flag,
+            RootKeyHome::Token { outage_flag: None, .. } => panic!(
+                "tenant {tenant:?} is not behind the outage switch: build it with \
+                 Tenant::behind_outage_switch() to cut its token"
+            ),
+            RootKeyHome::Tpm(_) => panic!(
+                "tenant {tenant:?} is on a swtpm, not behind the outage switch (a SoftHSM2 tenant \
+                 built with Tenant::behind_outage_switch()); stop its swtpm instead"
+            ),
+        }
+    }
+
+    /// Makes `tenant`'s token unreachable, as if the link to a network HSM went down: from
+    /// now on every PKCS#11 call of its worker (but loading and unloading the module) fails
+    /// with `CKR_DEVICE_ERROR`. The token and its keys are untouched. Panics unless the
+    /// tenant is [`Tenant::behind_outage_switch`].
+    #[track_caller]
+    pub fn cut_token(&self, tenant: &str) {
+        let flag = self.outage_flag(tenant);
+        fs::write(flag, b"").unwrap_or_else(|e| panic!("create the outage flag {}: {e}", flag.display()));
+    }
+
+    /// Brings `tenant`'s token back after [`Kekd::cut_token`] (a no-op when it is not cut).
+    /// Panics unless the tenant is [`Tenant::behind_outage_switch`].
+    #[track_caller]
+    pub fn restore_token(&self, tenant: &str) {
+        let flag = self.outage_flag(tenant);
+        match fs::remove_file(flag) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => panic!("remove the outage flag {}: {e}", flag.display()),
+        }
+    }
+
+    /// Whether `tenant`'s token is cut now. Panics unless the tenant is
+    /// [`Tenant::behind_outage_switch`].
+    #[track_caller]
+    pub fn token_is_cut(&self, tenant: &str) -> bool {
+        self.outage_flag(tenant).exists()
     }
 
     pub fn is_running(&mut self) -> bool {

@@ -127,19 +127,28 @@ pub(crate) struct TokenLockGuard<'a> {
 }
 
 impl TokenLock {
-    /// The lock file of a module installation under `lock_dir`: the module, plus the
-    /// SoftHSM2 configuration it runs under. Per installation rather than per token:
-    /// SoftHSM2 keeps every token of a configuration in one directory and reads all of them
-    /// when listing tokens, and a listing while another process writes a different token's
-    /// files fails with CKR_GENERAL_ERROR. Logins are rare, so a wider lock costs nothing.
-    /// Hashed, so that any path gives a safe, bounded file name.
+    /// The lock file of a token store under `lock_dir`: the SoftHSM2 configuration when
+    /// there is one, else the module. Per store rather than per token: SoftHSM2 keeps every
+    /// token of a configuration in one directory and reads all of them when listing
+    /// tokens, and a listing while another process writes a different token's files fails
+    /// with CKR_GENERAL_ERROR. Keyed by the configuration alone, so that two modules over
+    /// one store (a wrapper module in front of SoftHSM2, say) share the lock too. Logins are
+    /// rare, so a wider lock costs nothing. Hashed, so that any path gives a safe, bounded
+    /// file name.
     pub(crate) fn path(lock_dir: &Path, module: &Path, softhsm2_conf: Option<&Path>) -> PathBuf {
-        let mut id = module_id(module).into_os_string().into_vec();
-        id.push(0);
-        if let Some(conf) = softhsm2_conf {
-            let conf = std::fs::canonicalize(conf).unwrap_or_else(|_| conf.to_owned());
-            id.extend_from_slice(conf.as_os_str().as_encoded_bytes());
-        }
+        let id = match softhsm2_conf {
+            Some(conf) => {
+                let conf = std::fs::canonicalize(conf).unwrap_or_else(|_| conf.to_owned());
+                let mut id = b"softhsm2_conf\0".to_vec();
+                id.extend_from_slice(conf.as_os_str().as_encoded_bytes());
+                id
+            }
+            None => {
+                let mut id = b"module\0".to_vec();
+                id.extend_from_slice(&module_id(module).into_os_string().into_vec());
+                id
+            }
+        };
         let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &id);
         let hex = hex::encode(digest.as_ref());
         lock_dir.join(format!("pkcs11-{}.lock", &hex[..16]))
@@ -194,4 +203,26 @@ impl TokenLock {
 
 fn lock_error(path: &Path, what: &str, e: std::io::Error) -> BackendError {
     BackendError::Internal(format!("token lock {}: cannot {what}: {e}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_lock_per_token_store() {
+        let dir = Path::new("/run/kekd/locks");
+        let (a, b) = (Path::new("/usr/lib/softhsm/libsofthsm2.so"), Path::new("/opt/wrapper/pkcs11.so"));
+        let conf = Some(Path::new("/etc/softhsm2-a.conf"));
+        // Two modules over one SoftHSM2 store take turns...
+        assert_eq!(TokenLock::path(dir, a, conf), TokenLock::path(dir, b, conf));
+        // ...two stores do not...
+        assert_ne!(
+            TokenLock::path(dir, a, conf),
+            TokenLock::path(dir, a, Some(Path::new("/etc/softhsm2-b.conf")))
+        );
+        // ...and without a SoftHSM2 configuration, the module is the store.
+        assert_ne!(TokenLock::path(dir, a, None), TokenLock::path(dir, b, None));
+        assert!(TokenLock::path(dir, a, None).starts_with(dir));
+    }
 }

@@ -1,0 +1,231 @@
+/*
+ * pkcs11_outage.so: a PKCS#11 fault-injection proxy for kekd's end-to-end tests.
+ *
+ * It makes a token *unreachable* and brings it back, like a network HSM whose link goes
+ * down, while the application keeps running: something SoftHSM2 itself cannot do.
+ *
+ * On the first C_GetFunctionList it dlopen()s the real module named by the environment
+ * variable KEKD_OUTAGE_MODULE (SoftHSM2's libsofthsm2.so), takes its function list, and
+ * hands out its own list in which every function forwards to the real one, except that
+ * while the file named by KEKD_OUTAGE_FLAG exists, every call other than
+ * C_GetFunctionList, C_Initialize, C_Finalize and C_GetInfo returns CKR_DEVICE_ERROR
+ * without reaching the real module. The real token keeps the keys; the proxy only cuts the
+ * link. The flag is checked with one access(2) per call.
+ *
+ * Only C_GetFunctionList is exported (built with -fvisibility=hidden), so an application
+ * never binds to the proxy's wrappers by symbol and never reaches the real module around
+ * them. There is no C_GetInterface: PKCS#11 3.0 callers fall back to the 2.40 list.
+ *
+ * Built by softhsm-tests/build.rs; the fixture gives the two variables through the
+ * tenant's `module_env`.
+ */
+
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <p11-kit/pkcs11.h>
+
+#define EXPORT __attribute__((visibility("default")))
+
+/* The real module's function list, set once by init(). */
+static CK_FUNCTION_LIST_PTR real;
+static char *flag_path;
+static char *module_path;
+static CK_RV init_rv = CKR_GENERAL_ERROR;
+static pthread_once_t init_once = PTHREAD_ONCE_INIT;
+/* The link state last reported on stderr: 0 up, 1 down. */
+static atomic_int reported_down;
+
+static CK_FUNCTION_LIST proxy_list;
+
+static void init(void) {
+    const char *module = getenv("KEKD_OUTAGE_MODULE");
+    const char *flag = getenv("KEKD_OUTAGE_FLAG");
+    if (module == NULL || module[0] == '\0' || flag == NULL || flag[0] == '\0') {
+        fprintf(stderr,
+                "pkcs11_outage: KEKD_OUTAGE_MODULE (the real PKCS#11 module) and KEKD_OUTAGE_FLAG "
+                "(the file whose existence cuts the link) must both be set\n");
+        init_rv = CKR_GENERAL_ERROR;
+        return;
+    }
+    module_path = strdup(module);
+    flag_path = strdup(flag);
+    if (module_path == NULL || flag_path == NULL) {
+        init_rv = CKR_HOST_MEMORY;
+        return;
+    }
+    void *lib = dlopen(module_path, RTLD_NOW | RTLD_LOCAL);
+    if (lib == NULL) {
+        fprintf(stderr, "pkcs11_outage: cannot load %s: %s\n", module_path, dlerror());
+        init_rv = CKR_GENERAL_ERROR;
+        return;
+    }
+    CK_C_GetFunctionList get = (CK_C_GetFunctionList)dlsym(lib, "C_GetFunctionList");
+    if (get == NULL) {
+        fprintf(stderr, "pkcs11_outage: %s has no C_GetFunctionList: %s\n", module_path, dlerror());
+        init_rv = CKR_GENERAL_ERROR;
+        return;
+    }
+    CK_FUNCTION_LIST_PTR list = NULL;
+    CK_RV rv = get(&list);
+    if (rv != CKR_OK || list == NULL) {
+        fprintf(stderr, "pkcs11_outage: C_GetFunctionList of %s failed: 0x%lx\n", module_path,
+                (unsigned long)rv);
+        init_rv = rv != CKR_OK ? rv : CKR_GENERAL_ERROR;
+        return;
+    }
+    real = list;
+    proxy_list.version = list->version;
+    init_rv = CKR_OK;
+}
+
+/* Whether the link is cut now; reports each change of state on stderr. */
+static int link_down(void) {
+    int down = access(flag_path, F_OK) == 0;
+    if (atomic_exchange(&reported_down, down) != down) {
+        if (down) {
+            fprintf(stderr, "pkcs11_outage: link to %s cut (%s exists): CKR_DEVICE_ERROR\n", module_path,
+                    flag_path);
+        } else {
+            fprintf(stderr, "pkcs11_outage: link to %s restored\n", module_path);
+        }
+    }
+    return down;
+}
+
+/* Forwarded always: loading and unloading the library, and its static information. */
+#define PASS(name, params, args)                                                                   \
+    static CK_RV proxy_##name params {                                                             \
+        if (real == NULL) return CKR_CRYPTOKI_NOT_INITIALIZED;                                     \
+        if (real->name == NULL) return CKR_FUNCTION_NOT_SUPPORTED;                                 \
+        return real->name args;                                                                    \
+    }
+
+/* Forwarded while the link is up; CKR_DEVICE_ERROR while it is cut. */
+#define PROXY(name, params, args)                                                                  \
+    static CK_RV proxy_##name params {                                                             \
+        if (real == NULL) return CKR_CRYPTOKI_NOT_INITIALIZED;                                     \
+        if (real->name == NULL) return CKR_FUNCTION_NOT_SUPPORTED;                                 \
+        if (link_down()) return CKR_DEVICE_ERROR;                                                  \
+        return real->name args;                                                                    \
+    }
+
+#define S CK_SESSION_HANDLE s
+#define M CK_MECHANISM_PTR m
+#define BUF(n) CK_BYTE_PTR n, CK_ULONG n##_len
+#define OUT(n) CK_BYTE_PTR n, CK_ULONG_PTR n##_len
+
+PASS(C_Initialize, (CK_VOID_PTR a), (a))
+PASS(C_Finalize, (CK_VOID_PTR a), (a))
+PASS(C_GetInfo, (CK_INFO_PTR a), (a))
+
+PROXY(C_GetSlotList, (CK_BBOOL p, CK_SLOT_ID_PTR l, CK_ULONG_PTR n), (p, l, n))
+PROXY(C_GetSlotInfo, (CK_SLOT_ID id, CK_SLOT_INFO_PTR i), (id, i))
+PROXY(C_GetTokenInfo, (CK_SLOT_ID id, CK_TOKEN_INFO_PTR i), (id, i))
+PROXY(C_GetMechanismList, (CK_SLOT_ID id, CK_MECHANISM_TYPE_PTR l, CK_ULONG_PTR n), (id, l, n))
+PROXY(C_GetMechanismInfo, (CK_SLOT_ID id, CK_MECHANISM_TYPE t, CK_MECHANISM_INFO_PTR i), (id, t, i))
+PROXY(C_InitToken, (CK_SLOT_ID id, BUF(pin), CK_UTF8CHAR_PTR label), (id, pin, pin_len, label))
+PROXY(C_InitPIN, (S, BUF(pin)), (s, pin, pin_len))
+PROXY(C_SetPIN, (S, BUF(old), BUF(new)), (s, old, old_len, new, new_len))
+PROXY(C_OpenSession, (CK_SLOT_ID id, CK_FLAGS f, CK_VOID_PTR app, CK_NOTIFY notify, CK_SESSION_HANDLE_PTR out),
+      (id, f, app, notify, out))
+PROXY(C_CloseSession, (S), (s))
+PROXY(C_CloseAllSessions, (CK_SLOT_ID id), (id))
+PROXY(C_GetSessionInfo, (S, CK_SESSION_INFO_PTR i), (s, i))
+PROXY(C_GetOperationState, (S, OUT(state)), (s, state, state_len))
+PROXY(C_SetOperationState, (S, BUF(state), CK_OBJECT_HANDLE ek, CK_OBJECT_HANDLE ak),
+      (s, state, state_len, ek, ak))
+PROXY(C_Login, (S, CK_USER_TYPE u, BUF(pin)), (s, u, pin, pin_len))
+PROXY(C_Logout, (S), (s))
+PROXY(C_CreateObject, (S, CK_ATTRIBUTE_PTR t, CK_ULONG n, CK_OBJECT_HANDLE_PTR o), (s, t, n, o))
+PROXY(C_CopyObject, (S, CK_OBJECT_HANDLE o, CK_ATTRIBUTE_PTR t, CK_ULONG n, CK_OBJECT_HANDLE_PTR no),
+      (s, o, t, n, no))
+PROXY(C_DestroyObject, (S, CK_OBJECT_HANDLE o), (s, o))
+PROXY(C_GetObjectSize, (S, CK_OBJECT_HANDLE o, CK_ULONG_PTR n), (s, o, n))
+PROXY(C_GetAttributeValue, (S, CK_OBJECT_HANDLE o, CK_ATTRIBUTE_PTR t, CK_ULONG n), (s, o, t, n))
+PROXY(C_SetAttributeValue, (S, CK_OBJECT_HANDLE o, CK_ATTRIBUTE_PTR t, CK_ULONG n), (s, o, t, n))
+PROXY(C_FindObjectsInit, (S, CK_ATTRIBUTE_PTR t, CK_ULONG n), (s, t, n))
+PROXY(C_FindObjects, (S, CK_OBJECT_HANDLE_PTR o, CK_ULONG max, CK_ULONG_PTR n), (s, o, max, n))
+PROXY(C_FindObjectsFinal, (S), (s))
+PROXY(C_EncryptInit, (S, M, CK_OBJECT_HANDLE k), (s, m, k))
+PROXY(C_Encrypt, (S, BUF(in), OUT(out)), (s, in, in_len, out, out_len))
+PROXY(C_EncryptUpdate, (S, BUF(in), OUT(out)), (s, in, in_len, out, out_len))
+PROXY(C_EncryptFinal, (S, OUT(out)), (s, out, out_len))
+PROXY(C_DecryptInit, (S, M, CK_OBJECT_HANDLE k), (s, m, k))
+PROXY(C_Decrypt, (S, BUF(in), OUT(out)), (s, in, in_len, out, out_len))
+PROXY(C_DecryptUpdate, (S, BUF(in), OUT(out)), (s, in, in_len, out, out_len))
+PROXY(C_DecryptFinal, (S, OUT(out)), (s, out, out_len))
+PROXY(C_DigestInit, (S, M), (s, m))
+PROXY(C_Digest, (S, BUF(in), OUT(out)), (s, in, in_len, out, out_len))
+PROXY(C_DigestUpdate, (S, BUF(in)), (s, in, in_len))
+PROXY(C_DigestKey, (S, CK_OBJECT_HANDLE k), (s, k))
+PROXY(C_DigestFinal, (S, OUT(out)), (s, out, out_len))
+PROXY(C_SignInit, (S, M, CK_OBJECT_HANDLE k), (s, m, k))
+PROXY(C_Sign, (S, BUF(in), OUT(out)), (s, in, in_len, out, out_len))
+PROXY(C_SignUpdate, (S, BUF(in)), (s, in, in_len))
+PROXY(C_SignFinal, (S, OUT(out)), (s, out, out_len))
+PROXY(C_SignRecoverInit, (S, M, CK_OBJECT_HANDLE k), (s, m, k))
+PROXY(C_SignRecover, (S, BUF(in), OUT(out)), (s, in, in_len, out, out_len))
+PROXY(C_VerifyInit, (S, M, CK_OBJECT_HANDLE k), (s, m, k))
+PROXY(C_Verify, (S, BUF(in), BUF(sig)), (s, in, in_len, sig, sig_len))
+PROXY(C_VerifyUpdate, (S, BUF(in)), (s, in, in_len))
+PROXY(C_VerifyFinal, (S, BUF(sig)), (s, sig, sig_len))
+PROXY(C_VerifyRecoverInit, (S, M, CK_OBJECT_HANDLE k), (s, m, k))
+PROXY(C_VerifyRecover, (S, BUF(sig), OUT(out)), (s, sig, sig_len, out, out_len))
+PROXY(C_DigestEncryptUpdate, (S, BUF(in), OUT(out)), (s, in, in_len, out, out_len))
+PROXY(C_DecryptDigestUpdate, (S, BUF(in), OUT(out)), (s, in, in_len, out, out_len))
+PROXY(C_SignEncryptUpdate, (S, BUF(in), OUT(out)), (s, in, in_len, out, out_len))
+PROXY(C_DecryptVerifyUpdate, (S, BUF(in), OUT(out)), (s, in, in_len, out, out_len))
+PROXY(C_GenerateKey, (S, M, CK_ATTRIBUTE_PTR t, CK_ULONG n, CK_OBJECT_HANDLE_PTR k), (s, m, t, n, k))
+PROXY(C_GenerateKeyPair,
+      (S, M, CK_ATTRIBUTE_PTR pt, CK_ULONG pn, CK_ATTRIBUTE_PTR st, CK_ULONG sn, CK_OBJECT_HANDLE_PTR pk,
+       CK_OBJECT_HANDLE_PTR sk),
+      (s, m, pt, pn, st, sn, pk, sk))
+PROXY(C_WrapKey, (S, M, CK_OBJECT_HANDLE wk, CK_OBJECT_HANDLE k, OUT(out)), (s, m, wk, k, out, out_len))
+PROXY(C_UnwrapKey,
+      (S, M, CK_OBJECT_HANDLE uk, BUF(in), CK_ATTRIBUTE_PTR t, CK_ULONG n, CK_OBJECT_HANDLE_PTR k),
+      (s, m, uk, in, in_len, t, n, k))
+PROXY(C_DeriveKey, (S, M, CK_OBJECT_HANDLE bk, CK_ATTRIBUTE_PTR t, CK_ULONG n, CK_OBJECT_HANDLE_PTR k),
+      (s, m, bk, t, n, k))
+PROXY(C_SeedRandom, (S, BUF(in)), (s, in, in_len))
+PROXY(C_GenerateRandom, (S, CK_BYTE_PTR out, CK_ULONG n), (s, out, n))
+PROXY(C_GetFunctionStatus, (S), (s))
+PROXY(C_CancelFunction, (S), (s))
+PROXY(C_WaitForSlotEvent, (CK_FLAGS f, CK_SLOT_ID_PTR id, CK_VOID_PTR r), (f, id, r))
+
+EXPORT CK_RV C_GetFunctionList(CK_FUNCTION_LIST_PTR_PTR out);
+
+static CK_FUNCTION_LIST proxy_list = {
+    .version = {CRYPTOKI_VERSION_MAJOR, CRYPTOKI_VERSION_MINOR},
+#define E(name) .name = proxy_##name
+    E(C_Initialize), E(C_Finalize), E(C_GetInfo), .C_GetFunctionList = C_GetFunctionList,
+    E(C_GetSlotList), E(C_GetSlotInfo), E(C_GetTokenInfo), E(C_GetMechanismList),
+    E(C_GetMechanismInfo), E(C_InitToken), E(C_InitPIN), E(C_SetPIN), E(C_OpenSession),
+    E(C_CloseSession), E(C_CloseAllSessions), E(C_GetSessionInfo), E(C_GetOperationState),
+    E(C_SetOperationState), E(C_Login), E(C_Logout), E(C_CreateObject), E(C_CopyObject),
+    E(C_DestroyObject), E(C_GetObjectSize), E(C_GetAttributeValue), E(C_SetAttributeValue),
+    E(C_FindObjectsInit), E(C_FindObjects), E(C_FindObjectsFinal), E(C_EncryptInit), E(C_Encrypt),
+    E(C_EncryptUpdate), E(C_EncryptFinal), E(C_DecryptInit), E(C_Decrypt), E(C_DecryptUpdate),
+    E(C_DecryptFinal), E(C_DigestInit), E(C_Digest), E(C_DigestUpdate), E(C_DigestKey),
+    E(C_DigestFinal), E(C_SignInit), E(C_Sign), E(C_SignUpdate), E(C_SignFinal),
+    E(C_SignRecoverInit), E(C_SignRecover), E(C_VerifyInit), E(C_Verify), E(C_VerifyUpdate),
+    E(C_VerifyFinal), E(C_VerifyRecoverInit), E(C_VerifyRecover), E(C_DigestEncryptUpdate),
+    E(C_DecryptDigestUpdate), E(C_SignEncryptUpdate), E(C_DecryptVerifyUpdate), E(C_GenerateKey),
+    E(C_GenerateKeyPair), E(C_WrapKey), E(C_UnwrapKey), E(C_DeriveKey), E(C_SeedRandom),
+    E(C_GenerateRandom), E(C_GetFunctionStatus), E(C_CancelFunction), E(C_WaitForSlotEvent),
+#undef E
+};
+
+EXPORT CK_RV C_GetFunctionList(CK_FUNCTION_LIST_PTR_PTR out) {
+    if (out == NULL) return CKR_ARGUMENTS_BAD;
+    pthread_once(&init_once, init);
+    if (init_rv != CKR_OK) return init_rv;
+    *out = &proxy_list;
+    return CKR_OK;
+}
