@@ -90,6 +90,9 @@ pub struct TenantConfig {
     /// a revoked root key stops all service within this bound.
     #[serde(default = "default_revocation_poll", with = "humantime_serde")]
     pub revocation_poll: Duration,
+    /// Encryptions under one KEK version before the key rotates by itself (DESIGN §1).
+    #[serde(default = "default_encryption_budget")]
+    pub encryption_budget: u64,
     pub pkcs11: Option<Pkcs11Config>,
     pub tpm: Option<TpmConfig>,
 }
@@ -240,6 +243,9 @@ fn default_log_level() -> String {
 fn default_shutdown_timeout() -> Duration {
     Duration::from_secs(10)
 }
+fn default_encryption_budget() -> u64 {
+    crate::service::DEFAULT_ENCRYPTION_BUDGET
+}
 fn default_offline_grace() -> Duration {
     Duration::from_secs(3600)
 }
@@ -307,6 +313,12 @@ impl Config {
                 if d < Duration::from_secs(1) {
                     return Err(ConfigError::new(field(f), "must be at least 1s"));
                 }
+            }
+            if !(1..=1 << 32).contains(&t.encryption_budget) {
+                return Err(ConfigError::new(
+                    field("encryption_budget"),
+                    "must be between 1 and 4294967296 (2^32, the limit for random 96-bit nonces)",
+                ));
             }
             if let Some(user) = &t.run_as {
                 RunAs::resolve(user).map_err(|p| ConfigError::new(field("run_as"), p))?;

@@ -27,6 +27,10 @@ pub enum Error {
     KekRecordInvalid { key: KeyName, version: u32 },
     #[error("this operation needs an admin of tenant {tenant:?} (caller uid {uid})")]
     NotAdmin { tenant: String, uid: u32 },
+    #[error(
+        "a batch of {n} encryptions exceeds the encryption budget of a KEK version ({budget}): split it"
+    )]
+    OverBudget { n: u64, budget: u64 },
 }
 
 impl Error {
@@ -47,6 +51,7 @@ impl Error {
             Error::DataInvalid => Code::DataInvalid,
             Error::VersionDisabled { .. } | Error::KekRecordInvalid { .. } => Code::FailedPrecondition,
             Error::NotAdmin { .. } => Code::PermissionDenied,
+            Error::OverBudget { .. } => Code::ResourceExhausted,
         };
         // Store i/o and corruption details (paths) stay in the log.
         let message = match self {

@@ -88,11 +88,20 @@ struct StateRecord {
     version: u32,
     state: StoredState,
     created_unix: u64,
+    /// Encryptions reserved under this version, written ahead of their use: after a crash
+    /// kekd counts them all as used, so the encryption budget is never under-counted.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    reserved: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 struct Version {
     state: StoredState,
     created_unix: u64,
+    reserved: u64,
     /// The sealed KEK; None once destroyed.
     sealed: Option<Arc<[u8]>>,
 }
@@ -142,6 +151,9 @@ pub struct KeyStore {
     root: String,
     dir: PathBuf,
     keys: Mutex<BTreeMap<KeyName, Key>>,
+    /// Serialises the read-modify-write of state records (state changes by admins,
+    /// budget reservations from the data path), so neither overwrites the other.
+    state_writes: Mutex<()>,
 }
 
 impl KeyStore {
@@ -165,7 +177,13 @@ impl KeyStore {
                 keys.insert(name, key);
             }
         }
-        Ok(KeyStore { tenant: tenant.clone(), root, dir, keys: Mutex::new(keys) })
+        Ok(KeyStore {
+            tenant: tenant.clone(),
+            root,
+            dir,
+            keys: Mutex::new(keys),
+            state_writes: Mutex::new(()),
+        })
     }
 
     pub fn list(&self) -> Vec<KeyInfo> {
@@ -241,7 +259,12 @@ impl KeyStore {
         let mut versions = BTreeMap::new();
         versions.insert(
             1,
-            Version { state: StoredState::Enabled, created_unix: now, sealed: Some(sealed.into()) },
+            Version {
+                state: StoredState::Enabled,
+                created_unix: now,
+                reserved: 0,
+                sealed: Some(sealed.into()),
+            },
         );
         let key = Key { active: 1, created_unix: now, versions };
         let info = key.info(name);
@@ -281,7 +304,12 @@ impl KeyStore {
         let key = keys.get_mut(name).expect("checked above; admin operations are serialised");
         key.versions.insert(
             version,
-            Version { state: StoredState::Enabled, created_unix: now, sealed: Some(sealed.into()) },
+            Version {
+                state: StoredState::Enabled,
+                created_unix: now,
+                reserved: 0,
+                sealed: Some(sealed.into()),
+            },
         );
         key.active = version;
         Ok(key.info(name))
@@ -294,7 +322,8 @@ impl KeyStore {
     /// the state and finishes the shredding. The active version cannot be destroyed:
     /// rotate first, so that new wraps always have a key.
     pub fn set_state(&self, name: &KeyName, version: u32, state: StoredState) -> Result<KeyInfo, StoreError> {
-        let created_unix = {
+        let _writing = self.state_writes.lock().expect("state write lock");
+        let (created_unix, reserved) = {
             let keys = self.keys.lock().expect("keystore lock");
             let key = keys.get(name).ok_or_else(|| StoreError::NoSuchKey(name.clone()))?;
             let v =
@@ -309,10 +338,10 @@ impl KeyStore {
                     "version {version} is the active version of \"{name}\": rotate the key before destroying it"
                 )));
             }
-            v.created_unix
+            (v.created_unix, v.reserved)
         };
         let kdir = self.key_dir(name);
-        let rec = StateRecord { format: RECORD_FORMAT, version, state, created_unix };
+        let rec = StateRecord { format: RECORD_FORMAT, version, state, created_unix, reserved };
         write_json(&kdir, &format!("v{version:010}.json"), &rec)?;
         if state == StoredState::Destroyed {
             shred(&kdir.join(format!("v{version:010}.kek")))?;
@@ -326,6 +355,37 @@ impl KeyStore {
             v.sealed = None;
         }
         Ok(key.info(name))
+    }
+
+    /// Encryptions reserved so far under one version (0 for a version never used).
+    pub fn reserved(&self, name: &KeyName, version: u32) -> Result<u64, StoreError> {
+        let keys = self.keys.lock().expect("keystore lock");
+        let key = keys.get(name).ok_or_else(|| StoreError::NoSuchKey(name.clone()))?;
+        let v = key.versions.get(&version).ok_or_else(|| StoreError::NoSuchVersion(name.clone(), version))?;
+        Ok(v.reserved)
+    }
+
+    /// Raises the reserved encryption count of one version to `upto`, on disk (atomically,
+    /// fsynced) before in memory: the caller uses the reservation only once this returns.
+    pub fn reserve(&self, name: &KeyName, version: u32, upto: u64) -> Result<(), StoreError> {
+        let _writing = self.state_writes.lock().expect("state write lock");
+        let (state, created_unix) = {
+            let keys = self.keys.lock().expect("keystore lock");
+            let key = keys.get(name).ok_or_else(|| StoreError::NoSuchKey(name.clone()))?;
+            let v =
+                key.versions.get(&version).ok_or_else(|| StoreError::NoSuchVersion(name.clone(), version))?;
+            if upto <= v.reserved {
+                return Ok(());
+            }
+            (v.state, v.created_unix)
+        };
+        let rec = StateRecord { format: RECORD_FORMAT, version, state, created_unix, reserved: upto };
+        write_json(&self.key_dir(name), &format!("v{version:010}.json"), &rec)?;
+        let mut keys = self.keys.lock().expect("keystore lock");
+        if let Some(v) = keys.get_mut(name).and_then(|k| k.versions.get_mut(&version)) {
+            v.reserved = upto;
+        }
+        Ok(())
     }
 
     fn key_dir(&self, name: &KeyName) -> PathBuf {
@@ -349,8 +409,13 @@ impl KeyStore {
             sealed: B64.encode(sealed),
         };
         write_json(kdir, &format!("v{version:010}.kek"), &kek)?;
-        let st =
-            StateRecord { format: RECORD_FORMAT, version, state: StoredState::Enabled, created_unix: now };
+        let st = StateRecord {
+            format: RECORD_FORMAT,
+            version,
+            state: StoredState::Enabled,
+            created_unix: now,
+            reserved: 0,
+        };
         write_json(kdir, &format!("v{version:010}.json"), &st)
     }
 }
@@ -456,7 +521,10 @@ fn load_key(kdir: &Path, tenant: &TenantName, name: &KeyName) -> Result<Option<K
                 Some(Arc::from(sealed))
             }
         };
-        versions.insert(v, Version { state: st.state, created_unix: st.created_unix, sealed });
+        versions.insert(
+            v,
+            Version { state: st.state, created_unix: st.created_unix, reserved: st.reserved, sealed },
+        );
     }
     if !versions.contains_key(&rec.active_version) {
         return Err(corrupt(&key_path, format!("active version {} has no record", rec.active_version)));
@@ -582,7 +650,13 @@ mod tests {
         write_atomic(&kdir, "v0000000002.kek", b"{}").unwrap();
         // A destroy cut short after the state was written, before the shredding.
         fs::write(kdir.join("v0000000003.kek"), b"secret-looking").unwrap();
-        let st = StateRecord { format: 1, version: 3, state: StoredState::Destroyed, created_unix: 0 };
+        let st = StateRecord {
+            format: 1,
+            version: 3,
+            state: StoredState::Destroyed,
+            created_unix: 0,
+            reserved: 0,
+        };
         write_json(&kdir, "v0000000003.json", &st).unwrap();
         // A stray temp file.
         fs::write(kdir.join(".tmp-abc-key.json"), b"partial").unwrap();

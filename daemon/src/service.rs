@@ -48,6 +48,22 @@ pub struct TenantService {
     /// Serialises admin operations: version numbers are chosen before sealing.
     admin: tokio::sync::Mutex<()>,
     started: BootInstant,
+    /// Encryptions allowed under one KEK version (DESIGN §1).
+    encryption_budget: u64,
+    /// Encryptions counted under each KEK version used since the start, against the budget.
+    counters: tokio::sync::Mutex<HashMap<(KeyName, u32), Counter>>,
+}
+
+/// The default encryption budget of a KEK version: 2^30, far below the 2^32 random-nonce
+/// limit of NIST SP 800-38D.
+pub const DEFAULT_ENCRYPTION_BUDGET: u64 = 1 << 30;
+/// The most encryptions reserved on disk at once: what a crash can waste of a budget.
+const MAX_RESERVATION: u64 = 1 << 16;
+
+/// One KEK version's encryption count: `used` in memory, `reserved` on disk ahead of it.
+struct Counter {
+    used: u64,
+    reserved: u64,
 }
 
 impl TenantService {
@@ -66,6 +82,8 @@ impl TenantService {
             cache,
             admin: tokio::sync::Mutex::new(()),
             started: BootInstant::now(),
+            encryption_budget: DEFAULT_ENCRYPTION_BUDGET,
+            counters: tokio::sync::Mutex::new(HashMap::new()),
         };
         let default = KeyName::parse(DEFAULT_KEY).expect("valid name");
         if svc.store.len() == 0 {
@@ -74,6 +92,12 @@ impl TenantService {
             tracing::info!(tenant = %svc.tenant, "created key \"default\" for a new tenant");
         }
         Ok(svc)
+    }
+
+    /// Sets the encryption budget of each KEK version (at least 1).
+    pub fn with_encryption_budget(mut self, budget: u64) -> Self {
+        self.encryption_budget = budget.max(1);
+        self
     }
 
     pub fn tenant(&self) -> &TenantName {
@@ -188,7 +212,8 @@ impl TenantService {
         edek_only: bool,
         contexts: Vec<Context>,
     ) -> Result<Reply, ErrorStatus> {
-        let sealer = self.active_sealer(key).await.map_err(|e| e.status())?;
+        let version = self.reserve(key, contexts.len() as u64).await.map_err(|e| e.status())?;
+        let sealer = self.sealer(key, version).await.map_err(|e| e.status())?;
         let items = contexts
             .iter()
             .map(|ctx| {
@@ -207,7 +232,8 @@ impl TenantService {
     }
 
     async fn wrap(&self, key: &KeyName, items: Vec<WrapItem>) -> Result<Reply, ErrorStatus> {
-        let sealer = self.active_sealer(key).await.map_err(|e| e.status())?;
+        let version = self.reserve(key, items.len() as u64).await.map_err(|e| e.status())?;
+        let sealer = self.sealer(key, version).await.map_err(|e| e.status())?;
         let items = items
             .iter()
             .map(|it| {
@@ -240,25 +266,30 @@ impl TenantService {
     /// never leaves this function.
     async fn rewrap_batch(&self, items: Vec<EdekItem>) -> Reply {
         let mut sealers = SealerSet::default();
-        let mut active: HashMap<KeyName, Result<Sealer<'_>, ErrorStatus>> = HashMap::new();
+        let mut active = SealerSet::default();
         let mut out = Vec::with_capacity(items.len());
         for it in &items {
             let res = match self.open(&mut sealers, it).await {
                 Err(e) => Err(e),
-                Ok((pt, key, _)) => {
-                    if !active.contains_key(&key) {
-                        active.insert(key.clone(), self.active_sealer(&key).await.map_err(|e| e.status()));
+                Ok((pt, key, _)) => match self.reserve(&key, 1).await {
+                    Err(e) => Err(e.status()),
+                    Ok(version) => {
+                        let id = (key, version);
+                        if !active.0.contains_key(&id) {
+                            let s = self.sealer(&id.0, version).await.map_err(|e| e.status());
+                            active.0.insert(id.clone(), s);
+                        }
+                        match &active.0[&id] {
+                            Ok(s) => Ok(ItemOk {
+                                plaintext: None,
+                                edek: Some(s.seal(pt.expose(), &it.context)),
+                                key: id.0,
+                                version,
+                            }),
+                            Err(e) => Err(e.clone()),
+                        }
                     }
-                    match &active[&key] {
-                        Ok(s) => Ok(ItemOk {
-                            plaintext: None,
-                            edek: Some(s.seal(pt.expose(), &it.context)),
-                            key,
-                            version: s.version(),
-                        }),
-                        Err(e) => Err(e.clone()),
-                    }
-                }
+                },
             };
             out.push(res);
         }
@@ -289,9 +320,55 @@ impl TenantService {
         }
     }
 
-    async fn active_sealer(&self, key: &KeyName) -> Result<Sealer<'_>, Error> {
-        let version = self.store.active_version(key)?;
-        self.sealer(key, version).await
+    /// Counts `n` encryptions against the active version of `key` and returns that
+    /// version. The count is reserved on disk ahead of use; when the budget of the active
+    /// version cannot take `n` more, the key is rotated first.
+    async fn reserve(&self, key: &KeyName, n: u64) -> Result<u32, Error> {
+        let budget = self.encryption_budget;
+        if n > budget {
+            return Err(Error::OverBudget { n, budget });
+        }
+        let mut counters = self.counters.lock().await;
+        loop {
+            let version = self.store.active_version(key)?;
+            let id = (key.clone(), version);
+            if !counters.contains_key(&id) {
+                // After a restart every reservation counts as used: never under-count.
+                let reserved = self.store.reserved(key, version)?;
+                counters.insert(id.clone(), Counter { used: reserved, reserved });
+            }
+            let c = counters.get_mut(&id).expect("inserted above");
+            if c.used + n <= budget {
+                if c.used + n > c.reserved {
+                    let step = (budget / 16).clamp(1, MAX_RESERVATION);
+                    let upto = (c.used + n).max(c.reserved + step).min(budget);
+                    tokio::task::block_in_place(|| self.store.reserve(key, version, upto))?;
+                    c.reserved = upto;
+                }
+                c.used += n;
+                return Ok(version);
+            }
+            counters.remove(&id);
+            self.rotate_over_budget(key, version).await?;
+        }
+    }
+
+    /// Rotates `key` because `version` spent its encryption budget, unless an admin rotated
+    /// it meanwhile.
+    async fn rotate_over_budget(&self, key: &KeyName, version: u32) -> Result<(), Error> {
+        let _admin = self.admin.lock().await;
+        if self.store.active_version(key)? != version {
+            return Ok(());
+        }
+        let next = self.store.next_version(key);
+        let sealed = self.seal_new_kek_blocking(key, next)?;
+        tokio::task::block_in_place(|| self.store.add_version(key, next, sealed))?;
+        tracing::info!(
+            tenant = %self.tenant, key = %key, version, next,
+            budget = self.encryption_budget,
+            "encryption budget of the active version reached: rotated"
+        );
+        Ok(())
     }
 
     /// A sealer for one version, its KEK from the cache or the root key.
@@ -728,5 +805,60 @@ mod tests {
         assert_eq!(r[0].as_ref().unwrap_err().code, Code::Unavailable);
         root.down.store(false, Ordering::SeqCst);
         assert!(items(call(&s, unwrap_one(&edek)).await)[0].is_ok());
+    }
+
+    fn generate(n: usize) -> Op {
+        Op::Generate { key: key("default"), edek_only: true, contexts: vec![Context::default(); n] }
+    }
+
+    fn versions(r: Result<Reply, ErrorStatus>) -> Vec<u32> {
+        items(r).into_iter().map(|i| i.unwrap().version).collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_spent_budget_rotates_the_key_and_old_edeks_still_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, _) = service(dir.path(), "acme");
+        let s = s.with_encryption_budget(1000);
+        let first = items(call(&s, generate(1)).await)[0].as_ref().unwrap().edek.clone().unwrap();
+        for _ in 0..9 {
+            assert!(versions(call(&s, generate(111)).await).iter().all(|&v| v == 1));
+        }
+        // 1 + 999 = 1000: the budget of version 1 is spent exactly; the next one rotates.
+        assert_eq!(versions(call(&s, generate(1)).await), [2]);
+        let info = s.store.info(&key("default")).unwrap();
+        assert_eq!(info.active_version, 2);
+        // A batch that does not fit in what is left moves to a new version whole.
+        assert!(versions(call(&s, generate(998)).await).iter().all(|&v| v == 2));
+        assert!(versions(call(&s, generate(2)).await).iter().all(|&v| v == 3));
+        // Rewrap counts too, and moves the old EDEK to the active version.
+        let re = items(
+            call(&s, Op::Rewrap(vec![EdekItem { edek: first.clone(), context: Context::default() }])).await,
+        );
+        assert_eq!(re[0].as_ref().unwrap().version, 3);
+        assert!(items(call(&s, unwrap_one(&first)).await)[0].is_ok(), "version 1 still decrypts");
+        // Nothing can be bigger than the budget itself.
+        let e = call(&s, generate(1001)).await.unwrap_err();
+        assert_eq!(e.code, Code::ResourceExhausted);
+        assert!(e.message.contains("1001") && e.message.contains("1000"), "{}", e.message);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reservations_survive_a_restart_so_the_budget_is_never_undercounted() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (s, _) = service(dir.path(), "acme");
+            let s = s.with_encryption_budget(1000);
+            versions(call(&s, generate(10)).await);
+            // Reserved ahead: one step of budget / 16.
+            assert_eq!(s.store.reserved(&key("default"), 1).unwrap(), 62);
+        } // a crash: 52 reserved encryptions were never used
+        let (s, _) = service(dir.path(), "acme");
+        let s = s.with_encryption_budget(1000);
+        for _ in 0..2 {
+            assert!(versions(call(&s, generate(469)).await).iter().all(|&v| v == 1));
+        }
+        // 62 + 938 = 1000: counted from the reservation, not from what was used.
+        assert_eq!(versions(call(&s, generate(1)).await), [2]);
     }
 }

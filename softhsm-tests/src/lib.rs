@@ -605,6 +605,8 @@ pub struct Tenant {
     pub offline_grace: Option<String>,
     /// `revocation_poll` in the config; `None`: not written.
     pub revocation_poll: Option<String>,
+    /// `encryption_budget` in the config; `None`: not written.
+    pub encryption_budget: Option<u64>,
     pub create_root_key: bool,
     pub pin: String,
     /// The token's label; `None`: a token of its own, labelled with the tenant's name.
@@ -637,6 +639,7 @@ impl Tenant {
             idle_ttl: None,
             offline_grace: None,
             revocation_poll: None,
+            encryption_budget: None,
             create_root_key: true,
             pin: format!("pin-{name}-1234"),
             token: None,
@@ -775,6 +778,12 @@ impl Tenant {
         self
     }
 
+    /// `encryption_budget`: encryptions under one KEK version before it rotates.
+    pub fn encryption_budget(mut self, budget: u64) -> Self {
+        self.encryption_budget = Some(budget);
+        self
+    }
+
     /// `revocation_poll` (a humantime duration).
     pub fn revocation_poll(mut self, poll: &str) -> Self {
         self.revocation_poll = Some(poll.into());
@@ -909,6 +918,9 @@ impl KekdBuilder {
             }
             if let Some(grace) = &t.offline_grace {
                 cfg.push_str(&format!("offline_grace = {}\n", toml_str(grace)));
+            }
+            if let Some(budget) = t.encryption_budget {
+                cfg.push_str(&format!("encryption_budget = {budget}\n"));
             }
             if let Some(poll) = &t.revocation_poll {
                 cfg.push_str(&format!("revocation_poll = {}\n", toml_str(poll)));
