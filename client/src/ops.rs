@@ -105,6 +105,31 @@ macro_rules! typed_ops {
                 key_info(op.name(), self.call(op, metadata).await?)
             }
 
+            /// Changes a key's version controls; `None` keeps a value.
+            pub async fn set_key_policy(
+                &self,
+                key: &KeyName,
+                min_decrypt_version: Option<u32>,
+                keep_versions: Option<u32>,
+                metadata: Metadata,
+            ) -> Result<KeyInfo, ClientError> {
+                let op = Op::SetKeyPolicy { key: key.clone(), min_decrypt_version, keep_versions };
+                key_info(op.name(), self.call(op, metadata).await?)
+            }
+
+            /// Crypto-shreds every key of the tenant; `confirm` must name it. Returns the
+            /// number of keys and of KEK versions shredded.
+            pub async fn destroy_tenant(
+                &self,
+                confirm: &kekd_proto::TenantName,
+                metadata: Metadata,
+            ) -> Result<(u32, u32), ClientError> {
+                match self.call(Op::DestroyTenant { confirm: confirm.clone() }, metadata).await? {
+                    Reply::TenantDestroyed { keys, versions_shredded } => Ok((keys, versions_shredded)),
+                    _ => Err(unexpected("destroy_tenant")),
+                }
+            }
+
             pub async fn list_keys(&self, metadata: Metadata) -> Result<Vec<KeyInfo>, ClientError> {
                 match self.call(Op::ListKeys, metadata).await? {
                     Reply::Keys(keys) => Ok(keys),

@@ -220,7 +220,11 @@ impl PooledClient {
 /// Exhaustive, so that a new operation cannot be added without deciding.
 fn changes_state(op: &Op) -> bool {
     match op {
-        Op::CreateKey(_) | Op::RotateKey(_) | Op::SetVersionState { .. } => true,
+        Op::CreateKey(_)
+        | Op::RotateKey(_)
+        | Op::SetVersionState { .. }
+        | Op::SetKeyPolicy { .. }
+        | Op::DestroyTenant { .. } => true,
         Op::Hello(_)
         | Op::Generate { .. }
         | Op::Wrap { .. }
@@ -258,5 +262,11 @@ fn copy_op(op: &Op) -> Op {
             Op::SetVersionState { key: key.clone(), version: *version, state: *state }
         }
         Op::ListKeys => Op::ListKeys,
+        Op::SetKeyPolicy { key, min_decrypt_version, keep_versions } => Op::SetKeyPolicy {
+            key: key.clone(),
+            min_decrypt_version: *min_decrypt_version,
+            keep_versions: *keep_versions,
+        },
+        Op::DestroyTenant { confirm } => Op::DestroyTenant { confirm: confirm.clone() },
     }
 }

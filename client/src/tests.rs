@@ -92,7 +92,7 @@ impl Conn {
 }
 
 fn key_info(name: KeyName) -> KeyInfo {
-    KeyInfo { name, active_version: 1, versions: vec![] }
+    KeyInfo { name, active_version: 1, versions: vec![], min_decrypt_version: 0, keep_versions: 0 }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

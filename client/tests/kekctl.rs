@@ -91,7 +91,7 @@ fn key_info(name: KeyName, active: u32) -> KeyInfo {
             created_unix: 1_700_000_000 + u64::from(v),
         })
         .collect();
-    KeyInfo { name, active_version: active, versions }
+    KeyInfo { name, active_version: active, versions, min_decrypt_version: 0, keep_versions: 0 }
 }
 
 async fn serve(stream: tokio::net::UnixStream, keys: Keys, refusals: Arc<AtomicUsize>) {
@@ -212,6 +212,18 @@ fn handle(op: Op, keys: &Keys) -> Result<Reply, ErrorStatus> {
             Reply::Key(info.clone())
         }
         Op::ListKeys => Reply::Keys(keys.values().cloned().collect()),
+        Op::SetKeyPolicy { key, min_decrypt_version, keep_versions } => {
+            let info = keys.get_mut(&key).ok_or_else(|| not_found(&key))?;
+            info.min_decrypt_version = min_decrypt_version.unwrap_or(info.min_decrypt_version);
+            info.keep_versions = keep_versions.unwrap_or(info.keep_versions);
+            Reply::Key(info.clone())
+        }
+        Op::DestroyTenant { .. } => {
+            let versions = keys.values().map(|k| k.versions.len() as u32).sum();
+            let n = keys.len() as u32;
+            keys.clear();
+            Reply::TenantDestroyed { keys: n, versions_shredded: versions }
+        }
     })
 }
 

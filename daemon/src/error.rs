@@ -27,6 +27,12 @@ pub enum Error {
     KekRecordInvalid { key: KeyName, version: u32 },
     #[error("this operation needs an admin of tenant {tenant:?} (caller uid {uid})")]
     NotAdmin { tenant: String, uid: u32 },
+    #[error("version {version} of key \"{key}\" is below its min_decrypt_version {min}")]
+    BelowMinDecrypt { key: KeyName, version: u32, min: u32 },
+    #[error("tenant {0:?} was destroyed (kekctl tenant destroy): its keys are gone; remove it from the configuration")]
+    TenantDestroyed(String),
+    #[error("confirm_tenant must name this connection's tenant ({0:?})")]
+    WrongConfirmation(String),
     #[error(
         "a batch of {n} encryptions exceeds the encryption budget of a KEK version ({budget}): split it"
     )]
@@ -52,6 +58,8 @@ impl Error {
             Error::VersionDisabled { .. } | Error::KekRecordInvalid { .. } => Code::FailedPrecondition,
             Error::NotAdmin { .. } => Code::PermissionDenied,
             Error::OverBudget { .. } => Code::ResourceExhausted,
+            Error::BelowMinDecrypt { .. } | Error::TenantDestroyed(_) => Code::FailedPrecondition,
+            Error::WrongConfirmation(_) => Code::InvalidArgument,
         };
         // Store i/o and corruption details (paths) stay in the log.
         let message = match self {

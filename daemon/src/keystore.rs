@@ -67,6 +67,25 @@ struct KeyRecord {
     key: String,
     active_version: u32,
     created_unix: u64,
+    #[serde(default, skip_serializing_if = "is_zero32")]
+    min_decrypt_version: u32,
+    #[serde(default, skip_serializing_if = "is_zero32")]
+    keep_versions: u32,
+}
+
+fn is_zero32(n: &u32) -> bool {
+    *n == 0
+}
+
+/// The tombstone of a destroyed tenant, in `<state_dir>/tenants/<tenant>/`.
+const TOMBSTONE: &str = "destroyed.json";
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Tombstone {
+    format: u32,
+    tenant: String,
+    destroyed_unix: u64,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -109,6 +128,8 @@ struct Version {
 struct Key {
     active: u32,
     created_unix: u64,
+    min_decrypt_version: u32,
+    keep_versions: u32,
     versions: BTreeMap<u32, Version>,
 }
 
@@ -135,6 +156,20 @@ impl Key {
                     created_unix: ver.created_unix,
                 })
                 .collect(),
+            min_decrypt_version: self.min_decrypt_version,
+            keep_versions: self.keep_versions,
+        }
+    }
+
+    fn record(&self, tenant: &TenantName, name: &KeyName) -> KeyRecord {
+        KeyRecord {
+            format: RECORD_FORMAT,
+            tenant: tenant.to_string(),
+            key: name.to_string(),
+            active_version: self.active,
+            created_unix: self.created_unix,
+            min_decrypt_version: self.min_decrypt_version,
+            keep_versions: self.keep_versions,
         }
     }
 }
@@ -143,6 +178,8 @@ impl Key {
 pub struct VersionView {
     pub state: VersionState,
     pub sealed: Arc<[u8]>,
+    /// The key's `min_decrypt_version`: versions below it are refused for decryption.
+    pub min_decrypt_version: u32,
 }
 
 /// One tenant's key store. Reads are served from memory; writes go to disk first.
@@ -154,13 +191,32 @@ pub struct KeyStore {
     /// Serialises the read-modify-write of state records (state changes by admins,
     /// budget reservations from the data path), so neither overwrites the other.
     state_writes: Mutex<()>,
+    /// When the tenant was destroyed, if it was: then the store is empty for good.
+    destroyed_unix: Mutex<Option<u64>>,
 }
 
 impl KeyStore {
     /// Opens (creating if needed) the tenant's store and loads every key. Finishes any
     /// shredding and removes any half-created key or version left by a crash.
     pub fn open(state_dir: &Path, tenant: &TenantName, root: String) -> Result<KeyStore, StoreError> {
-        let dir = state_dir.join("tenants").join(tenant.as_str()).join("keys");
+        let tenant_dir = state_dir.join("tenants").join(tenant.as_str());
+        let dir = tenant_dir.join("keys");
+        let stone_path = tenant_dir.join(TOMBSTONE);
+        if stone_path.exists() {
+            let stone: Tombstone = read_json(&stone_path)?;
+            // A destruction cut short: finish it.
+            if dir.exists() {
+                shred_tree(&dir)?;
+            }
+            return Ok(KeyStore {
+                tenant: tenant.clone(),
+                root,
+                dir,
+                keys: Mutex::new(BTreeMap::new()),
+                state_writes: Mutex::new(()),
+                destroyed_unix: Mutex::new(Some(stone.destroyed_unix)),
+            });
+        }
         fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir).map_err(io_err(&dir))?;
         let mut keys = BTreeMap::new();
         for entry in fs::read_dir(&dir).map_err(io_err(&dir))? {
@@ -183,6 +239,7 @@ impl KeyStore {
             dir,
             keys: Mutex::new(keys),
             state_writes: Mutex::new(()),
+            destroyed_unix: Mutex::new(None),
         })
     }
 
@@ -194,7 +251,6 @@ impl KeyStore {
         self.keys.lock().expect("keystore lock").len()
     }
 
-    #[cfg(test)]
     pub fn info(&self, name: &KeyName) -> Result<KeyInfo, StoreError> {
         let keys = self.keys.lock().expect("keystore lock");
         keys.get(name).map(|k| k.info(name)).ok_or_else(|| StoreError::NoSuchKey(name.clone()))
@@ -212,7 +268,7 @@ impl KeyStore {
         let v = key.versions.get(&version).ok_or_else(|| StoreError::NoSuchVersion(name.clone(), version))?;
         let state = key.state_of(version, v);
         let sealed = v.sealed.clone().ok_or_else(|| StoreError::NoSuchVersion(name.clone(), version))?;
-        Ok(VersionView { state, sealed })
+        Ok(VersionView { state, sealed, min_decrypt_version: key.min_decrypt_version })
     }
 
     /// The version number a new key (1) or a rotation (highest + 1) will use. Callers seal
@@ -248,14 +304,6 @@ impl KeyStore {
         sync_dir(&self.dir)?;
         let now = unix_now();
         self.write_version(&kdir, name, 1, &sealed, now)?;
-        let rec = KeyRecord {
-            format: RECORD_FORMAT,
-            tenant: self.tenant.to_string(),
-            key: name.to_string(),
-            active_version: 1,
-            created_unix: now,
-        };
-        write_json(&kdir, "key.json", &rec)?;
         let mut versions = BTreeMap::new();
         versions.insert(
             1,
@@ -266,7 +314,8 @@ impl KeyStore {
                 sealed: Some(sealed.into()),
             },
         );
-        let key = Key { active: 1, created_unix: now, versions };
+        let key = Key { active: 1, created_unix: now, min_decrypt_version: 0, keep_versions: 0, versions };
+        write_json(&kdir, "key.json", &key.record(&self.tenant, name))?;
         let info = key.info(name);
         self.keys.lock().expect("keystore lock").insert(name.clone(), key);
         Ok(info)
@@ -279,7 +328,7 @@ impl KeyStore {
     /// not active and was never used; `open` keeps it as decrypt-only, and the next
     /// rotation uses the number after it.
     pub fn add_version(&self, name: &KeyName, version: u32, sealed: Vec<u8>) -> Result<KeyInfo, StoreError> {
-        let created = {
+        let mut rec = {
             let keys = self.keys.lock().expect("keystore lock");
             let key = keys.get(name).ok_or_else(|| StoreError::NoSuchKey(name.clone()))?;
             if key.versions.keys().next_back().is_some_and(|&v| v >= version) {
@@ -287,18 +336,12 @@ impl KeyStore {
                     "version {version} of \"{name}\" already exists"
                 )));
             }
-            key.created_unix
+            key.record(&self.tenant, name)
         };
         let kdir = self.key_dir(name);
         let now = unix_now();
         self.write_version(&kdir, name, version, &sealed, now)?;
-        let rec = KeyRecord {
-            format: RECORD_FORMAT,
-            tenant: self.tenant.to_string(),
-            key: name.to_string(),
-            active_version: version,
-            created_unix: created,
-        };
+        rec.active_version = version;
         write_json(&kdir, "key.json", &rec)?;
         let mut keys = self.keys.lock().expect("keystore lock");
         let key = keys.get_mut(name).expect("checked above; admin operations are serialised");
@@ -355,6 +398,90 @@ impl KeyStore {
             v.sealed = None;
         }
         Ok(key.info(name))
+    }
+
+    /// Sets a key's version controls (`None` keeps a value). A `min_decrypt_version` above
+    /// the active version is refused: new data would be undecryptable at once.
+    pub fn set_policy(
+        &self,
+        name: &KeyName,
+        min_decrypt_version: Option<u32>,
+        keep_versions: Option<u32>,
+    ) -> Result<KeyInfo, StoreError> {
+        let rec = {
+            let keys = self.keys.lock().expect("keystore lock");
+            let key = keys.get(name).ok_or_else(|| StoreError::NoSuchKey(name.clone()))?;
+            let mut rec = key.record(&self.tenant, name);
+            if let Some(min) = min_decrypt_version {
+                if min > key.active {
+                    return Err(StoreError::Precondition(format!(
+                        "min_decrypt_version {min} is above the active version {} of \"{name}\"",
+                        key.active
+                    )));
+                }
+                rec.min_decrypt_version = min;
+            }
+            if let Some(keep) = keep_versions {
+                rec.keep_versions = keep;
+            }
+            rec
+        };
+        write_json(&self.key_dir(name), "key.json", &rec)?;
+        let mut keys = self.keys.lock().expect("keystore lock");
+        let key = keys.get_mut(name).expect("checked above; admin operations are serialised");
+        key.min_decrypt_version = rec.min_decrypt_version;
+        key.keep_versions = rec.keep_versions;
+        Ok(key.info(name))
+    }
+
+    /// Destroys (crypto-shreds) the versions of `name` older than its newest
+    /// `keep_versions`, if set; returns the versions destroyed now.
+    pub fn prune(&self, name: &KeyName) -> Result<Vec<u32>, StoreError> {
+        let doomed: Vec<u32> = {
+            let keys = self.keys.lock().expect("keystore lock");
+            let key = keys.get(name).ok_or_else(|| StoreError::NoSuchKey(name.clone()))?;
+            if key.keep_versions == 0 {
+                return Ok(Vec::new());
+            }
+            key.versions
+                .iter()
+                .rev()
+                .skip(key.keep_versions as usize)
+                .filter(|(&v, ver)| ver.state != StoredState::Destroyed && v != key.active)
+                .map(|(&v, _)| v)
+                .collect()
+        };
+        for &v in &doomed {
+            self.set_state(name, v, StoredState::Destroyed)?;
+        }
+        Ok(doomed)
+    }
+
+    /// Crypto-shreds the whole tenant. The tombstone goes first (the commit point: from
+    /// then on the tenant is destroyed, and [`KeyStore::open`] finishes the job if this is
+    /// cut short), then every sealed KEK record is overwritten, fsynced and removed, then
+    /// the rest. Returns (keys, versions shredded).
+    pub fn destroy_tenant(&self) -> Result<(u32, u32), StoreError> {
+        let _writing = self.state_writes.lock().expect("state write lock");
+        let tenant_dir = self.dir.parent().expect("the key store lives in its tenant's directory");
+        let stone =
+            Tombstone { format: RECORD_FORMAT, tenant: self.tenant.to_string(), destroyed_unix: unix_now() };
+        write_json(tenant_dir, TOMBSTONE, &stone)?;
+        *self.destroyed_unix.lock().expect("keystore lock") = Some(stone.destroyed_unix);
+        let mut keys = self.keys.lock().expect("keystore lock");
+        let counts = (
+            keys.len() as u32,
+            keys.values().flat_map(|k| k.versions.values()).filter(|v| v.sealed.is_some()).count() as u32,
+        );
+        keys.clear();
+        drop(keys);
+        shred_tree(&self.dir)?;
+        Ok(counts)
+    }
+
+    /// When the tenant was destroyed (unix time), if it was.
+    pub fn destroyed(&self) -> Option<u64> {
+        *self.destroyed_unix.lock().expect("keystore lock")
     }
 
     /// Encryptions reserved so far under one version (0 for a version never used).
@@ -529,7 +656,13 @@ fn load_key(kdir: &Path, tenant: &TenantName, name: &KeyName) -> Result<Option<K
     if !versions.contains_key(&rec.active_version) {
         return Err(corrupt(&key_path, format!("active version {} has no record", rec.active_version)));
     }
-    Ok(Some(Key { active: rec.active_version, created_unix: rec.created_unix, versions }))
+    Ok(Some(Key {
+        active: rec.active_version,
+        created_unix: rec.created_unix,
+        min_decrypt_version: rec.min_decrypt_version,
+        keep_versions: rec.keep_versions,
+        versions,
+    }))
 }
 
 fn write_json<T: Serialize>(dir: &Path, name: &str, value: &T) -> Result<(), StoreError> {
@@ -575,6 +708,29 @@ fn shred(path: &Path) -> Result<(), StoreError> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         other => other.map_err(io_err(path)),
     }
+}
+
+/// Shreds every `.kek` record under `dir` (overwrite, fsync, unlink), then removes
+/// everything else and `dir` itself, fsyncing the directories on the way.
+fn shred_tree(dir: &Path) -> Result<(), StoreError> {
+    for entry in fs::read_dir(dir).map_err(io_err(dir))? {
+        let path = entry.map_err(io_err(dir))?.path();
+        if path.is_dir() {
+            shred_tree(&path)?;
+        } else if path.extension().is_some_and(|e| e == "kek")
+            || path.file_name().is_some_and(|n| n.to_string_lossy().starts_with(".tmp"))
+        {
+            shred(&path)?;
+        } else {
+            fs::remove_file(&path).map_err(io_err(&path))?;
+        }
+    }
+    sync_dir(dir)?;
+    fs::remove_dir(dir).map_err(io_err(dir))?;
+    if let Some(parent) = dir.parent() {
+        sync_dir(parent)?;
+    }
+    Ok(())
 }
 
 fn unix_now() -> u64 {
@@ -691,5 +847,42 @@ mod tests {
         let okdir = s2.key_dir(&k);
         fs::copy(okdir.join("key.json"), kdir.join("key.json")).unwrap();
         assert!(matches!(KeyStore::open(dir.path(), &t, "r".into()), Err(StoreError::Corrupt { .. })));
+    }
+
+    #[test]
+    fn policy_survives_reload_and_prune_keeps_the_newest() {
+        let (dir, t, k) = setup();
+        let s = open(dir.path(), &t);
+        s.create_key(&k, b"v1".to_vec()).unwrap();
+        for v in 2..=4 {
+            s.add_version(&k, v, format!("v{v}").into_bytes()).unwrap();
+        }
+        let info = s.set_policy(&k, Some(2), Some(2)).unwrap();
+        assert_eq!((info.min_decrypt_version, info.keep_versions), (2, 2));
+        assert!(s.set_policy(&k, Some(5), None).is_err(), "above the active version");
+        assert_eq!(s.prune(&k).unwrap(), [2, 1]);
+        assert_eq!(s.prune(&k).unwrap(), Vec::<u32>::new());
+        drop(s);
+        let s = open(dir.path(), &t);
+        let info = s.info(&k).unwrap();
+        assert_eq!((info.min_decrypt_version, info.keep_versions), (2, 2));
+        assert_eq!(s.version(&k, 3).unwrap().min_decrypt_version, 2);
+        assert!(s.version(&k, 1).is_err(), "destroyed");
+    }
+
+    #[test]
+    fn a_tenant_destruction_cut_short_is_finished_on_open() {
+        let (dir, t, k) = setup();
+        let s = open(dir.path(), &t);
+        s.create_key(&k, b"sealed-bytes".to_vec()).unwrap();
+        let tenant_dir = dir.path().join("tenants/acme");
+        // The commit point and nothing after it: a crash right after the tombstone.
+        let stone = Tombstone { format: 1, tenant: "acme".into(), destroyed_unix: 7 };
+        write_json(&tenant_dir, TOMBSTONE, &stone).unwrap();
+        drop(s);
+        let s = open(dir.path(), &t);
+        assert_eq!(s.destroyed(), Some(7));
+        assert_eq!(s.len(), 0);
+        assert!(!tenant_dir.join("keys").exists(), "the shredding was finished");
     }
 }

@@ -86,7 +86,12 @@ impl TenantService {
             counters: tokio::sync::Mutex::new(HashMap::new()),
         };
         let default = KeyName::parse(DEFAULT_KEY).expect("valid name");
-        if svc.store.len() == 0 {
+        if let Some(when) = svc.store.destroyed() {
+            tracing::warn!(
+                tenant = %svc.tenant, destroyed_unix = when,
+                "tenant was destroyed: serving nothing but status; remove it from the configuration"
+            );
+        } else if svc.store.len() == 0 {
             let sealed = svc.seal_new_kek(&default, 1)?;
             svc.store.create_key(&default, sealed)?;
             tracing::info!(tenant = %svc.tenant, "created key \"default\" for a new tenant");
@@ -184,6 +189,10 @@ impl TenantService {
             let e = Error::NotAdmin { tenant: self.tenant.to_string(), uid: peer.uid };
             return Response { id: req.id, result: Err(e.status()) };
         }
+        if self.store.destroyed().is_some() && !matches!(req.op, Op::Status) {
+            let e = Error::TenantDestroyed(self.tenant.to_string());
+            return Response { id: req.id, result: Err(e.status()) };
+        }
         let result = match req.op {
             Op::Hello(_) => {
                 Err(ErrorStatus::new(Code::InvalidArgument, "hello was already sent on this connection"))
@@ -199,6 +208,12 @@ impl TenantService {
                 self.set_state(&key, version, state).await.map(Reply::Key).map_err(|e| e.status())
             }
             Op::ListKeys => Ok(Reply::Keys(self.store.list())),
+            Op::SetKeyPolicy { key, min_decrypt_version, keep_versions } => self
+                .set_policy(&key, min_decrypt_version, keep_versions)
+                .await
+                .map(Reply::Key)
+                .map_err(|e| e.status()),
+            Op::DestroyTenant { confirm } => self.destroy_tenant(&confirm).await.map_err(|e| e.status()),
         };
         if let Err(e) = &result {
             tracing::debug!(tenant = %self.tenant, op = op_name, uid = peer.uid, code = e.code.as_str_name(), "request failed");
@@ -363,6 +378,7 @@ impl TenantService {
         let next = self.store.next_version(key);
         let sealed = self.seal_new_kek_blocking(key, next)?;
         tokio::task::block_in_place(|| self.store.add_version(key, next, sealed))?;
+        self.prune(key)?;
         tracing::info!(
             tenant = %self.tenant, key = %key, version, next,
             budget = self.encryption_budget,
@@ -374,6 +390,9 @@ impl TenantService {
     /// A sealer for one version, its KEK from the cache or the root key.
     async fn sealer(&self, key: &KeyName, version: u32) -> Result<Sealer<'_>, Error> {
         let view = self.store.version(key, version)?;
+        if version < view.min_decrypt_version {
+            return Err(Error::BelowMinDecrypt { key: key.clone(), version, min: view.min_decrypt_version });
+        }
         match view.state {
             VersionState::Disabled => return Err(Error::VersionDisabled { key: key.clone(), version }),
             VersionState::Destroyed => return Err(Error::DataInvalid),
@@ -474,9 +493,42 @@ impl TenantService {
         }
         let version = self.store.next_version(key);
         let sealed = self.seal_new_kek_blocking(key, version)?;
-        let info = self.store.add_version(key, version, sealed)?;
+        self.store.add_version(key, version, sealed)?;
         tracing::info!(tenant = %self.tenant, key = %key, version, "rotated key");
-        Ok(info)
+        self.prune(key)?;
+        Ok(self.store.info(key)?)
+    }
+
+    /// Applies `keep_versions` after a rotation or a policy change. Admin lock held.
+    fn prune(&self, key: &KeyName) -> Result<(), Error> {
+        let destroyed = tokio::task::block_in_place(|| self.store.prune(key))?;
+        for &v in &destroyed {
+            self.cache.evict(key, v);
+        }
+        if !destroyed.is_empty() {
+            tracing::info!(tenant = %self.tenant, key = %key, versions = ?destroyed, "keep_versions: destroyed old versions");
+        }
+        Ok(())
+    }
+
+    async fn set_policy(&self, key: &KeyName, min: Option<u32>, keep: Option<u32>) -> Result<KeyInfo, Error> {
+        let _admin = self.admin.lock().await;
+        tokio::task::block_in_place(|| self.store.set_policy(key, min, keep))?;
+        tracing::info!(tenant = %self.tenant, key = %key, min_decrypt_version = ?min, keep_versions = ?keep, "changed key policy");
+        self.prune(key)?;
+        Ok(self.store.info(key)?)
+    }
+
+    /// Crypto-shreds every key of the tenant and stops serving it.
+    async fn destroy_tenant(&self, confirm: &TenantName) -> Result<Reply, Error> {
+        if confirm != &self.tenant {
+            return Err(Error::WrongConfirmation(self.tenant.to_string()));
+        }
+        let _admin = self.admin.lock().await;
+        let (keys, versions_shredded) = tokio::task::block_in_place(|| self.store.destroy_tenant())?;
+        self.cache.flush();
+        tracing::warn!(tenant = %self.tenant, keys, versions_shredded, "tenant destroyed: every KEK record shredded");
+        Ok(Reply::TenantDestroyed { keys, versions_shredded })
     }
 
     async fn set_state(&self, key: &KeyName, version: u32, state: TargetState) -> Result<KeyInfo, Error> {

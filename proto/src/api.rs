@@ -214,15 +214,36 @@ pub enum TargetState {
 #[derive(Debug)]
 pub enum Op {
     Hello(Hello),
-    Generate { key: KeyName, edek_only: bool, contexts: Vec<Context> },
-    Wrap { key: KeyName, items: Vec<WrapItem> },
+    Generate {
+        key: KeyName,
+        edek_only: bool,
+        contexts: Vec<Context>,
+    },
+    Wrap {
+        key: KeyName,
+        items: Vec<WrapItem>,
+    },
     Unwrap(Vec<EdekItem>),
     Rewrap(Vec<EdekItem>),
     Status,
     CreateKey(KeyName),
     RotateKey(KeyName),
-    SetVersionState { key: KeyName, version: u32, state: TargetState },
+    SetVersionState {
+        key: KeyName,
+        version: u32,
+        state: TargetState,
+    },
     ListKeys,
+    /// Changes a key's version controls; `None` keeps the current value.
+    SetKeyPolicy {
+        key: KeyName,
+        min_decrypt_version: Option<u32>,
+        keep_versions: Option<u32>,
+    },
+    /// Crypto-shreds the whole tenant; `confirm` must be the connection's tenant.
+    DestroyTenant {
+        confirm: TenantName,
+    },
 }
 
 impl Op {
@@ -239,12 +260,22 @@ impl Op {
             Op::RotateKey(_) => "rotate_key",
             Op::SetVersionState { .. } => "set_key_version_state",
             Op::ListKeys => "list_keys",
+            Op::SetKeyPolicy { .. } => "set_key_policy",
+            Op::DestroyTenant { .. } => "destroy_tenant",
         }
     }
 
     /// Admin operations change the key hierarchy and need an admin principal.
     pub fn is_admin(&self) -> bool {
-        matches!(self, Op::CreateKey(_) | Op::RotateKey(_) | Op::SetVersionState { .. } | Op::ListKeys)
+        matches!(
+            self,
+            Op::CreateKey(_)
+                | Op::RotateKey(_)
+                | Op::SetVersionState { .. }
+                | Op::ListKeys
+                | Op::SetKeyPolicy { .. }
+                | Op::DestroyTenant { .. }
+        )
     }
 }
 
@@ -379,6 +410,15 @@ fn op_from(op: pb::request::Op) -> Result<Op, InvalidField> {
             Op::SetVersionState { key: key_from("key_name", &s.key_name)?, version: s.version, state }
         }
         P::ListKeys(_) => Op::ListKeys,
+        P::SetKeyPolicy(p) => Op::SetKeyPolicy {
+            key: key_from("key_name", &p.key_name)?,
+            min_decrypt_version: p.min_decrypt_version,
+            keep_versions: p.keep_versions,
+        },
+        P::DestroyTenant(d) => Op::DestroyTenant {
+            confirm: TenantName::parse(&d.confirm_tenant)
+                .map_err(|e| InvalidField::new("confirm_tenant", e))?,
+        },
     })
 }
 
@@ -449,6 +489,16 @@ impl From<Request> for pb::Request {
                 })
             }
             Op::ListKeys => P::ListKeys(pb::ListKeysRequest {}),
+            Op::SetKeyPolicy { key, min_decrypt_version, keep_versions } => {
+                P::SetKeyPolicy(pb::SetKeyPolicyRequest {
+                    key_name: key.0,
+                    min_decrypt_version,
+                    keep_versions,
+                })
+            }
+            Op::DestroyTenant { confirm } => {
+                P::DestroyTenant(pb::DestroyTenantRequest { confirm_tenant: confirm.0 })
+            }
         };
         pb::Request { request_id: r.id, metadata: Some(r.metadata.into()), op: Some(op) }
     }
@@ -524,6 +574,10 @@ pub struct KeyInfo {
     pub name: KeyName,
     pub active_version: u32,
     pub versions: Vec<VersionInfo>,
+    /// Versions below it are refused for decryption; 0: none.
+    pub min_decrypt_version: u32,
+    /// Versions older than the newest `keep_versions` are destroyed at rotation; 0: all kept.
+    pub keep_versions: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -556,6 +610,11 @@ pub enum Reply {
     Status(StatusInfo),
     Key(KeyInfo),
     Keys(Vec<KeyInfo>),
+    /// How many keys and KEK versions a tenant destruction shredded.
+    TenantDestroyed {
+        keys: u32,
+        versions_shredded: u32,
+    },
 }
 
 #[derive(Debug)]
@@ -591,6 +650,8 @@ impl From<KeyInfo> for pb::KeyInfo {
                     created_unix: v.created_unix,
                 })
                 .collect(),
+            min_decrypt_version: k.min_decrypt_version,
+            keep_versions: k.keep_versions,
         }
     }
 }
@@ -641,6 +702,9 @@ impl From<Response> for pb::Response {
                         lease: s.lease,
                     }),
                     Reply::Key(k) => R::Key(k.into()),
+                    Reply::TenantDestroyed { keys, versions_shredded } => {
+                        R::TenantDestroyed(pb::TenantDestroyed { keys, versions_shredded })
+                    }
                     Reply::Keys(ks) => {
                         R::Keys(pb::ListKeysResponse { keys: ks.into_iter().map(Into::into).collect() })
                     }
@@ -717,6 +781,8 @@ fn key_info_from(k: pb::KeyInfo) -> Result<KeyInfo, MalformedResponse> {
                 Ok(VersionInfo { version: v.version, state, created_unix: v.created_unix })
             })
             .collect::<Result<_, _>>()?,
+        min_decrypt_version: k.min_decrypt_version,
+        keep_versions: k.keep_versions,
     })
 }
 
@@ -768,6 +834,9 @@ impl TryFrom<pb::Response> for Response {
                 lease: s.lease,
             }),
             Some(R::Key(k)) => Reply::Key(key_info_from(k)?),
+            Some(R::TenantDestroyed(d)) => {
+                Reply::TenantDestroyed { keys: d.keys, versions_shredded: d.versions_shredded }
+            }
             Some(R::Keys(ks)) => {
                 Reply::Keys(ks.keys.into_iter().map(key_info_from).collect::<Result<_, _>>()?)
             }

@@ -88,6 +88,19 @@ pub enum Command {
     /// Manage KEKs (admin principals only)
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// The tenant as a whole (admin principals only)
+    #[command(subcommand)]
+    Tenant(TenantCommand),
+}
+
+#[derive(Subcommand)]
+pub enum TenantCommand {
+    /// Crypto-shred every key of the tenant: all data under it is lost for good
+    Destroy {
+        /// The tenant's name, again, to confirm
+        #[arg(long, value_name = "TENANT", value_parser = parse_tenant)]
+        confirm: TenantName,
+    },
 }
 
 #[derive(Subcommand)]
@@ -104,6 +117,21 @@ pub enum KeysCommand {
     Enable(VersionArgs),
     /// Crypto-shred one version: data wrapped by it is lost for good
     Destroy(VersionArgs),
+    /// Set a key's version controls
+    Set(PolicyArgs),
+}
+
+#[derive(Args)]
+#[command(group(clap::ArgGroup::new("policy").required(true).multiple(true).args(["min_decrypt_version", "keep_versions"])))]
+pub struct PolicyArgs {
+    #[arg(value_name = "NAME", value_parser = parse_key)]
+    pub name: KeyName,
+    /// Refuse to decrypt under versions below this one (0: none)
+    #[arg(long)]
+    pub min_decrypt_version: Option<u32>,
+    /// After each rotation, destroy versions older than the newest N (0: keep all)
+    #[arg(long)]
+    pub keep_versions: Option<u32>,
 }
 
 #[derive(Args)]

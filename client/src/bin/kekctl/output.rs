@@ -112,6 +112,8 @@ struct KeyView<'a> {
     name: &'a str,
     active_version: u32,
     versions: Vec<VersionView>,
+    min_decrypt_version: u32,
+    keep_versions: u32,
 }
 
 #[derive(Serialize)]
@@ -134,6 +136,8 @@ fn key_view(k: &KeyInfo) -> KeyView<'_> {
                 created_unix: v.created_unix,
             })
             .collect(),
+        min_decrypt_version: k.min_decrypt_version,
+        keep_versions: k.keep_versions,
     }
 }
 
@@ -151,22 +155,39 @@ pub fn keys_json(keys: &[KeyInfo]) -> String {
     json_line(&keys.iter().map(key_view).collect::<Vec<_>>())
 }
 
-/// A table with one row per key; versions as `number:state`.
+/// A table with one row per key; versions as `number:state`. A POLICY column appears when
+/// some key has version controls set.
 pub fn keys_table(keys: &[KeyInfo]) -> String {
-    let rows: Vec<[String; 3]> = keys
+    let policy = |k: &KeyInfo| {
+        let mut p = Vec::new();
+        if k.min_decrypt_version > 0 {
+            p.push(format!("min_decrypt_version={}", k.min_decrypt_version));
+        }
+        if k.keep_versions > 0 {
+            p.push(format!("keep_versions={}", k.keep_versions));
+        }
+        p.join(" ")
+    };
+    let with_policy = keys.iter().any(|k| !policy(k).is_empty());
+    let rows: Vec<[String; 4]> = keys
         .iter()
         .map(|k| {
             let versions: Vec<String> =
                 k.versions.iter().map(|v| format!("{}:{}", v.version, v.state.as_str())).collect();
-            [k.name.to_string(), k.active_version.to_string(), versions.join(" ")]
+            [k.name.to_string(), k.active_version.to_string(), versions.join(" "), policy(k)]
         })
         .collect();
-    let header = ["NAME".to_string(), "ACTIVE".to_string(), "VERSIONS".to_string()];
+    let header = ["NAME".to_string(), "ACTIVE".to_string(), "VERSIONS".to_string(), "POLICY".to_string()];
     let width = |i: usize| rows.iter().chain([&header]).map(|r| r[i].len()).max().unwrap_or(0);
-    let (w0, w1) = (width(0), width(1));
+    let (w0, w1, w2) = (width(0), width(1), width(2));
     let mut out = String::new();
-    for [name, active, versions] in [&header].into_iter().chain(&rows) {
-        out.push_str(format!("{name:<w0$}  {active:<w1$}  {versions}").trim_end());
+    for [name, active, versions, policy] in [&header].into_iter().chain(&rows) {
+        let line = if with_policy {
+            format!("{name:<w0$}  {active:<w1$}  {versions:<w2$}  {policy}")
+        } else {
+            format!("{name:<w0$}  {active:<w1$}  {versions}")
+        };
+        out.push_str(line.trim_end());
         out.push('\n');
     }
     out
@@ -280,6 +301,8 @@ mod tests {
                 VersionInfo { version: 1, state: VersionState::DecryptOnly, created_unix: 100 },
                 VersionInfo { version: 2, state: VersionState::Active, created_unix: 200 },
             ],
+            min_decrypt_version: 0,
+            keep_versions: 0,
         }
     }
 
@@ -291,11 +314,18 @@ mod tests {
             serde_json::json!([{"name": "default", "active_version": 2, "versions": [
                 {"version": 1, "state": "decrypt-only", "created_unix": 100},
                 {"version": 2, "state": "active", "created_unix": 200},
-            ]}])
+            ], "min_decrypt_version": 0, "keep_versions": 0}])
         );
         assert_eq!(
             keys_table(&[key_info()]),
             "NAME     ACTIVE  VERSIONS\ndefault  2       1:decrypt-only 2:active\n"
+        );
+        let with_policy = KeyInfo { min_decrypt_version: 2, keep_versions: 3, ..key_info() };
+        assert_eq!(
+            keys_table(&[with_policy, KeyInfo { name: KeyName::parse("b").unwrap(), ..key_info() }]),
+            "NAME     ACTIVE  VERSIONS                 POLICY\n\
+             default  2       1:decrypt-only 2:active  min_decrypt_version=2 keep_versions=3\n\
+             b        2       1:decrypt-only 2:active\n"
         );
     }
 

@@ -6,7 +6,7 @@ use kekd_client::{
 };
 use kekd_proto::{MAX_EDEK_LEN, MAX_SECRET_LEN};
 
-use crate::cli::{Command, KeysCommand, Settings};
+use crate::cli::{Command, KeysCommand, Settings, TenantCommand};
 use crate::exit::CliError;
 use crate::output::{self, write_stdout, Fields};
 
@@ -42,6 +42,19 @@ pub async fn run(command: Command, s: Settings) -> Result<(), CliError> {
             print_edek(&s, &item)
         }
         Command::Keys(command) => keys(&s, command).await,
+        Command::Tenant(TenantCommand::Destroy { confirm }) => {
+            let client = connect(&s).await?;
+            let (keys, versions) = client.destroy_tenant(&confirm, s.metadata.clone()).await?;
+            let text = if s.json {
+                format!(
+                    "{{\"tenant\":{},\"keys\":{keys},\"versions_shredded\":{versions}}}\n",
+                    serde_json::to_string(confirm.as_str()).expect("a string")
+                )
+            } else {
+                format!("tenant {confirm} destroyed: {keys} keys, {versions} KEK versions shredded\n")
+            };
+            write_stdout(text.as_bytes())
+        }
     }
 }
 
@@ -143,6 +156,9 @@ async fn keys(s: &Settings, command: KeysCommand) -> Result<(), CliError> {
         }
         KeysCommand::Destroy(v) => {
             client.set_version_state(&v.name, v.version, TargetState::Destroyed, md).await?
+        }
+        KeysCommand::Set(p) => {
+            client.set_key_policy(&p.name, p.min_decrypt_version, p.keep_versions, md).await?
         }
     };
     print_key(s, &key)
