@@ -317,6 +317,21 @@ impl KekCache {
         }
     }
 
+    /// Evicts every KEK of the keys below `key` in a key chain (`key/…`).
+    pub fn evict_descendants(&self, key: &KeyName) {
+        let prefix = format!("{key}/");
+        let mut entries = self.entries.lock().expect("cache lock");
+        entries.retain(|name, versions| {
+            if !name.as_str().starts_with(&prefix) {
+                return true;
+            }
+            for e in versions.values() {
+                e.loaded.write().expect("cache entry lock").take();
+            }
+            false
+        });
+    }
+
     /// Evicts everything (shutdown, revocation).
     pub fn flush(&self) {
         self.evict_where(|_| true);

@@ -93,6 +93,10 @@ pub struct TenantConfig {
     /// Encryptions under one KEK version before the key rotates by itself (DESIGN §1).
     #[serde(default = "default_encryption_budget")]
     pub encryption_budget: u64,
+    /// Levels a key chain may have, counting the root key and the data key: 4 allows
+    /// `billing/invoices` sealed under `billing` (customer root, tenant, service, DEK).
+    #[serde(default = "default_max_key_depth")]
+    pub max_key_depth: u32,
     pub pkcs11: Option<Pkcs11Config>,
     pub tpm: Option<TpmConfig>,
 }
@@ -243,6 +247,9 @@ fn default_log_level() -> String {
 fn default_shutdown_timeout() -> Duration {
     Duration::from_secs(10)
 }
+fn default_max_key_depth() -> u32 {
+    crate::service::DEFAULT_MAX_KEY_DEPTH
+}
 fn default_encryption_budget() -> u64 {
     crate::service::DEFAULT_ENCRYPTION_BUDGET
 }
@@ -318,6 +325,12 @@ impl Config {
                 return Err(ConfigError::new(
                     field("encryption_budget"),
                     "must be between 1 and 4294967296 (2^32, the limit for random 96-bit nonces)",
+                ));
+            }
+            if !(3..=16).contains(&t.max_key_depth) {
+                return Err(ConfigError::new(
+                    field("max_key_depth"),
+                    "must be between 3 (root key, KEK, data key: no chains) and 16",
                 ));
             }
             if let Some(user) = &t.run_as {

@@ -41,6 +41,45 @@ pub fn kek_aad(tenant: &TenantName, key: &KeyName, version: u32) -> Vec<u8> {
     aad
 }
 
+/// Seals a child KEK under its parent KEK (a key chain, DESIGN §1 L3), in software:
+/// `nonce (12) ‖ ciphertext (32) ‖ tag (16)`, AES-256-GCM with the child's [`kek_aad`] —
+/// the layout of a PKCS#11 root seal, with the parent KEK as the key.
+pub fn seal_kek_under(parent: &[u8; KEK_LEN], aad: &[u8], kek: &[u8; KEK_LEN]) -> Vec<u8> {
+    let key = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, parent).expect("a 32-byte key"));
+    let mut nonce = [0u8; NONCE_LEN];
+    aws_lc_rs::rand::fill(&mut nonce).expect("the system RNG does not fail");
+    let mut out = Vec::with_capacity(NONCE_LEN + KEK_LEN + TAG_LEN);
+    out.extend_from_slice(&nonce);
+    out.extend_from_slice(kek);
+    let tag = key
+        .seal_in_place_separate_tag(
+            Nonce::assume_unique_for_key(nonce),
+            Aad::from(aad),
+            &mut out[NONCE_LEN..],
+        )
+        .expect("AES-GCM sealing of 32 bytes cannot fail");
+    out.extend_from_slice(tag.as_ref());
+    out
+}
+
+/// Opens what [`seal_kek_under`] made, straight into `out` (locked memory).
+pub fn open_kek_under(
+    parent: &[u8; KEK_LEN],
+    aad: &[u8],
+    sealed: &[u8],
+    out: &mut [u8; KEK_LEN],
+) -> Result<(), DataInvalid> {
+    if sealed.len() != NONCE_LEN + KEK_LEN + TAG_LEN {
+        return Err(DataInvalid);
+    }
+    let key = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, parent).expect("a 32-byte key"));
+    let nonce = Nonce::try_assume_unique_for_key(&sealed[..NONCE_LEN]).map_err(|_| DataInvalid)?;
+    let mut buf = Zeroizing::new(sealed[NONCE_LEN..].to_vec());
+    let plain = key.open_in_place(nonce, Aad::from(aad), &mut buf).map_err(|_| DataInvalid)?;
+    out.copy_from_slice(plain);
+    Ok(())
+}
+
 /// A parsed, not yet authenticated, EDEK.
 #[derive(Debug)]
 pub struct Edek<'a> {

@@ -27,6 +27,12 @@ pub enum Error {
     KekRecordInvalid { key: KeyName, version: u32 },
     #[error("this operation needs an admin of tenant {tenant:?} (caller uid {uid})")]
     NotAdmin { tenant: String, uid: u32 },
+    #[error("version {version} of key \"{key}\" is unusable: {why}")]
+    ParentUnusable { key: KeyName, version: u32, why: String },
+    #[error(
+        "key chains are limited to {max} levels (root key, KEKs, data key): \"{key}\" would be level {level}"
+    )]
+    TooDeep { key: KeyName, level: u32, max: u32 },
     #[error("version {version} of key \"{key}\" is below its min_decrypt_version {min}")]
     BelowMinDecrypt { key: KeyName, version: u32, min: u32 },
     #[error("tenant {0:?} was destroyed (kekctl tenant destroy): its keys are gone; remove it from the configuration")]
@@ -58,7 +64,10 @@ impl Error {
             Error::VersionDisabled { .. } | Error::KekRecordInvalid { .. } => Code::FailedPrecondition,
             Error::NotAdmin { .. } => Code::PermissionDenied,
             Error::OverBudget { .. } => Code::ResourceExhausted,
-            Error::BelowMinDecrypt { .. } | Error::TenantDestroyed(_) => Code::FailedPrecondition,
+            Error::BelowMinDecrypt { .. }
+            | Error::TenantDestroyed(_)
+            | Error::ParentUnusable { .. }
+            | Error::TooDeep { .. } => Code::FailedPrecondition,
             Error::WrongConfirmation(_) => Code::InvalidArgument,
         };
         // Store i/o and corruption details (paths) stay in the log.

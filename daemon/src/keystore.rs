@@ -98,6 +98,17 @@ struct KekRecord {
     /// Which root key sealed it, for a human recovering data without kekd.
     root: String,
     sealed: String,
+    /// Set when a parent KEK, not the root key, sealed it (a key chain): the parent key's
+    /// name and version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    parent: Option<ParentRef>,
+}
+
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ParentRef {
+    key: String,
+    version: u32,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -121,6 +132,8 @@ struct Version {
     state: StoredState,
     created_unix: u64,
     reserved: u64,
+    /// The KEK version this one is sealed under, in a key chain; `None`: the root key.
+    parent: Option<(KeyName, u32)>,
     /// The sealed KEK; None once destroyed.
     sealed: Option<Arc<[u8]>>,
 }
@@ -180,6 +193,8 @@ pub struct VersionView {
     pub sealed: Arc<[u8]>,
     /// The key's `min_decrypt_version`: versions below it are refused for decryption.
     pub min_decrypt_version: u32,
+    /// The parent KEK version that sealed this one; `None`: the root key did.
+    pub parent: Option<(KeyName, u32)>,
 }
 
 /// One tenant's key store. Reads are served from memory; writes go to disk first.
@@ -268,7 +283,12 @@ impl KeyStore {
         let v = key.versions.get(&version).ok_or_else(|| StoreError::NoSuchVersion(name.clone(), version))?;
         let state = key.state_of(version, v);
         let sealed = v.sealed.clone().ok_or_else(|| StoreError::NoSuchVersion(name.clone(), version))?;
-        Ok(VersionView { state, sealed, min_decrypt_version: key.min_decrypt_version })
+        Ok(VersionView {
+            state,
+            sealed,
+            min_decrypt_version: key.min_decrypt_version,
+            parent: v.parent.clone(),
+        })
     }
 
     /// The version number a new key (1) or a rotation (highest + 1) will use. Callers seal
@@ -288,6 +308,17 @@ impl KeyStore {
     /// If cut short: before `key.json` is renamed into place the key does not exist, and
     /// `open` removes (shreds) the partial directory; after, it exists whole.
     pub fn create_key(&self, name: &KeyName, sealed: Vec<u8>) -> Result<KeyInfo, StoreError> {
+        self.create_key_under(name, sealed, None)
+    }
+
+    /// [`create_key`](Self::create_key), for a KEK sealed by a parent KEK version rather than
+    /// the root key (`parent`: None).
+    pub fn create_key_under(
+        &self,
+        name: &KeyName,
+        sealed: Vec<u8>,
+        parent: Option<(KeyName, u32)>,
+    ) -> Result<KeyInfo, StoreError> {
         if self.exists(name) {
             return Err(StoreError::KeyExists(name.clone()));
         }
@@ -303,7 +334,7 @@ impl KeyStore {
             .map_err(io_err(&kdir))?;
         sync_dir(&self.dir)?;
         let now = unix_now();
-        self.write_version(&kdir, name, 1, &sealed, now)?;
+        self.write_version(&kdir, name, 1, &sealed, parent.as_ref(), now)?;
         let mut versions = BTreeMap::new();
         versions.insert(
             1,
@@ -311,6 +342,7 @@ impl KeyStore {
                 state: StoredState::Enabled,
                 created_unix: now,
                 reserved: 0,
+                parent,
                 sealed: Some(sealed.into()),
             },
         );
@@ -327,7 +359,19 @@ impl KeyStore {
     /// If cut short before `key.json` is rewritten, the new version exists on disk but is
     /// not active and was never used; `open` keeps it as decrypt-only, and the next
     /// rotation uses the number after it.
+    #[cfg(test)]
     pub fn add_version(&self, name: &KeyName, version: u32, sealed: Vec<u8>) -> Result<KeyInfo, StoreError> {
+        self.add_version_under(name, version, sealed, None)
+    }
+
+    /// [`add_version`](Self::add_version), for a KEK sealed by a parent KEK version.
+    pub fn add_version_under(
+        &self,
+        name: &KeyName,
+        version: u32,
+        sealed: Vec<u8>,
+        parent: Option<(KeyName, u32)>,
+    ) -> Result<KeyInfo, StoreError> {
         let mut rec = {
             let keys = self.keys.lock().expect("keystore lock");
             let key = keys.get(name).ok_or_else(|| StoreError::NoSuchKey(name.clone()))?;
@@ -340,7 +384,7 @@ impl KeyStore {
         };
         let kdir = self.key_dir(name);
         let now = unix_now();
-        self.write_version(&kdir, name, version, &sealed, now)?;
+        self.write_version(&kdir, name, version, &sealed, parent.as_ref(), now)?;
         rec.active_version = version;
         write_json(&kdir, "key.json", &rec)?;
         let mut keys = self.keys.lock().expect("keystore lock");
@@ -351,6 +395,7 @@ impl KeyStore {
                 state: StoredState::Enabled,
                 created_unix: now,
                 reserved: 0,
+                parent,
                 sealed: Some(sealed.into()),
             },
         );
@@ -525,15 +570,21 @@ impl KeyStore {
         name: &KeyName,
         version: u32,
         sealed: &[u8],
+        parent: Option<&(KeyName, u32)>,
         now: u64,
     ) -> Result<(), StoreError> {
+        let root = match parent {
+            Some((p, v)) => format!("kek key={:?} version={v}", p.as_str()),
+            None => self.root.clone(),
+        };
         let kek = KekRecord {
             format: RECORD_FORMAT,
             tenant: self.tenant.to_string(),
             key: name.to_string(),
             version,
-            root: self.root.clone(),
+            root,
             sealed: B64.encode(sealed),
+            parent: parent.map(|(p, v)| ParentRef { key: p.to_string(), version: *v }),
         };
         write_json(kdir, &format!("v{version:010}.kek"), &kek)?;
         let st = StateRecord {
@@ -630,6 +681,7 @@ fn load_key(kdir: &Path, tenant: &TenantName, name: &KeyName) -> Result<Option<K
                 format!("holds version {} in the file of version {v}", st.version),
             ));
         }
+        let mut parent = None;
         let sealed = match (st.state, kek_path) {
             (StoredState::Destroyed, Some(k)) => {
                 shred(&k)?;
@@ -645,12 +697,16 @@ fn load_key(kdir: &Path, tenant: &TenantName, name: &KeyName) -> Result<Option<K
                     return Err(corrupt(&k, "record belongs to another tenant, key or version".into()));
                 }
                 let sealed = B64.decode(&kek.sealed).map_err(|e| corrupt(&k, format!("sealed: {e}")))?;
+                if let Some(p) = kek.parent {
+                    let key = KeyName::parse(&p.key).map_err(|e| corrupt(&k, format!("parent key: {e}")))?;
+                    parent = Some((key, p.version));
+                }
                 Some(Arc::from(sealed))
             }
         };
         versions.insert(
             v,
-            Version { state: st.state, created_unix: st.created_unix, reserved: st.reserved, sealed },
+            Version { state: st.state, created_unix: st.created_unix, reserved: st.reserved, parent, sealed },
         );
     }
     if !versions.contains_key(&rec.active_version) {

@@ -17,9 +17,13 @@ use zeroize::Zeroizing;
 use crate::backend::{BackendError, RootKey, KEK_LEN};
 use crate::cache::{Kek, KekCache, LeaseState, LoadError, Source};
 use crate::clock::BootInstant;
-use crate::envelope::{kek_aad, Edek, Sealer};
+use crate::envelope::{kek_aad, open_kek_under, seal_kek_under, Edek, Sealer};
 use crate::error::Error;
-use crate::keystore::{KeyStore, StoredState};
+use crate::keystore::{KeyStore, StoredState, VersionView};
+use crate::secret::KeySlot;
+
+/// One root-key (or parent-KEK) call that unseals a KEK into its slot.
+type Loader = Box<dyn FnOnce(&mut KeySlot) -> Result<(), BackendError> + Send>;
 
 /// The key every new tenant gets, so a client can start without an admin step.
 pub const DEFAULT_KEY: &str = "default";
@@ -52,7 +56,12 @@ pub struct TenantService {
     encryption_budget: u64,
     /// Encryptions counted under each KEK version used since the start, against the budget.
     counters: tokio::sync::Mutex<HashMap<(KeyName, u32), Counter>>,
+    /// Levels a key chain may have: root key, KEKs, data key.
+    max_key_depth: u32,
 }
+
+/// Default levels of a key chain: customer root, tenant KEK, service KEK, data key.
+pub const DEFAULT_MAX_KEY_DEPTH: u32 = 4;
 
 /// The default encryption budget of a KEK version: 2^30, far below the 2^32 random-nonce
 /// limit of NIST SP 800-38D.
@@ -84,6 +93,7 @@ impl TenantService {
             started: BootInstant::now(),
             encryption_budget: DEFAULT_ENCRYPTION_BUDGET,
             counters: tokio::sync::Mutex::new(HashMap::new()),
+            max_key_depth: DEFAULT_MAX_KEY_DEPTH,
         };
         let default = KeyName::parse(DEFAULT_KEY).expect("valid name");
         if let Some(when) = svc.store.destroyed() {
@@ -102,6 +112,12 @@ impl TenantService {
     /// Sets the encryption budget of each KEK version (at least 1).
     pub fn with_encryption_budget(mut self, budget: u64) -> Self {
         self.encryption_budget = budget.max(1);
+        self
+    }
+
+    /// Sets how many levels a key chain may have (root key, KEKs, data key; at least 3).
+    pub fn with_max_key_depth(mut self, depth: u32) -> Self {
+        self.max_key_depth = depth.max(3);
         self
     }
 
@@ -126,13 +142,14 @@ impl TenantService {
                 self.cache.evict(&key, version);
                 continue;
             };
-            let backend = Arc::clone(&self.backend);
-            let aad = kek_aad(&self.tenant, &key, version);
-            let sealed = view.sealed;
-            let res = self
-                .cache
-                .refresh(&key, version, move |slot| backend.unseal(&aad, &sealed, slot.bytes_mut()))
-                .await;
+            let load = match self.loader(&key, version, view).await {
+                Ok(load) => load,
+                Err(e) => {
+                    tracing::warn!(tenant = %self.tenant, key = %key, version, error = %e, "background KEK refresh failed");
+                    continue;
+                }
+            };
+            let res = self.cache.refresh(&key, version, load).await;
             match res {
                 Ok(()) => {}
                 Err(LoadError::Load(e)) => {
@@ -376,8 +393,8 @@ impl TenantService {
             return Ok(());
         }
         let next = self.store.next_version(key);
-        let sealed = self.seal_new_kek_blocking(key, next)?;
-        tokio::task::block_in_place(|| self.store.add_version(key, next, sealed))?;
+        let (sealed, parent) = self.seal_new(key, next).await?;
+        tokio::task::block_in_place(|| self.store.add_version_under(key, next, sealed, parent))?;
         self.prune(key)?;
         tracing::info!(
             tenant = %self.tenant, key = %key, version, next,
@@ -387,26 +404,73 @@ impl TenantService {
         Ok(())
     }
 
-    /// A sealer for one version, its KEK from the cache or the root key.
+    /// A sealer for one version, its KEK from the cache, the root key, or its parent KEK.
     async fn sealer(&self, key: &KeyName, version: u32) -> Result<Sealer<'_>, Error> {
-        let view = self.store.version(key, version)?;
-        if version < view.min_decrypt_version {
-            return Err(Error::BelowMinDecrypt { key: key.clone(), version, min: view.min_decrypt_version });
-        }
-        match view.state {
-            VersionState::Disabled => return Err(Error::VersionDisabled { key: key.clone(), version }),
-            VersionState::Destroyed => return Err(Error::DataInvalid),
-            VersionState::Active | VersionState::DecryptOnly => {}
-        }
-        let kek = self.kek(key, version, view.sealed).await?;
+        let kek = self.usable_kek(key, version).await?;
         Ok(Sealer::new(kek.bytes(), &self.tenant, key.clone(), version))
     }
 
-    async fn kek(&self, key: &KeyName, version: u32, sealed: Arc<[u8]>) -> Result<Kek, Error> {
-        let backend = Arc::clone(&self.backend);
+    /// The KEK of one version, once the checks that make a version usable have passed: its
+    /// state and the key's `min_decrypt_version` and, in a key chain, the same for every
+    /// ancestor, so that disabling or destroying a parent makes its whole subtree unusable.
+    fn usable_kek<'a>(
+        &'a self,
+        key: &'a KeyName,
+        version: u32,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Kek, Error>> + Send + 'a>> {
+        Box::pin(async move {
+            let view = self.store.version(key, version)?;
+            if version < view.min_decrypt_version {
+                return Err(Error::BelowMinDecrypt {
+                    key: key.clone(),
+                    version,
+                    min: view.min_decrypt_version,
+                });
+            }
+            match view.state {
+                VersionState::Disabled => return Err(Error::VersionDisabled { key: key.clone(), version }),
+                VersionState::Destroyed => return Err(Error::DataInvalid),
+                VersionState::Active | VersionState::DecryptOnly => {}
+            }
+            let load = self.loader(key, version, view).await?;
+            self.kek(key, version, load).await
+        })
+    }
+
+    /// How to unseal one version: with the root key, or in software with its parent KEK
+    /// (which is fetched, and checked, first).
+    async fn loader(&self, key: &KeyName, version: u32, view: VersionView) -> Result<Loader, Error> {
         let aad = kek_aad(&self.tenant, key, version);
-        let res =
-            self.cache.get(key, version, move |slot| backend.unseal(&aad, &sealed, slot.bytes_mut())).await;
+        let sealed = view.sealed;
+        match view.parent {
+            None => {
+                let backend = Arc::clone(&self.backend);
+                Ok(Box::new(move |slot: &mut KeySlot| backend.unseal(&aad, &sealed, slot.bytes_mut())))
+            }
+            Some((parent, pv)) => {
+                let pk = self.usable_kek(&parent, pv).await.map_err(|e| match e {
+                    Error::Store(_) | Error::DataInvalid => Error::ParentUnusable {
+                        key: key.clone(),
+                        version,
+                        why: format!("version {pv} of its parent key \"{parent}\" was destroyed"),
+                    },
+                    Error::VersionDisabled { .. }
+                    | Error::BelowMinDecrypt { .. }
+                    | Error::ParentUnusable { .. } => {
+                        Error::ParentUnusable { key: key.clone(), version, why: e.to_string() }
+                    }
+                    other => other,
+                })?;
+                Ok(Box::new(move |slot: &mut KeySlot| {
+                    open_kek_under(pk.bytes(), &aad, &sealed, slot.bytes_mut())
+                        .map_err(|_| BackendError::DataInvalid)
+                }))
+            }
+        }
+    }
+
+    async fn kek(&self, key: &KeyName, version: u32, load: Loader) -> Result<Kek, Error> {
+        let res = self.cache.get(key, version, load).await;
         match res {
             Ok((kek, source)) => {
                 match source {
@@ -468,11 +532,50 @@ impl TenantService {
         Ok(self.backend.seal(&kek_aad(&self.tenant, key, version), &kek)?)
     }
 
+    /// Generates and seals a new KEK for `(key, version)`: under the active version of its
+    /// parent key when there is one (`billing` for `billing/invoices`), else under the
+    /// root key. Returns the sealed bytes and the parent version used.
+    ///
     /// Admin operations are rare and hold the admin lock across their root-key call and
     /// fsyncs; block_in_place keeps them off the async workers without moving `self`
     /// into a 'static task. Needs the multi-threaded runtime.
-    fn seal_new_kek_blocking(&self, key: &KeyName, version: u32) -> Result<Vec<u8>, Error> {
-        tokio::task::block_in_place(|| self.seal_new_kek(key, version))
+    async fn seal_new(
+        &self,
+        key: &KeyName,
+        version: u32,
+    ) -> Result<(Vec<u8>, Option<(KeyName, u32)>), Error> {
+        let level = self.level(key);
+        if level > self.max_key_depth {
+            return Err(Error::TooDeep { key: key.clone(), level, max: self.max_key_depth });
+        }
+        let Some(parent) = self.parent_of(key) else {
+            return Ok((tokio::task::block_in_place(|| self.seal_new_kek(key, version))?, None));
+        };
+        let pv = self.store.active_version(&parent)?;
+        let pk = self.usable_kek(&parent, pv).await?;
+        let mut kek = Zeroizing::new([0u8; KEK_LEN]);
+        aws_lc_rs::rand::fill(&mut kek[..]).expect("the system RNG does not fail");
+        let sealed = seal_kek_under(pk.bytes(), &kek_aad(&self.tenant, key, version), &kek);
+        Ok((sealed, Some((parent, pv))))
+    }
+
+    /// The parent of `a/b` is `a`, when such a key exists.
+    fn parent_of(&self, key: &KeyName) -> Option<KeyName> {
+        let (prefix, _) = key.as_str().rsplit_once('/')?;
+        let parent = KeyName::parse(prefix).ok()?;
+        self.store.exists(&parent).then_some(parent)
+    }
+
+    /// The level of a key's data keys in the hierarchy: root key (1), then one per KEK on
+    /// the chain, then the data key. A key sealed by the root key gives level 3.
+    fn level(&self, key: &KeyName) -> u32 {
+        let mut level = 3;
+        let mut k = key.clone();
+        while let Some(p) = self.parent_of(&k) {
+            level += 1;
+            k = p;
+        }
+        level
     }
 
     async fn create_key(&self, key: &KeyName) -> Result<KeyInfo, Error> {
@@ -480,9 +583,10 @@ impl TenantService {
         if self.store.exists(key) {
             return Err(crate::keystore::StoreError::KeyExists(key.clone()).into());
         }
-        let sealed = self.seal_new_kek_blocking(key, 1)?;
-        let info = self.store.create_key(key, sealed)?;
-        tracing::info!(tenant = %self.tenant, key = %key, "created key");
+        let (sealed, parent) = self.seal_new(key, 1).await?;
+        let under = parent.as_ref().map(|(p, v)| format!("{p} v{v}"));
+        let info = tokio::task::block_in_place(|| self.store.create_key_under(key, sealed, parent))?;
+        tracing::info!(tenant = %self.tenant, key = %key, parent = ?under, "created key");
         Ok(info)
     }
 
@@ -492,8 +596,8 @@ impl TenantService {
             return Err(crate::keystore::StoreError::NoSuchKey(key.clone()).into());
         }
         let version = self.store.next_version(key);
-        let sealed = self.seal_new_kek_blocking(key, version)?;
-        self.store.add_version(key, version, sealed)?;
+        let (sealed, parent) = self.seal_new(key, version).await?;
+        tokio::task::block_in_place(|| self.store.add_version_under(key, version, sealed, parent))?;
         tracing::info!(tenant = %self.tenant, key = %key, version, "rotated key");
         self.prune(key)?;
         Ok(self.store.info(key)?)
@@ -541,6 +645,8 @@ impl TenantService {
         let info = tokio::task::block_in_place(|| self.store.set_state(key, version, stored))?;
         if stored != StoredState::Enabled {
             self.cache.evict(key, version);
+            // KEKs chained under it were unsealed with it: none may outlive it.
+            self.cache.evict_descendants(key);
         }
         tracing::info!(tenant = %self.tenant, key = %key, version, state = ?state, "changed key version state");
         Ok(info)

@@ -261,7 +261,9 @@ fn open_tenant(
         Lease { kek_ttl: t.kek_ttl, idle_ttl: t.idle_ttl, offline_grace: t.offline_grace },
     );
     tracing::info!(backend = %backend.describe(), "tenant opened");
-    Ok(TenantService::new(name.clone(), backend, store, cache)?.with_encryption_budget(t.encryption_budget))
+    Ok(TenantService::new(name.clone(), backend, store, cache)?
+        .with_encryption_budget(t.encryption_budget)
+        .with_max_key_depth(t.max_key_depth))
 }
 
 /// The tenant's own directory becomes the worker user's; the directories above it stay

@@ -607,6 +607,8 @@ pub struct Tenant {
     pub revocation_poll: Option<String>,
     /// `encryption_budget` in the config; `None`: not written.
     pub encryption_budget: Option<u64>,
+    /// `max_key_depth` in the config; `None`: not written.
+    pub max_key_depth: Option<u32>,
     pub create_root_key: bool,
     pub pin: String,
     /// The token's label; `None`: a token of its own, labelled with the tenant's name.
@@ -640,6 +642,7 @@ impl Tenant {
             offline_grace: None,
             revocation_poll: None,
             encryption_budget: None,
+            max_key_depth: None,
             create_root_key: true,
             pin: format!("pin-{name}-1234"),
             token: None,
@@ -775,6 +778,12 @@ impl Tenant {
     /// `offline_grace` (a humantime duration; "0s" fails closed at `kek_ttl`).
     pub fn offline_grace(mut self, grace: &str) -> Self {
         self.offline_grace = Some(grace.into());
+        self
+    }
+
+    /// `max_key_depth`: levels a key chain may have (root key, KEKs, data key).
+    pub fn max_key_depth(mut self, depth: u32) -> Self {
+        self.max_key_depth = Some(depth);
         self
     }
 
@@ -918,6 +927,9 @@ impl KekdBuilder {
             }
             if let Some(grace) = &t.offline_grace {
                 cfg.push_str(&format!("offline_grace = {}\n", toml_str(grace)));
+            }
+            if let Some(depth) = t.max_key_depth {
+                cfg.push_str(&format!("max_key_depth = {depth}\n"));
             }
             if let Some(budget) = t.encryption_budget {
                 cfg.push_str(&format!("encryption_budget = {budget}\n"));
