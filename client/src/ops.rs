@@ -130,6 +130,19 @@ macro_rules! typed_ops {
                 }
             }
 
+            /// Rotates the tenant's root key to the one labelled `label` (created or adopted;
+            /// `None`: a generated label). Returns the active label and the records rewrapped.
+            pub async fn rotate_root(
+                &self,
+                label: Option<String>,
+                metadata: Metadata,
+            ) -> Result<(String, u32), ClientError> {
+                match self.call(Op::RotateRoot { label }, metadata).await? {
+                    Reply::RootRotated { active, rewrapped } => Ok((active, rewrapped)),
+                    _ => Err(unexpected("rotate_root")),
+                }
+            }
+
             pub async fn list_keys(&self, metadata: Metadata) -> Result<Vec<KeyInfo>, ClientError> {
                 match self.call(Op::ListKeys, metadata).await? {
                     Reply::Keys(keys) => Ok(keys),

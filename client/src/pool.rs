@@ -224,7 +224,8 @@ fn changes_state(op: &Op) -> bool {
         | Op::RotateKey(_)
         | Op::SetVersionState { .. }
         | Op::SetKeyPolicy { .. }
-        | Op::DestroyTenant { .. } => true,
+        | Op::DestroyTenant { .. }
+        | Op::RotateRoot { .. } => true,
         Op::Hello(_)
         | Op::Generate { .. }
         | Op::Wrap { .. }
@@ -268,5 +269,6 @@ fn copy_op(op: &Op) -> Op {
             keep_versions: *keep_versions,
         },
         Op::DestroyTenant { confirm } => Op::DestroyTenant { confirm: confirm.clone() },
+        Op::RotateRoot { label } => Op::RotateRoot { label: label.clone() },
     }
 }

@@ -218,6 +218,10 @@ fn handle(op: Op, keys: &Keys) -> Result<Reply, ErrorStatus> {
             info.keep_versions = keep_versions.unwrap_or(info.keep_versions);
             Reply::Key(info.clone())
         }
+        Op::RotateRoot { label } => Reply::RootRotated {
+            active: label.unwrap_or_else(|| "toy-root-2".into()),
+            rewrapped: keys.len() as u32,
+        },
         Op::DestroyTenant { .. } => {
             let versions = keys.values().map(|k| k.versions.len() as u32).sum();
             let n = keys.len() as u32;

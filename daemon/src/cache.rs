@@ -317,6 +317,12 @@ impl KekCache {
         }
     }
 
+    /// A slot of locked memory outside the cache, for a KEK that passes through without
+    /// being cached (a root key rotation rewraps it). Wiped when dropped.
+    pub fn scratch(&self) -> Result<KeySlot, MemoryError> {
+        self.arena.alloc()
+    }
+
     /// Evicts every KEK of the keys below `key` in a key chain (`key/…`).
     pub fn evict_descendants(&self, key: &KeyName) {
         let prefix = format!("{key}/");

@@ -102,6 +102,55 @@ struct KekRecord {
     /// name and version.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     parent: Option<ParentRef>,
+    /// The label of the root key that sealed it, once the tenant's root key was rotated;
+    /// absent: the configured root key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    root_key: Option<String>,
+}
+
+/// What sealed a KEK version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SealedBy {
+    /// A root key: the one labelled so, or (`None`) the configured one.
+    Root(Option<String>),
+    /// A version of the parent key (a key chain).
+    Parent(KeyName, u32),
+}
+
+/// The tenant's root key history, in `<state_dir>/tenants/<tenant>/root.json`; absent
+/// until the first rotation. A rotation writes `active` (the new label) with `rotating`
+/// set before it rewraps any record, and clears `rotating` once every record is rewrapped.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RootState {
+    pub format: u32,
+    pub active: String,
+    /// Earlier root keys, oldest first. Once `rotating` is false, no record needs them.
+    pub previous: Vec<String>,
+    pub rotating: bool,
+}
+
+const ROOT_STATE: &str = "root.json";
+
+/// [`read_root_state`] for an open store.
+pub fn read_root_state_of(store: &KeyStore) -> Result<Option<RootState>, StoreError> {
+    root_state_in(store.dir.parent().expect("the key store lives in its tenant's directory"))
+}
+
+fn root_state_in(tenant_dir: &Path) -> Result<Option<RootState>, StoreError> {
+    let path = tenant_dir.join(ROOT_STATE);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let st: RootState = read_json(&path)?;
+    check_format(&path, st.format)?;
+    Ok(Some(st))
+}
+
+/// The active root key label recorded for a tenant, if its root key was ever rotated:
+/// the worker opens that one rather than the configured `key_label`.
+pub fn read_root_state(state_dir: &Path, tenant: &TenantName) -> Result<Option<RootState>, StoreError> {
+    root_state_in(&state_dir.join("tenants").join(tenant.as_str()))
 }
 
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -132,8 +181,7 @@ struct Version {
     state: StoredState,
     created_unix: u64,
     reserved: u64,
-    /// The KEK version this one is sealed under, in a key chain; `None`: the root key.
-    parent: Option<(KeyName, u32)>,
+    by: SealedBy,
     /// The sealed KEK; None once destroyed.
     sealed: Option<Arc<[u8]>>,
 }
@@ -193,14 +241,15 @@ pub struct VersionView {
     pub sealed: Arc<[u8]>,
     /// The key's `min_decrypt_version`: versions below it are refused for decryption.
     pub min_decrypt_version: u32,
-    /// The parent KEK version that sealed this one; `None`: the root key did.
-    pub parent: Option<(KeyName, u32)>,
+    /// The root key or parent KEK version that sealed this one.
+    pub by: SealedBy,
 }
 
 /// One tenant's key store. Reads are served from memory; writes go to disk first.
 pub struct KeyStore {
     tenant: TenantName,
-    root: String,
+    /// Describes the root key new records are sealed by (informational, in each record).
+    root: Mutex<String>,
     dir: PathBuf,
     keys: Mutex<BTreeMap<KeyName, Key>>,
     /// Serialises the read-modify-write of state records (state changes by admins,
@@ -225,7 +274,7 @@ impl KeyStore {
             }
             return Ok(KeyStore {
                 tenant: tenant.clone(),
-                root,
+                root: Mutex::new(root),
                 dir,
                 keys: Mutex::new(BTreeMap::new()),
                 state_writes: Mutex::new(()),
@@ -250,7 +299,7 @@ impl KeyStore {
         }
         Ok(KeyStore {
             tenant: tenant.clone(),
-            root,
+            root: Mutex::new(root),
             dir,
             keys: Mutex::new(keys),
             state_writes: Mutex::new(()),
@@ -283,12 +332,7 @@ impl KeyStore {
         let v = key.versions.get(&version).ok_or_else(|| StoreError::NoSuchVersion(name.clone(), version))?;
         let state = key.state_of(version, v);
         let sealed = v.sealed.clone().ok_or_else(|| StoreError::NoSuchVersion(name.clone(), version))?;
-        Ok(VersionView {
-            state,
-            sealed,
-            min_decrypt_version: key.min_decrypt_version,
-            parent: v.parent.clone(),
-        })
+        Ok(VersionView { state, sealed, min_decrypt_version: key.min_decrypt_version, by: v.by.clone() })
     }
 
     /// The version number a new key (1) or a rotation (highest + 1) will use. Callers seal
@@ -308,16 +352,15 @@ impl KeyStore {
     /// If cut short: before `key.json` is renamed into place the key does not exist, and
     /// `open` removes (shreds) the partial directory; after, it exists whole.
     pub fn create_key(&self, name: &KeyName, sealed: Vec<u8>) -> Result<KeyInfo, StoreError> {
-        self.create_key_under(name, sealed, None)
+        self.create_key_under(name, sealed, SealedBy::Root(None))
     }
 
-    /// [`create_key`](Self::create_key), for a KEK sealed by a parent KEK version rather than
-    /// the root key (`parent`: None).
+    /// [`create_key`](Self::create_key), saying what sealed the KEK.
     pub fn create_key_under(
         &self,
         name: &KeyName,
         sealed: Vec<u8>,
-        parent: Option<(KeyName, u32)>,
+        by: SealedBy,
     ) -> Result<KeyInfo, StoreError> {
         if self.exists(name) {
             return Err(StoreError::KeyExists(name.clone()));
@@ -334,7 +377,7 @@ impl KeyStore {
             .map_err(io_err(&kdir))?;
         sync_dir(&self.dir)?;
         let now = unix_now();
-        self.write_version(&kdir, name, 1, &sealed, parent.as_ref(), now)?;
+        self.write_version(&kdir, name, 1, &sealed, &by, now)?;
         let mut versions = BTreeMap::new();
         versions.insert(
             1,
@@ -342,7 +385,7 @@ impl KeyStore {
                 state: StoredState::Enabled,
                 created_unix: now,
                 reserved: 0,
-                parent,
+                by,
                 sealed: Some(sealed.into()),
             },
         );
@@ -361,16 +404,16 @@ impl KeyStore {
     /// rotation uses the number after it.
     #[cfg(test)]
     pub fn add_version(&self, name: &KeyName, version: u32, sealed: Vec<u8>) -> Result<KeyInfo, StoreError> {
-        self.add_version_under(name, version, sealed, None)
+        self.add_version_under(name, version, sealed, SealedBy::Root(None))
     }
 
-    /// [`add_version`](Self::add_version), for a KEK sealed by a parent KEK version.
+    /// [`add_version`](Self::add_version), saying what sealed the KEK.
     pub fn add_version_under(
         &self,
         name: &KeyName,
         version: u32,
         sealed: Vec<u8>,
-        parent: Option<(KeyName, u32)>,
+        by: SealedBy,
     ) -> Result<KeyInfo, StoreError> {
         let mut rec = {
             let keys = self.keys.lock().expect("keystore lock");
@@ -384,7 +427,7 @@ impl KeyStore {
         };
         let kdir = self.key_dir(name);
         let now = unix_now();
-        self.write_version(&kdir, name, version, &sealed, parent.as_ref(), now)?;
+        self.write_version(&kdir, name, version, &sealed, &by, now)?;
         rec.active_version = version;
         write_json(&kdir, "key.json", &rec)?;
         let mut keys = self.keys.lock().expect("keystore lock");
@@ -395,7 +438,7 @@ impl KeyStore {
                 state: StoredState::Enabled,
                 created_unix: now,
                 reserved: 0,
-                parent,
+                by,
                 sealed: Some(sealed.into()),
             },
         );
@@ -524,6 +567,82 @@ impl KeyStore {
         Ok(counts)
     }
 
+    /// Writes (or, in a root key rotation, rewrites) a sealed KEK record, atomically.
+    fn write_kek(
+        &self,
+        kdir: &Path,
+        name: &KeyName,
+        version: u32,
+        sealed: &[u8],
+        by: &SealedBy,
+    ) -> Result<(), StoreError> {
+        let (root, parent, root_key) = match by {
+            SealedBy::Parent(p, v) => (
+                format!("kek key={:?} version={v}", p.as_str()),
+                Some(ParentRef { key: p.to_string(), version: *v }),
+                None,
+            ),
+            SealedBy::Root(label) => (self.root.lock().expect("keystore lock").clone(), None, label.clone()),
+        };
+        let kek = KekRecord {
+            format: RECORD_FORMAT,
+            tenant: self.tenant.to_string(),
+            key: name.to_string(),
+            version,
+            root,
+            sealed: B64.encode(sealed),
+            parent,
+            root_key,
+        };
+        write_json(kdir, &format!("v{version:010}.kek"), &kek)
+    }
+
+    /// Root-sealed versions not sealed by the root key `label` (and not destroyed): what a
+    /// rotation to `label` has left to rewrap.
+    pub fn sealed_by_other_roots(&self, label: &str) -> Vec<(KeyName, u32, Option<String>)> {
+        let keys = self.keys.lock().expect("keystore lock");
+        let mut out = Vec::new();
+        for (name, key) in keys.iter() {
+            for (&v, ver) in &key.versions {
+                if let (SealedBy::Root(by), Some(_)) = (&ver.by, &ver.sealed) {
+                    if by.as_deref() != Some(label) {
+                        out.push((name.clone(), v, by.clone()));
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Replaces one version's sealed KEK with the same KEK sealed by the root key `label`,
+    /// atomically (the record is rewritten in a temporary file and renamed into place).
+    pub fn rewrap_root(
+        &self,
+        name: &KeyName,
+        version: u32,
+        sealed: Vec<u8>,
+        label: &str,
+    ) -> Result<(), StoreError> {
+        let by = SealedBy::Root(Some(label.to_owned()));
+        self.write_kek(&self.key_dir(name), name, version, &sealed, &by)?;
+        let mut keys = self.keys.lock().expect("keystore lock");
+        if let Some(v) = keys.get_mut(name).and_then(|k| k.versions.get_mut(&version)) {
+            if v.sealed.is_some() {
+                v.sealed = Some(sealed.into());
+                v.by = by;
+            }
+        }
+        Ok(())
+    }
+
+    /// Records the root key history (see [`RootState`]), atomically.
+    pub fn set_root_state(&self, state: &RootState, description: String) -> Result<(), StoreError> {
+        let tenant_dir = self.dir.parent().expect("the key store lives in its tenant's directory");
+        write_json(tenant_dir, ROOT_STATE, state)?;
+        *self.root.lock().expect("keystore lock") = description;
+        Ok(())
+    }
+
     /// When the tenant was destroyed (unix time), if it was.
     pub fn destroyed(&self) -> Option<u64> {
         *self.destroyed_unix.lock().expect("keystore lock")
@@ -570,23 +689,10 @@ impl KeyStore {
         name: &KeyName,
         version: u32,
         sealed: &[u8],
-        parent: Option<&(KeyName, u32)>,
+        by: &SealedBy,
         now: u64,
     ) -> Result<(), StoreError> {
-        let root = match parent {
-            Some((p, v)) => format!("kek key={:?} version={v}", p.as_str()),
-            None => self.root.clone(),
-        };
-        let kek = KekRecord {
-            format: RECORD_FORMAT,
-            tenant: self.tenant.to_string(),
-            key: name.to_string(),
-            version,
-            root,
-            sealed: B64.encode(sealed),
-            parent: parent.map(|(p, v)| ParentRef { key: p.to_string(), version: *v }),
-        };
-        write_json(kdir, &format!("v{version:010}.kek"), &kek)?;
+        self.write_kek(kdir, name, version, sealed, by)?;
         let st = StateRecord {
             format: RECORD_FORMAT,
             version,
@@ -681,7 +787,7 @@ fn load_key(kdir: &Path, tenant: &TenantName, name: &KeyName) -> Result<Option<K
                 format!("holds version {} in the file of version {v}", st.version),
             ));
         }
-        let mut parent = None;
+        let mut by = SealedBy::Root(None);
         let sealed = match (st.state, kek_path) {
             (StoredState::Destroyed, Some(k)) => {
                 shred(&k)?;
@@ -697,16 +803,20 @@ fn load_key(kdir: &Path, tenant: &TenantName, name: &KeyName) -> Result<Option<K
                     return Err(corrupt(&k, "record belongs to another tenant, key or version".into()));
                 }
                 let sealed = B64.decode(&kek.sealed).map_err(|e| corrupt(&k, format!("sealed: {e}")))?;
-                if let Some(p) = kek.parent {
-                    let key = KeyName::parse(&p.key).map_err(|e| corrupt(&k, format!("parent key: {e}")))?;
-                    parent = Some((key, p.version));
-                }
+                by = match (kek.parent, kek.root_key) {
+                    (Some(p), None) => SealedBy::Parent(
+                        KeyName::parse(&p.key).map_err(|e| corrupt(&k, format!("parent key: {e}")))?,
+                        p.version,
+                    ),
+                    (None, label) => SealedBy::Root(label),
+                    (Some(_), Some(_)) => return Err(corrupt(&k, "both a parent and a root key".into())),
+                };
                 Some(Arc::from(sealed))
             }
         };
         versions.insert(
             v,
-            Version { state: st.state, created_unix: st.created_unix, reserved: st.reserved, parent, sealed },
+            Version { state: st.state, created_unix: st.created_unix, reserved: st.reserved, by, sealed },
         );
     }
     if !versions.contains_key(&rec.active_version) {

@@ -19,7 +19,7 @@ use crate::cache::{Kek, KekCache, LeaseState, LoadError, Source};
 use crate::clock::BootInstant;
 use crate::envelope::{kek_aad, open_kek_under, seal_kek_under, Edek, Sealer};
 use crate::error::Error;
-use crate::keystore::{KeyStore, StoredState, VersionView};
+use crate::keystore::{KeyStore, RootState, SealedBy, StoredState, VersionView};
 use crate::secret::KeySlot;
 
 /// One root-key (or parent-KEK) call that unseals a KEK into its slot.
@@ -44,9 +44,21 @@ pub enum Role {
     Admin,
 }
 
+/// The tenant's root keys: the active one seals new KEKs; the others are opened (found by
+/// label) only for records a rotation has not rewrapped yet.
+struct Roots {
+    active: Arc<dyn RootKey>,
+    /// The active root key's label once the root was rotated; `None`: the configured one.
+    active_label: Option<String>,
+    /// The configured root key's label (PKCS#11 `key_label`), for records from before any
+    /// rotation; `None` for a backend without labels.
+    configured_label: Option<String>,
+    opened: HashMap<String, Arc<dyn RootKey>>,
+}
+
 pub struct TenantService {
     tenant: TenantName,
-    backend: Arc<dyn RootKey>,
+    roots: std::sync::RwLock<Roots>,
     store: KeyStore,
     cache: KekCache,
     /// Serialises admin operations: version numbers are chosen before sealing.
@@ -86,7 +98,12 @@ impl TenantService {
     ) -> Result<Self, Error> {
         let svc = Self {
             tenant,
-            backend,
+            roots: std::sync::RwLock::new(Roots {
+                active: backend,
+                active_label: None,
+                configured_label: None,
+                opened: HashMap::new(),
+            }),
             store,
             cache,
             admin: tokio::sync::Mutex::new(()),
@@ -113,6 +130,45 @@ impl TenantService {
     pub fn with_encryption_budget(mut self, budget: u64) -> Self {
         self.encryption_budget = budget.max(1);
         self
+    }
+
+    /// Names the root keys: `configured` is the configuration's label, `active` the label
+    /// of the root key the worker opened when the root was rotated (see
+    /// [`crate::keystore::RootState`]).
+    pub fn with_root_labels(self, configured: Option<String>, active: Option<String>) -> Self {
+        {
+            let mut roots = self.roots.write().expect("roots lock");
+            roots.configured_label = configured;
+            roots.active_label = active;
+        }
+        self
+    }
+
+    /// The root key new KEKs are sealed by.
+    fn active_root(&self) -> Arc<dyn RootKey> {
+        Arc::clone(&self.roots.read().expect("roots lock").active)
+    }
+
+    /// The root key that sealed a record: the active one, or another found by label.
+    fn root_for(&self, label: &Option<String>) -> Result<Arc<dyn RootKey>, Error> {
+        let (active, wanted) = {
+            let roots = self.roots.read().expect("roots lock");
+            let wanted = match label {
+                Some(l) => Some(l.clone()),
+                None => roots.configured_label.clone(),
+            };
+            if wanted == roots.active_label || (label.is_none() && roots.active_label.is_none()) {
+                return Ok(Arc::clone(&roots.active));
+            }
+            let Some(wanted) = wanted else { return Ok(Arc::clone(&roots.active)) };
+            if let Some(r) = roots.opened.get(&wanted) {
+                return Ok(Arc::clone(r));
+            }
+            (Arc::clone(&roots.active), wanted)
+        };
+        let root = tokio::task::block_in_place(|| active.sibling(&wanted))?;
+        self.roots.write().expect("roots lock").opened.insert(wanted, Arc::clone(&root));
+        Ok(root)
     }
 
     /// Sets how many levels a key chain may have (root key, KEKs, data key; at least 3).
@@ -166,7 +222,7 @@ impl TenantService {
     /// The revocation poll: a canary operation with the root key. A refusal flushes every
     /// cached KEK at once, so a revoked root key stops all service within one poll.
     pub async fn poll_root(&self) {
-        let backend = Arc::clone(&self.backend);
+        let backend = self.active_root();
         let health =
             tokio::task::spawn_blocking(move || backend.canary()).await.expect("canary does not panic");
         match health {
@@ -231,6 +287,7 @@ impl TenantService {
                 .map(Reply::Key)
                 .map_err(|e| e.status()),
             Op::DestroyTenant { confirm } => self.destroy_tenant(&confirm).await.map_err(|e| e.status()),
+            Op::RotateRoot { label } => self.rotate_root(label).await.map_err(|e| e.status()),
         };
         if let Err(e) = &result {
             tracing::debug!(tenant = %self.tenant, op = op_name, uid = peer.uid, code = e.code.as_str_name(), "request failed");
@@ -393,8 +450,8 @@ impl TenantService {
             return Ok(());
         }
         let next = self.store.next_version(key);
-        let (sealed, parent) = self.seal_new(key, next).await?;
-        tokio::task::block_in_place(|| self.store.add_version_under(key, next, sealed, parent))?;
+        let (sealed, by) = self.seal_new(key, next).await?;
+        tokio::task::block_in_place(|| self.store.add_version_under(key, next, sealed, by))?;
         self.prune(key)?;
         tracing::info!(
             tenant = %self.tenant, key = %key, version, next,
@@ -442,12 +499,12 @@ impl TenantService {
     async fn loader(&self, key: &KeyName, version: u32, view: VersionView) -> Result<Loader, Error> {
         let aad = kek_aad(&self.tenant, key, version);
         let sealed = view.sealed;
-        match view.parent {
-            None => {
-                let backend = Arc::clone(&self.backend);
+        match view.by {
+            SealedBy::Root(label) => {
+                let backend = self.root_for(&label)?;
                 Ok(Box::new(move |slot: &mut KeySlot| backend.unseal(&aad, &sealed, slot.bytes_mut())))
             }
-            Some((parent, pv)) => {
+            SealedBy::Parent(parent, pv) => {
                 let pk = self.usable_kek(&parent, pv).await.map_err(|e| match e {
                     Error::Store(_) | Error::DataInvalid => Error::ParentUnusable {
                         key: key.clone(),
@@ -499,7 +556,8 @@ impl TenantService {
     }
 
     async fn status(&self) -> StatusInfo {
-        let backend = Arc::clone(&self.backend);
+        let backend = self.active_root();
+        let describe = backend.describe();
         let health =
             tokio::task::spawn_blocking(move || backend.canary()).await.expect("canary does not panic");
         match &health {
@@ -508,7 +566,7 @@ impl TenantService {
         }
         StatusInfo {
             tenant: self.tenant.clone(),
-            backend: self.backend.describe(),
+            backend: describe,
             backend_healthy: health.is_ok(),
             backend_error: health.err().map(|e| e.to_string()).unwrap_or_default(),
             cached_keks: self.cache.len() as u32,
@@ -529,7 +587,7 @@ impl TenantService {
     fn seal_new_kek(&self, key: &KeyName, version: u32) -> Result<Vec<u8>, Error> {
         let mut kek = Zeroizing::new([0u8; KEK_LEN]);
         aws_lc_rs::rand::fill(&mut kek[..]).expect("the system RNG does not fail");
-        Ok(self.backend.seal(&kek_aad(&self.tenant, key, version), &kek)?)
+        Ok(self.active_root().seal(&kek_aad(&self.tenant, key, version), &kek)?)
     }
 
     /// Generates and seals a new KEK for `(key, version)`: under the active version of its
@@ -539,24 +597,24 @@ impl TenantService {
     /// Admin operations are rare and hold the admin lock across their root-key call and
     /// fsyncs; block_in_place keeps them off the async workers without moving `self`
     /// into a 'static task. Needs the multi-threaded runtime.
-    async fn seal_new(
-        &self,
-        key: &KeyName,
-        version: u32,
-    ) -> Result<(Vec<u8>, Option<(KeyName, u32)>), Error> {
+    async fn seal_new(&self, key: &KeyName, version: u32) -> Result<(Vec<u8>, SealedBy), Error> {
         let level = self.level(key);
         if level > self.max_key_depth {
             return Err(Error::TooDeep { key: key.clone(), level, max: self.max_key_depth });
         }
         let Some(parent) = self.parent_of(key) else {
-            return Ok((tokio::task::block_in_place(|| self.seal_new_kek(key, version))?, None));
+            let label = self.roots.read().expect("roots lock").active_label.clone();
+            return Ok((
+                tokio::task::block_in_place(|| self.seal_new_kek(key, version))?,
+                SealedBy::Root(label),
+            ));
         };
         let pv = self.store.active_version(&parent)?;
         let pk = self.usable_kek(&parent, pv).await?;
         let mut kek = Zeroizing::new([0u8; KEK_LEN]);
         aws_lc_rs::rand::fill(&mut kek[..]).expect("the system RNG does not fail");
         let sealed = seal_kek_under(pk.bytes(), &kek_aad(&self.tenant, key, version), &kek);
-        Ok((sealed, Some((parent, pv))))
+        Ok((sealed, SealedBy::Parent(parent, pv)))
     }
 
     /// The parent of `a/b` is `a`, when such a key exists.
@@ -583,9 +641,12 @@ impl TenantService {
         if self.store.exists(key) {
             return Err(crate::keystore::StoreError::KeyExists(key.clone()).into());
         }
-        let (sealed, parent) = self.seal_new(key, 1).await?;
-        let under = parent.as_ref().map(|(p, v)| format!("{p} v{v}"));
-        let info = tokio::task::block_in_place(|| self.store.create_key_under(key, sealed, parent))?;
+        let (sealed, by) = self.seal_new(key, 1).await?;
+        let under = match &by {
+            SealedBy::Parent(p, v) => Some(format!("{p} v{v}")),
+            SealedBy::Root(_) => None,
+        };
+        let info = tokio::task::block_in_place(|| self.store.create_key_under(key, sealed, by))?;
         tracing::info!(tenant = %self.tenant, key = %key, parent = ?under, "created key");
         Ok(info)
     }
@@ -596,8 +657,8 @@ impl TenantService {
             return Err(crate::keystore::StoreError::NoSuchKey(key.clone()).into());
         }
         let version = self.store.next_version(key);
-        let (sealed, parent) = self.seal_new(key, version).await?;
-        tokio::task::block_in_place(|| self.store.add_version_under(key, version, sealed, parent))?;
+        let (sealed, by) = self.seal_new(key, version).await?;
+        tokio::task::block_in_place(|| self.store.add_version_under(key, version, sealed, by))?;
         tracing::info!(tenant = %self.tenant, key = %key, version, "rotated key");
         self.prune(key)?;
         Ok(self.store.info(key)?)
@@ -621,6 +682,88 @@ impl TenantService {
         tracing::info!(tenant = %self.tenant, key = %key, min_decrypt_version = ?min, keep_versions = ?keep, "changed key policy");
         self.prune(key)?;
         Ok(self.store.info(key)?)
+    }
+
+    /// Root key rotation: creates (or adopts) the root key `label`, makes it active, and
+    /// rewraps every KEK record sealed by another root key under it, one record at a time,
+    /// each atomically. The new state is written first, so new KEKs are sealed by the new
+    /// root key at once and a crash at any point leaves every record sealed by one root
+    /// key or the other, both still on the token: [`TenantService::resume_root_rotation`]
+    /// finishes the job at the next start.
+    async fn rotate_root(&self, label: Option<String>) -> Result<Reply, Error> {
+        let _admin = self.admin.lock().await;
+        let (active, active_label, configured) = {
+            let r = self.roots.read().expect("roots lock");
+            (Arc::clone(&r.active), r.active_label.clone(), r.configured_label.clone())
+        };
+        let current = active_label.clone().or(configured.clone());
+        let label = label.unwrap_or_else(|| {
+            let base = current.clone().unwrap_or_else(|| "kekd-root".into());
+            let base = base.split("~r").next().unwrap_or(&base).to_owned();
+            format!("{base}~r{}", unix_now())
+        });
+        if Some(&label) == current.as_ref() {
+            return Err(crate::keystore::StoreError::Precondition(format!(
+                "root key {label:?} is already the active root key"
+            ))
+            .into());
+        }
+        let new = tokio::task::block_in_place(|| active.sibling(&label))?;
+        let mut previous = read_previous(&self.store)?;
+        if let Some(c) = current {
+            if !previous.contains(&c) {
+                previous.push(c.clone());
+            }
+            self.roots.write().expect("roots lock").opened.insert(c, Arc::clone(&active));
+        }
+        let mut state = RootState { format: 1, active: label.clone(), previous, rotating: true };
+        tokio::task::block_in_place(|| self.store.set_root_state(&state, new.describe()))?;
+        {
+            let mut r = self.roots.write().expect("roots lock");
+            r.active = Arc::clone(&new);
+            r.active_label = Some(label.clone());
+        }
+        tracing::info!(tenant = %self.tenant, root = %label, "root key rotation started");
+        let rewrapped = self.rewrap_under(&label, &new).await?;
+        state.rotating = false;
+        tokio::task::block_in_place(|| self.store.set_root_state(&state, new.describe()))?;
+        tracing::info!(tenant = %self.tenant, root = %label, rewrapped, "root key rotation complete: earlier root keys are no longer needed");
+        Ok(Reply::RootRotated { active: label, rewrapped })
+    }
+
+    /// Finishes a root key rotation a crash cut short. Run once at start, beside serving.
+    pub async fn resume_root_rotation(&self) -> Result<(), Error> {
+        let _admin = self.admin.lock().await;
+        let Some(mut state) = crate::keystore::read_root_state_of(&self.store)? else { return Ok(()) };
+        if !state.rotating {
+            return Ok(());
+        }
+        let new = self.active_root();
+        tracing::info!(tenant = %self.tenant, root = %state.active, "resuming a root key rotation");
+        let rewrapped = self.rewrap_under(&state.active, &new).await?;
+        state.rotating = false;
+        tokio::task::block_in_place(|| self.store.set_root_state(&state, new.describe()))?;
+        tracing::info!(tenant = %self.tenant, root = %state.active, rewrapped, "root key rotation complete");
+        Ok(())
+    }
+
+    /// Rewraps, under the root key `label`, every record another root key sealed. The KEK
+    /// passes through locked memory only.
+    async fn rewrap_under(&self, label: &str, new: &Arc<dyn RootKey>) -> Result<u32, Error> {
+        let mut n = 0;
+        for (key, version, by) in self.store.sealed_by_other_roots(label) {
+            let old = self.root_for(&by)?;
+            let view = self.store.version(&key, version)?;
+            let aad = kek_aad(&self.tenant, &key, version);
+            let mut slot = self.cache.scratch()?;
+            let sealed = tokio::task::block_in_place(|| {
+                old.unseal(&aad, &view.sealed, slot.bytes_mut())?;
+                new.seal(&aad, slot.bytes())
+            })?;
+            tokio::task::block_in_place(|| self.store.rewrap_root(&key, version, sealed, label))?;
+            n += 1;
+        }
+        Ok(n)
     }
 
     /// Crypto-shreds every key of the tenant and stops serving it.
@@ -651,6 +794,15 @@ impl TenantService {
         tracing::info!(tenant = %self.tenant, key = %key, version, state = ?state, "changed key version state");
         Ok(info)
     }
+}
+
+/// The root keys earlier rotations left behind, oldest first.
+fn read_previous(store: &KeyStore) -> Result<Vec<String>, Error> {
+    Ok(crate::keystore::read_root_state_of(store)?.map(|s| s.previous).unwrap_or_default())
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 /// Sealers built during one batch, by key version, failures included, so a batch of
@@ -712,6 +864,9 @@ pub(crate) mod testing {
         }
         fn describe(&self) -> String {
             "test".into()
+        }
+        fn sibling(&self, _label: &str) -> Result<Arc<dyn RootKey>, BackendError> {
+            Err(BackendError::Config("the test root key has no siblings".into()))
         }
     }
 

@@ -218,9 +218,20 @@ fn start(spec: &WorkerSpec, backends: Backends) -> Result<Arc<TenantService>, St
         Some(user) => Some(RunAs::resolve(user).map_err(|e| format!("tenants.{name}.run_as: {e}"))?),
         None => None,
     };
+    // After a root key rotation the active root key is the one the key store names, not
+    // the configured key_label (which may even be gone from the token).
+    let rotated = crate::keystore::read_root_state(&spec.state_dir, &name).map_err(|e| e.to_string())?;
+    let mut labels = (None, None);
     let root = match opening {
         Opening::Pkcs11(p11, pin) => {
-            Pkcs11RootKey::open(name.as_str(), p11, pin, &spec.state_dir.join("locks"))
+            let mut cfg = p11.clone();
+            labels.0 = Some(p11.key_label.clone());
+            if let Some(st) = &rotated {
+                cfg.key_label = st.active.clone();
+                cfg.create_root_key = false;
+                labels.1 = Some(st.active.clone());
+            }
+            Pkcs11RootKey::open(name.as_str(), &cfg, pin, &spec.state_dir.join("locks"))
                 .map(|k| Arc::new(k) as Arc<dyn RootKey>)
         }
         Opening::Tpm(tpm) => match backends.tpm {
@@ -231,7 +242,8 @@ fn start(spec: &WorkerSpec, backends: Backends) -> Result<Arc<TenantService>, St
         },
     }
     .map_err(|e| e.to_string())?;
-    let service = open_tenant(spec, root, &name).map_err(|e| e.to_string())?;
+    let service =
+        open_tenant(spec, root, &name).map_err(|e| e.to_string())?.with_root_labels(labels.0, labels.1);
     if let Some(user) = &run_as {
         give_state_to(&spec.state_dir, &name, user)?;
         user.enter().map_err(|e| format!("cannot switch to user {:?}: {e}", user.name))?;
@@ -306,6 +318,15 @@ async fn serve(
             return ExitCode::FAILURE;
         }
     };
+    let resuming = Arc::clone(&service);
+    tokio::spawn(
+        async move {
+            if let Err(e) = resuming.resume_root_rotation().await {
+                tracing::error!(error = %e, "cannot finish the root key rotation; it is retried at the next start");
+            }
+        }
+        .in_current_span(),
+    );
     let sweeper = tokio::spawn(sweep(Arc::clone(&service)).in_current_span());
     let poller = tokio::spawn(poll_root(Arc::clone(&service), revocation_poll).in_current_span());
     let (stop_tx, stop) = watch::channel(false);

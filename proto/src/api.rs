@@ -244,6 +244,11 @@ pub enum Op {
     DestroyTenant {
         confirm: TenantName,
     },
+    /// Rotates the tenant's root key to the one labelled `label` (created or adopted);
+    /// `None`: a generated label.
+    RotateRoot {
+        label: Option<String>,
+    },
 }
 
 impl Op {
@@ -262,6 +267,7 @@ impl Op {
             Op::ListKeys => "list_keys",
             Op::SetKeyPolicy { .. } => "set_key_policy",
             Op::DestroyTenant { .. } => "destroy_tenant",
+            Op::RotateRoot { .. } => "rotate_root",
         }
     }
 
@@ -275,6 +281,7 @@ impl Op {
                 | Op::ListKeys
                 | Op::SetKeyPolicy { .. }
                 | Op::DestroyTenant { .. }
+                | Op::RotateRoot { .. }
         )
     }
 }
@@ -415,6 +422,16 @@ fn op_from(op: pb::request::Op) -> Result<Op, InvalidField> {
             min_decrypt_version: p.min_decrypt_version,
             keep_versions: p.keep_versions,
         },
+        P::RotateRoot(r) => {
+            let label = r.new_key_label;
+            if label.len() > 128 || label.chars().any(char::is_control) {
+                return Err(InvalidField::new(
+                    "new_key_label",
+                    "must be at most 128 characters, none of them control characters",
+                ));
+            }
+            Op::RotateRoot { label: (!label.is_empty()).then_some(label) }
+        }
         P::DestroyTenant(d) => Op::DestroyTenant {
             confirm: TenantName::parse(&d.confirm_tenant)
                 .map_err(|e| InvalidField::new("confirm_tenant", e))?,
@@ -498,6 +515,9 @@ impl From<Request> for pb::Request {
             }
             Op::DestroyTenant { confirm } => {
                 P::DestroyTenant(pb::DestroyTenantRequest { confirm_tenant: confirm.0 })
+            }
+            Op::RotateRoot { label } => {
+                P::RotateRoot(pb::RotateRootRequest { new_key_label: label.unwrap_or_default() })
             }
         };
         pb::Request { request_id: r.id, metadata: Some(r.metadata.into()), op: Some(op) }
@@ -615,6 +635,11 @@ pub enum Reply {
         keys: u32,
         versions_shredded: u32,
     },
+    /// The root key now active, and how many KEK records were rewrapped under it.
+    RootRotated {
+        active: String,
+        rewrapped: u32,
+    },
 }
 
 #[derive(Debug)]
@@ -704,6 +729,9 @@ impl From<Response> for pb::Response {
                     Reply::Key(k) => R::Key(k.into()),
                     Reply::TenantDestroyed { keys, versions_shredded } => {
                         R::TenantDestroyed(pb::TenantDestroyed { keys, versions_shredded })
+                    }
+                    Reply::RootRotated { active, rewrapped } => {
+                        R::RootRotated(pb::RootRotated { active_key_label: active, rewrapped })
                     }
                     Reply::Keys(ks) => {
                         R::Keys(pb::ListKeysResponse { keys: ks.into_iter().map(Into::into).collect() })
@@ -834,6 +862,9 @@ impl TryFrom<pb::Response> for Response {
                 lease: s.lease,
             }),
             Some(R::Key(k)) => Reply::Key(key_info_from(k)?),
+            Some(R::RootRotated(r)) => {
+                Reply::RootRotated { active: r.active_key_label, rewrapped: r.rewrapped }
+            }
             Some(R::TenantDestroyed(d)) => {
                 Reply::TenantDestroyed { keys: d.keys, versions_shredded: d.versions_shredded }
             }

@@ -1191,21 +1191,35 @@ impl Kekd {
     pub fn destroy_root_key(&self, tenant: &str) {
         match self.home(tenant) {
             RootKeyHome::Tpm(swtpm) => swtpm.clear(),
+            RootKeyHome::Token { .. } => self.delete_token_key(tenant, &root_key_label(tenant)),
+        }
+    }
+
+    /// The label the fixture gives `tenant`'s (first) root key on its token.
+    pub fn root_key_label(&self, tenant: &str) -> String {
+        root_key_label(tenant)
+    }
+
+    /// Deletes the secret key labelled `key_label` from `tenant`'s SoftHSM2 token, as an
+    /// operator would with pkcs11-tool (e.g. an old root key after a rotation).
+    pub fn delete_token_key(&self, tenant: &str, key_label: &str) {
+        match self.home(tenant) {
+            RootKeyHome::Tpm(_) => panic!("tenant {tenant:?} is on a TPM: it has no token keys"),
             RootKeyHome::Token { label, pin, .. } => {
                 let hsm = self.hsm.as_ref().expect("a SoftHSM2 tenant has a SoftHSM2 installation");
                 let mut cmd = Command::new("pkcs11-tool");
                 cmd.arg("--module")
                     .arg(softhsm_module())
                     .args(["--token-label", label, "--login", "--pin", pin])
-                    .args(["--delete-object", "--type", "secrkey", "--label", &root_key_label(tenant)])
+                    .args(["--delete-object", "--type", "secrkey", "--label", key_label])
                     .env("SOFTHSM2_CONF", hsm.conf());
                 let out = try_run_command(cmd, Vec::new()).unwrap_or_else(|e| {
                     panic!("cannot run pkcs11-tool (opensc): {e}: run ./scripts/install-deps")
                 });
                 assert_eq!(
                     out.code, 0,
-                    "deleting {}'s root key from token {label:?} failed: `{}` exited with {}; stderr:\n{}",
-                    tenant, out.command, out.code, out.stderr
+                    "deleting key {key_label:?} of {tenant} from token {label:?} failed: `{}` exited with {}; stderr:\n{}",
+                    out.command, out.code, out.stderr
                 );
             }
         }

@@ -27,6 +27,12 @@ pub trait RootKey: Send + Sync {
 
     /// For status and logs, e.g. `pkcs11 token="kekd" key="acme-root"`. No secrets.
     fn describe(&self) -> String;
+
+    /// Another root key of the same tenant in the same place, found by `label` or created
+    /// under it: the target of a root key rotation. A backend whose root key has no label
+    /// to choose (a TPM's storage primary follows its owner seed) answers with a
+    /// configuration error that says so.
+    fn sibling(&self, label: &str) -> Result<std::sync::Arc<dyn RootKey>, BackendError>;
 }
 
 /// Backend failures, split by what the service must do about them.

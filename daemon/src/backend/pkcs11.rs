@@ -83,6 +83,9 @@ pub struct Pkcs11RootKey {
     /// the user PIN, so the backend stops logging in until an operator restarts it.
     pin_rejected: AtomicBool,
     token_lock: TokenLock,
+    /// What opened it, to open siblings (root key rotation) the same way.
+    cfg: Pkcs11Config,
+    lock_dir: PathBuf,
     /// `None` after a reset of the sessions: found again by label before the next use.
     key: Mutex<Option<ObjectHandle>>,
     sessions: Mutex<Vec<Session>>,
@@ -182,9 +185,16 @@ impl Pkcs11RootKey {
             pin,
             pin_rejected: AtomicBool::new(false),
             token_lock,
+            cfg: cfg.clone(),
+            lock_dir: lock_dir.to_owned(),
             key: Mutex::new(Some(key)),
             sessions: Mutex::new(vec![session]),
         })
+    }
+
+    /// The label of this root key on its token.
+    pub fn key_label(&self) -> &str {
+        &self.key_label
     }
 
     /// Runs `op` with a logged-in session and the root key's handle, repairing at most once
@@ -416,6 +426,18 @@ impl RootKey for Pkcs11RootKey {
     /// whose usage was revoked, or a token that lost the login, still lists it.
     fn canary(&self) -> Result<(), BackendError> {
         self.gcm_encrypt("canary", CANARY_AAD, &[0u8; 16]).map(drop)
+    }
+
+    fn sibling(&self, label: &str) -> Result<std::sync::Arc<dyn RootKey>, BackendError> {
+        use secrecy::ExposeSecret as _;
+        if label.is_empty() || label == self.key_label {
+            return Err(BackendError::Config(format!("{label:?} is not another root key label")));
+        }
+        let mut cfg = self.cfg.clone();
+        cfg.key_label = label.to_owned();
+        cfg.create_root_key = true;
+        let pin = Zeroizing::new(self.pin.expose_secret().to_owned());
+        Ok(std::sync::Arc::new(Pkcs11RootKey::open(&self.tenant, &cfg, pin, &self.lock_dir)?))
     }
 
     fn describe(&self) -> String {

@@ -379,6 +379,14 @@ impl RootKey for TpmRootKey {
         })
     }
 
+    fn sibling(&self, _label: &str) -> Result<Arc<dyn RootKey>, BackendError> {
+        Err(BackendError::Config(
+            "a TPM root key has no label to rotate to: its storage primary changes with the owner \
+             seed (tpm2_clear) or with primary_handle; root key rotation is for PKCS#11 root keys"
+                .into(),
+        ))
+    }
+
     fn describe(&self) -> String {
         let pcrs = if self.pcr_mask == 0 { "none".to_owned() } else { describe_mask(self.pcr_mask) };
         format!(

@@ -88,9 +88,22 @@ pub enum Command {
     /// Manage KEKs (admin principals only)
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// The tenant's root key (admin principals only)
+    #[command(subcommand)]
+    Root(RootCommand),
     /// The tenant as a whole (admin principals only)
     #[command(subcommand)]
     Tenant(TenantCommand),
+}
+
+#[derive(Subcommand)]
+pub enum RootCommand {
+    /// Create (or adopt) a new root key and rewrap every KEK record under it
+    Rotate {
+        /// Label of the new root key on the token (default: a generated one)
+        #[arg(long)]
+        label: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]

@@ -6,7 +6,7 @@ use kekd_client::{
 };
 use kekd_proto::{MAX_EDEK_LEN, MAX_SECRET_LEN};
 
-use crate::cli::{Command, KeysCommand, Settings, TenantCommand};
+use crate::cli::{Command, KeysCommand, RootCommand, Settings, TenantCommand};
 use crate::exit::CliError;
 use crate::output::{self, write_stdout, Fields};
 
@@ -42,6 +42,19 @@ pub async fn run(command: Command, s: Settings) -> Result<(), CliError> {
             print_edek(&s, &item)
         }
         Command::Keys(command) => keys(&s, command).await,
+        Command::Root(RootCommand::Rotate { label }) => {
+            let client = connect(&s).await?;
+            let (active, rewrapped) = client.rotate_root(label, s.metadata.clone()).await?;
+            let text = if s.json {
+                format!(
+                    "{{\"active_key_label\":{},\"rewrapped\":{rewrapped}}}\n",
+                    serde_json::to_string(&active).expect("a string")
+                )
+            } else {
+                format!("root key {active:?} is active: {rewrapped} KEK records rewrapped\n")
+            };
+            write_stdout(text.as_bytes())
+        }
         Command::Tenant(TenantCommand::Destroy { confirm }) => {
             let client = connect(&s).await?;
             let (keys, versions) = client.destroy_tenant(&confirm, s.metadata.clone()).await?;
