@@ -143,6 +143,34 @@ macro_rules! typed_ops {
                 }
             }
 
+            /// BYOK step 1: the transport public key (PEM and the rest of the reply) for a
+            /// root key to be imported as `label`.
+            pub async fn root_import_key(
+                &self,
+                label: String,
+                metadata: Metadata,
+            ) -> Result<Reply, ClientError> {
+                match self.call(Op::RootImportKey { label }, metadata).await? {
+                    r @ Reply::TransportKey { .. } => Ok(r),
+                    _ => Err(unexpected("root_import_key")),
+                }
+            }
+
+            /// BYOK step 2: imports the wrapped key material as root key `label` and
+            /// rotates to it. Returns the active label and the records rewrapped.
+            pub async fn root_import(
+                &self,
+                label: String,
+                algorithm: String,
+                wrapped: Vec<u8>,
+                metadata: Metadata,
+            ) -> Result<(String, u32), ClientError> {
+                match self.call(Op::RootImport { label, algorithm, wrapped }, metadata).await? {
+                    Reply::RootRotated { active, rewrapped } => Ok((active, rewrapped)),
+                    _ => Err(unexpected("root_import")),
+                }
+            }
+
             pub async fn list_keys(&self, metadata: Metadata) -> Result<Vec<KeyInfo>, ClientError> {
                 match self.call(Op::ListKeys, metadata).await? {
                     Reply::Keys(keys) => Ok(keys),

@@ -225,14 +225,16 @@ fn changes_state(op: &Op) -> bool {
         | Op::SetVersionState { .. }
         | Op::SetKeyPolicy { .. }
         | Op::DestroyTenant { .. }
-        | Op::RotateRoot { .. } => true,
+        | Op::RotateRoot { .. }
+        | Op::RootImport { .. } => true,
         Op::Hello(_)
         | Op::Generate { .. }
         | Op::Wrap { .. }
         | Op::Unwrap(_)
         | Op::Rewrap(_)
         | Op::Status
-        | Op::ListKeys => false,
+        | Op::ListKeys
+        | Op::RootImportKey { .. } => false,
     }
 }
 
@@ -270,5 +272,9 @@ fn copy_op(op: &Op) -> Op {
         },
         Op::DestroyTenant { confirm } => Op::DestroyTenant { confirm: confirm.clone() },
         Op::RotateRoot { label } => Op::RotateRoot { label: label.clone() },
+        Op::RootImportKey { label } => Op::RootImportKey { label: label.clone() },
+        Op::RootImport { label, algorithm, wrapped } => {
+            Op::RootImport { label: label.clone(), algorithm: algorithm.clone(), wrapped: wrapped.clone() }
+        }
     }
 }

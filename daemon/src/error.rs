@@ -37,6 +37,9 @@ pub enum Error {
     BelowMinDecrypt { key: KeyName, version: u32, min: u32 },
     #[error("tenant {0:?} was destroyed (kekctl tenant destroy): its keys are gone; remove it from the configuration")]
     TenantDestroyed(String),
+    /// A request field the daemon can only check itself (e.g. a wrapping algorithm name).
+    #[error("{0}")]
+    BadRequest(String),
     #[error("confirm_tenant must name this connection's tenant ({0:?})")]
     WrongConfirmation(String),
     #[error(
@@ -68,7 +71,7 @@ impl Error {
             | Error::TenantDestroyed(_)
             | Error::ParentUnusable { .. }
             | Error::TooDeep { .. } => Code::FailedPrecondition,
-            Error::WrongConfirmation(_) => Code::InvalidArgument,
+            Error::WrongConfirmation(_) | Error::BadRequest(_) => Code::InvalidArgument,
         };
         // Store i/o and corruption details (paths) stay in the log.
         let message = match self {

@@ -14,7 +14,7 @@ use kekd_proto::{
 };
 use zeroize::Zeroizing;
 
-use crate::backend::{BackendError, RootKey, KEK_LEN};
+use crate::backend::{BackendError, RootKey, WrappingAlgorithm, KEK_LEN};
 use crate::cache::{Kek, KekCache, LeaseState, LoadError, Source};
 use crate::clock::BootInstant;
 use crate::envelope::{kek_aad, open_kek_under, seal_kek_under, Edek, Sealer};
@@ -288,6 +288,10 @@ impl TenantService {
                 .map_err(|e| e.status()),
             Op::DestroyTenant { confirm } => self.destroy_tenant(&confirm).await.map_err(|e| e.status()),
             Op::RotateRoot { label } => self.rotate_root(label).await.map_err(|e| e.status()),
+            Op::RootImportKey { label } => self.root_import_key(&label).await.map_err(|e| e.status()),
+            Op::RootImport { label, algorithm, wrapped } => {
+                self.root_import(label, &algorithm, &wrapped).await.map_err(|e| e.status())
+            }
         };
         if let Err(e) = &result {
             tracing::debug!(tenant = %self.tenant, op = op_name, uid = peer.uid, code = e.code.as_str_name(), "request failed");
@@ -731,6 +735,38 @@ impl TenantService {
         Ok(Reply::RootRotated { active: label, rewrapped })
     }
 
+    /// BYOK step 1: the transport public key the token holds for a root key to be imported
+    /// as `label`, generated there on first use.
+    async fn root_import_key(&self, label: &str) -> Result<Reply, Error> {
+        let _admin = self.admin.lock().await;
+        let root = self.active_root();
+        let t = tokio::task::block_in_place(|| root.transport_key(label))?;
+        tracing::info!(tenant = %self.tenant, root = %label, transport = %t.label, created = t.created, sha256 = %t.sha256, "transport key handed out");
+        Ok(Reply::TransportKey {
+            label: t.label,
+            pem: t.pem,
+            sha256: t.sha256,
+            bits: t.bits as u32,
+            algorithms: t.algorithms.iter().map(|a| a.name().to_owned()).collect(),
+        })
+    }
+
+    /// BYOK step 2: the customer's key material, wrapped to `label`'s transport key,
+    /// becomes the root key `label` in the token, and the tenant's root key rotates to it.
+    async fn root_import(&self, label: String, algorithm: &str, wrapped: &[u8]) -> Result<Reply, Error> {
+        let algorithm: WrappingAlgorithm =
+            algorithm.parse().map_err(|e: crate::backend::pkcs11::import::UnknownAlgorithm| {
+                Error::BadRequest(e.to_string())
+            })?;
+        {
+            let _admin = self.admin.lock().await;
+            let root = self.active_root();
+            tokio::task::block_in_place(|| root.import_root_key(&label, algorithm, wrapped))?;
+            tracing::info!(tenant = %self.tenant, root = %label, %algorithm, "imported a root key");
+        }
+        self.rotate_root(Some(label)).await
+    }
+
     /// Finishes a root key rotation a crash cut short. Run once at start, beside serving.
     pub async fn resume_root_rotation(&self) -> Result<(), Error> {
         let _admin = self.admin.lock().await;
@@ -867,6 +903,17 @@ pub(crate) mod testing {
         }
         fn sibling(&self, _label: &str) -> Result<Arc<dyn RootKey>, BackendError> {
             Err(BackendError::Config("the test root key has no siblings".into()))
+        }
+        fn transport_key(&self, _: &str) -> Result<crate::backend::TransportKey, BackendError> {
+            Err(BackendError::Config("the test root key imports nothing".into()))
+        }
+        fn import_root_key(
+            &self,
+            _: &str,
+            _: crate::backend::WrappingAlgorithm,
+            _: &[u8],
+        ) -> Result<(), BackendError> {
+            Err(BackendError::Config("the test root key imports nothing".into()))
         }
     }
 

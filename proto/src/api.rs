@@ -249,6 +249,16 @@ pub enum Op {
     RotateRoot {
         label: Option<String>,
     },
+    /// BYOK step 1: the transport public key for a root key to be imported as `label`.
+    RootImportKey {
+        label: String,
+    },
+    /// BYOK step 2: imports wrapped key material as the root key `label` and rotates to it.
+    RootImport {
+        label: String,
+        algorithm: String,
+        wrapped: Vec<u8>,
+    },
 }
 
 impl Op {
@@ -268,6 +278,8 @@ impl Op {
             Op::SetKeyPolicy { .. } => "set_key_policy",
             Op::DestroyTenant { .. } => "destroy_tenant",
             Op::RotateRoot { .. } => "rotate_root",
+            Op::RootImportKey { .. } => "root_import_key",
+            Op::RootImport { .. } => "root_import",
         }
     }
 
@@ -282,6 +294,8 @@ impl Op {
                 | Op::SetKeyPolicy { .. }
                 | Op::DestroyTenant { .. }
                 | Op::RotateRoot { .. }
+                | Op::RootImportKey { .. }
+                | Op::RootImport { .. }
         )
     }
 }
@@ -422,6 +436,17 @@ fn op_from(op: pb::request::Op) -> Result<Op, InvalidField> {
             min_decrypt_version: p.min_decrypt_version,
             keep_versions: p.keep_versions,
         },
+        P::RootImportKey(r) => Op::RootImportKey { label: root_label("new_key_label", r.new_key_label)? },
+        P::RootImport(r) => {
+            if r.wrapped.is_empty() || r.wrapped.len() > 4096 {
+                return Err(InvalidField::new("wrapped", "must be 1 to 4096 bytes"));
+            }
+            Op::RootImport {
+                label: root_label("new_key_label", r.new_key_label)?,
+                algorithm: r.algorithm,
+                wrapped: r.wrapped,
+            }
+        }
         P::RotateRoot(r) => {
             let label = r.new_key_label;
             if label.len() > 128 || label.chars().any(char::is_control) {
@@ -437,6 +462,14 @@ fn op_from(op: pb::request::Op) -> Result<Op, InvalidField> {
                 .map_err(|e| InvalidField::new("confirm_tenant", e))?,
         },
     })
+}
+
+/// A root key label: 1 to 128 characters, no control characters.
+fn root_label(field: &'static str, label: String) -> Result<String, InvalidField> {
+    if label.is_empty() || label.len() > 128 || label.chars().any(char::is_control) {
+        return Err(InvalidField::new(field, "must be 1 to 128 characters, none of them control characters"));
+    }
+    Ok(label)
 }
 
 impl From<pb::AuditMetadata> for Metadata {
@@ -518,6 +551,12 @@ impl From<Request> for pb::Request {
             }
             Op::RotateRoot { label } => {
                 P::RotateRoot(pb::RotateRootRequest { new_key_label: label.unwrap_or_default() })
+            }
+            Op::RootImportKey { label } => {
+                P::RootImportKey(pb::RootImportKeyRequest { new_key_label: label })
+            }
+            Op::RootImport { label, algorithm, wrapped } => {
+                P::RootImport(pb::RootImportRequest { new_key_label: label, algorithm, wrapped })
             }
         };
         pb::Request { request_id: r.id, metadata: Some(r.metadata.into()), op: Some(op) }
@@ -640,6 +679,14 @@ pub enum Reply {
         active: String,
         rewrapped: u32,
     },
+    /// BYOK: the transport public key to wrap the customer's key material to.
+    TransportKey {
+        label: String,
+        pem: String,
+        sha256: String,
+        bits: u32,
+        algorithms: Vec<String>,
+    },
 }
 
 #[derive(Debug)]
@@ -732,6 +779,9 @@ impl From<Response> for pb::Response {
                     }
                     Reply::RootRotated { active, rewrapped } => {
                         R::RootRotated(pb::RootRotated { active_key_label: active, rewrapped })
+                    }
+                    Reply::TransportKey { label, pem, sha256, bits, algorithms } => {
+                        R::TransportKey(pb::TransportKey { label, pem, sha256, bits, algorithms })
                     }
                     Reply::Keys(ks) => {
                         R::Keys(pb::ListKeysResponse { keys: ks.into_iter().map(Into::into).collect() })
@@ -862,6 +912,13 @@ impl TryFrom<pb::Response> for Response {
                 lease: s.lease,
             }),
             Some(R::Key(k)) => Reply::Key(key_info_from(k)?),
+            Some(R::TransportKey(t)) => Reply::TransportKey {
+                label: t.label,
+                pem: t.pem,
+                sha256: t.sha256,
+                bits: t.bits,
+                algorithms: t.algorithms,
+            },
             Some(R::RootRotated(r)) => {
                 Reply::RootRotated { active: r.active_key_label, rewrapped: r.rewrapped }
             }

@@ -33,7 +33,24 @@ pub trait RootKey: Send + Sync {
     /// to choose (a TPM's storage primary follows its owner seed) answers with a
     /// configuration error that says so.
     fn sibling(&self, label: &str) -> Result<std::sync::Arc<dyn RootKey>, BackendError>;
+
+    /// BYOK, step 1: the public half of the RSA transport key for a root key to be imported
+    /// as `label`, generated in the token on first use. A backend that cannot import keys
+    /// says so (a configuration error).
+    fn transport_key(&self, label: &str) -> Result<TransportKey, BackendError>;
+
+    /// BYOK, step 2: unwraps customer key material (wrapped to `label`'s transport key with
+    /// `algorithm`) in the token into a new non-extractable root key labelled `label`; the
+    /// material never enters kekd's memory.
+    fn import_root_key(
+        &self,
+        label: &str,
+        algorithm: WrappingAlgorithm,
+        wrapped: &[u8],
+    ) -> Result<(), BackendError>;
 }
+
+pub use self::pkcs11::import::{TransportKey, WrappingAlgorithm};
 
 /// Backend failures, split by what the service must do about them.
 #[derive(Debug, thiserror::Error)]

@@ -192,6 +192,12 @@ impl Pkcs11RootKey {
         })
     }
 
+    fn importer(&self) -> Result<import::Importer, BackendError> {
+        use secrecy::ExposeSecret as _;
+        let pin = Zeroizing::new(self.pin.expose_secret().to_owned());
+        import::Importer::open(&self.tenant, &self.cfg, pin, &self.lock_dir)
+    }
+
     /// The label of this root key on its token.
     pub fn key_label(&self) -> &str {
         &self.key_label
@@ -438,6 +444,19 @@ impl RootKey for Pkcs11RootKey {
         cfg.create_root_key = true;
         let pin = Zeroizing::new(self.pin.expose_secret().to_owned());
         Ok(std::sync::Arc::new(Pkcs11RootKey::open(&self.tenant, &cfg, pin, &self.lock_dir)?))
+    }
+
+    fn transport_key(&self, label: &str) -> Result<super::TransportKey, BackendError> {
+        self.importer()?.transport_key(label)
+    }
+
+    fn import_root_key(
+        &self,
+        label: &str,
+        algorithm: super::WrappingAlgorithm,
+        wrapped: &[u8],
+    ) -> Result<(), BackendError> {
+        self.importer()?.import_root_key(label, algorithm, wrapped)
     }
 
     fn describe(&self) -> String {

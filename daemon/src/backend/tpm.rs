@@ -55,6 +55,8 @@ pub use self::sealed::{describe_mask, pcr_mask, Sealed};
 use super::{BackendError, RootKey, KEK_LEN};
 use crate::config::TpmConfig;
 
+const NO_BYOK: &str = "a TPM root key cannot be imported: bring-your-own-key needs a PKCS#11 token";
+
 /// Opens a tenant's TPM root key: the worker's entry point into this backend.
 pub fn open(tenant: &TenantName, cfg: &TpmConfig) -> Result<Arc<dyn RootKey>, BackendError> {
     let key = TpmRootKey::open(cfg)?;
@@ -385,6 +387,14 @@ impl RootKey for TpmRootKey {
              seed (tpm2_clear) or with primary_handle; root key rotation is for PKCS#11 root keys"
                 .into(),
         ))
+    }
+
+    fn transport_key(&self, _: &str) -> Result<super::TransportKey, BackendError> {
+        Err(BackendError::Config(NO_BYOK.into()))
+    }
+
+    fn import_root_key(&self, _: &str, _: super::WrappingAlgorithm, _: &[u8]) -> Result<(), BackendError> {
+        Err(BackendError::Config(NO_BYOK.into()))
     }
 
     fn describe(&self) -> String {

@@ -104,6 +104,22 @@ pub enum RootCommand {
         #[arg(long)]
         label: Option<String>,
     },
+    /// Bring your own key, step 1: print (PEM) the RSA public key to wrap your key to
+    ImportKey {
+        /// Label the imported root key will have on the token
+        #[arg(long)]
+        label: String,
+    },
+    /// Bring your own key, step 2: import the wrapped key read from stdin and make it the
+    /// tenant's root key
+    Import {
+        /// Label given to `import-key`
+        #[arg(long)]
+        label: String,
+        /// RSAES_OAEP_SHA_256, RSA_AES_KEY_WRAP_SHA_256, RSAES_OAEP_SHA_1 or RSA_AES_KEY_WRAP_SHA_1
+        #[arg(long)]
+        algorithm: String,
+    },
 }
 
 #[derive(Subcommand)]

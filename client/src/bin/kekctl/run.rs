@@ -42,6 +42,41 @@ pub async fn run(command: Command, s: Settings) -> Result<(), CliError> {
             print_edek(&s, &item)
         }
         Command::Keys(command) => keys(&s, command).await,
+        Command::Root(RootCommand::ImportKey { label }) => {
+            let client = connect(&s).await?;
+            let reply = client.root_import_key(label, s.metadata.clone()).await?;
+            let kekd_client::Reply::TransportKey { label, pem, sha256, bits, algorithms } = reply else {
+                return Err(missing("a transport key"));
+            };
+            if s.json {
+                let v = serde_json::json!({
+                    "label": label, "pem": pem, "sha256": sha256, "bits": bits, "algorithms": algorithms,
+                });
+                write_stdout(format!("{v}\n").as_bytes())
+            } else {
+                // The PEM alone on stdout, so `> transport.pem` gives a file openssl reads.
+                eprintln!(
+                    "transport key {label:?}: RSA-{bits}, SHA-256 {sha256}; this token accepts {}",
+                    algorithms.join(", ")
+                );
+                write_stdout(pem.as_bytes())
+            }
+        }
+        Command::Root(RootCommand::Import { label, algorithm }) => {
+            let wrapped = output::read_stdin(4096, "the wrapped key")?.to_vec();
+            let client = connect(&s).await?;
+            let (active, rewrapped) =
+                client.root_import(label, algorithm, wrapped, s.metadata.clone()).await?;
+            let text = if s.json {
+                format!(
+                    "{{\"active_key_label\":{},\"rewrapped\":{rewrapped}}}\n",
+                    serde_json::to_string(&active).expect("a string")
+                )
+            } else {
+                format!("imported root key {active:?} is active: {rewrapped} KEK records rewrapped\n")
+            };
+            write_stdout(text.as_bytes())
+        }
         Command::Root(RootCommand::Rotate { label }) => {
             let client = connect(&s).await?;
             let (active, rewrapped) = client.rotate_root(label, s.metadata.clone()).await?;
