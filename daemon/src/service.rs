@@ -209,8 +209,12 @@ impl TenantService {
             match res {
                 Ok(()) => {}
                 Err(LoadError::Load(e)) => {
-                    self.root_failed(&e);
-                    tracing::warn!(tenant = %self.tenant, key = %key, version, error = %e, "background KEK refresh failed");
+                    // During an outage the refresh probes every second: say it once.
+                    if self.root_failed(&e) {
+                        tracing::warn!(tenant = %self.tenant, key = %key, version, error = %e, "background KEK refresh failed");
+                    } else {
+                        tracing::debug!(tenant = %self.tenant, key = %key, version, error = %e, "background KEK refresh failed");
+                    }
                 }
                 Err(LoadError::Memory(e)) => {
                     tracing::warn!(tenant = %self.tenant, error = %e, "background KEK refresh failed")
@@ -225,20 +229,34 @@ impl TenantService {
         let backend = self.active_root();
         let health =
             tokio::task::spawn_blocking(move || backend.canary()).await.expect("canary does not panic");
+        let was_online = self.cache.lease_state() == LeaseState::Online;
         match health {
-            Ok(()) => self.cache.root_ok(),
+            Ok(()) => {
+                self.cache.root_ok();
+                if !was_online {
+                    tracing::info!(tenant = %self.tenant, "the root key is reachable again");
+                }
+            }
             Err(e) => {
-                tracing::warn!(tenant = %self.tenant, error = %e, "root-key check failed");
-                self.root_failed(&e);
+                if self.root_failed(&e) {
+                    tracing::warn!(tenant = %self.tenant, error = %e, "root-key check failed");
+                } else {
+                    tracing::debug!(tenant = %self.tenant, error = %e, "root-key check failed");
+                }
             }
         }
     }
 
     /// What every failed root-key call teaches the cache: an outage starts the grace, a
-    /// definitive refusal flushes everything (DESIGN §5).
-    fn root_failed(&self, e: &BackendError) {
+    /// definitive refusal flushes everything (DESIGN §5). Returns whether this failure is
+    /// news worth a warning: anything but an outage already known.
+    fn root_failed(&self, e: &BackendError) -> bool {
+        let was_online = self.cache.lease_state() == LeaseState::Online;
         match e {
-            BackendError::Unreachable(_) => self.cache.root_unreachable(),
+            BackendError::Unreachable(_) => {
+                self.cache.root_unreachable();
+                return was_online;
+            }
             BackendError::Refused(_) => {
                 let n = self.cache.len();
                 self.cache.flush();
@@ -248,6 +266,7 @@ impl TenantService {
             }
             _ => {}
         }
+        true
     }
 
     /// Wipes every cached KEK (shutdown).
@@ -551,9 +570,13 @@ impl TenantService {
                 Err(Error::KekRecordInvalid { key: key.clone(), version })
             }
             Err(LoadError::Load(e)) => {
-                // A definitive refusal from the root key: nothing cached may outlive it.
-                self.root_failed(&e);
-                tracing::warn!(tenant = %self.tenant, error = %e, "root-key unseal failed");
+                // A definitive refusal from the root key: nothing cached may outlive it. An
+                // outage already known is not logged again for every request.
+                if self.root_failed(&e) {
+                    tracing::warn!(tenant = %self.tenant, error = %e, "root-key unseal failed");
+                } else {
+                    tracing::debug!(tenant = %self.tenant, error = %e, "root-key unseal failed");
+                }
                 Err(e.into())
             }
         }
@@ -566,7 +589,9 @@ impl TenantService {
             tokio::task::spawn_blocking(move || backend.canary()).await.expect("canary does not panic");
         match &health {
             Ok(()) => self.cache.root_ok(),
-            Err(e) => self.root_failed(e),
+            Err(e) => {
+                self.root_failed(e);
+            }
         }
         StatusInfo {
             tenant: self.tenant.clone(),

@@ -102,6 +102,10 @@ fn an_unreachable_token_is_ridden_out_for_offline_grace() {
     }
     eprintln!("served again {:?} after the token came back", back.elapsed());
     assert_eq!(lease(&kekd), "online");
+    // The outage was polled every second for some 8 s; it is logged as news, not per poll.
+    let log = kekd.stderr();
+    let warnings = log.lines().filter(|l| l.contains("WARN") && l.contains("failed")).count();
+    assert!((1..=3).contains(&warnings), "{warnings} warnings for one outage:\n{log}");
 }
 
 /// (c) offline_grace = 0 fails closed at kek_ttl.
