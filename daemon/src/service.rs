@@ -745,6 +745,8 @@ impl TenantService {
             }
             self.roots.write().expect("roots lock").opened.insert(c, Arc::clone(&active));
         }
+        // Back to an earlier key: it is the active one again, never one that may be deleted.
+        previous.retain(|p| p != &label);
         let mut state = RootState { format: 1, active: label.clone(), previous, rotating: true };
         tokio::task::block_in_place(|| self.store.set_root_state(&state, new.describe()))?;
         {

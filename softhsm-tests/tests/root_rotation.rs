@@ -137,6 +137,10 @@ fn a_rotation_adopts_an_existing_key_and_refuses_a_tpm() {
     kekd.kekctl().args(["root", "rotate", "--label", &first]).run().ok();
     let out = kekd.kekctl().args(["root", "rotate", "--label", &first]).run();
     out.assert_error(exit::FAILED_PRECONDITION, "FAILED_PRECONDITION");
+    // The key active again is not among the earlier ones an operator may delete.
+    let state = root_state(&kekd).unwrap();
+    assert_eq!(state["active"], first.as_str());
+    assert_eq!(state["previous"], serde_json::json!(["acme-root-2"]), "{state}");
     assert_eq!(kekd.unwrap(&edek, &[]).ok(), b"before");
 
     let out = kekd.kekctl_for("tpm").args(["root", "rotate"]).run();
