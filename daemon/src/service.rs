@@ -14,7 +14,7 @@ use kekd_proto::{
 };
 use zeroize::Zeroizing;
 
-use crate::backend::{BackendError, RootKey, WrappingAlgorithm, KEK_LEN};
+use crate::backend::{BackendError, RootKey, WrappingAlgorithm};
 use crate::cache::{Kek, KekCache, LeaseState, LoadError, Source};
 use crate::clock::BootInstant;
 use crate::envelope::{kek_aad, open_kek_under, seal_kek_under, Edek, Sealer};
@@ -614,9 +614,16 @@ impl TenantService {
 
     /// Generates a KEK in locked memory and seals it for `(key, version)`.
     fn seal_new_kek(&self, key: &KeyName, version: u32) -> Result<Vec<u8>, Error> {
-        let mut kek = Zeroizing::new([0u8; KEK_LEN]);
-        aws_lc_rs::rand::fill(&mut kek[..]).expect("the system RNG does not fail");
-        Ok(self.active_root().seal(&kek_aad(&self.tenant, key, version), &kek)?)
+        let kek = self.new_kek()?;
+        Ok(self.active_root().seal(&kek_aad(&self.tenant, key, version), kek.bytes())?)
+    }
+
+    /// A fresh random KEK in a slot of the locked arena (wiped when dropped), never on the
+    /// stack.
+    fn new_kek(&self) -> Result<KeySlot, Error> {
+        let mut kek = self.cache.scratch()?;
+        aws_lc_rs::rand::fill(kek.bytes_mut()).expect("the system RNG does not fail");
+        Ok(kek)
     }
 
     /// Generates and seals a new KEK for `(key, version)`: under the active version of its
@@ -640,9 +647,8 @@ impl TenantService {
         };
         let pv = self.store.active_version(&parent)?;
         let pk = self.usable_kek(&parent, pv).await?;
-        let mut kek = Zeroizing::new([0u8; KEK_LEN]);
-        aws_lc_rs::rand::fill(&mut kek[..]).expect("the system RNG does not fail");
-        let sealed = seal_kek_under(pk.bytes(), &kek_aad(&self.tenant, key, version), &kek);
+        let kek = self.new_kek()?;
+        let sealed = seal_kek_under(pk.bytes(), &kek_aad(&self.tenant, key, version), kek.bytes());
         Ok((sealed, SealedBy::Parent(parent, pv)))
     }
 
@@ -883,6 +889,7 @@ pub(crate) mod testing {
     use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
 
     use super::*;
+    use crate::backend::KEK_LEN;
     use crate::secret::LockedArena;
 
     /// An in-memory root key for unit tests only: AES-GCM under a fixed key. The real
