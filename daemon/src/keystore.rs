@@ -186,6 +186,13 @@ struct Version {
     sealed: Option<Arc<[u8]>>,
 }
 
+impl Version {
+    /// A version just written: enabled, nothing reserved yet.
+    fn new(created_unix: u64, by: SealedBy, sealed: Vec<u8>) -> Self {
+        Version { state: StoredState::Enabled, created_unix, reserved: 0, by, sealed: Some(sealed.into()) }
+    }
+}
+
 struct Key {
     active: u32,
     created_unix: u64,
@@ -379,16 +386,7 @@ impl KeyStore {
         let now = unix_now();
         self.write_version(&kdir, name, 1, &sealed, &by, now)?;
         let mut versions = BTreeMap::new();
-        versions.insert(
-            1,
-            Version {
-                state: StoredState::Enabled,
-                created_unix: now,
-                reserved: 0,
-                by,
-                sealed: Some(sealed.into()),
-            },
-        );
+        versions.insert(1, Version::new(now, by, sealed));
         let key = Key { active: 1, created_unix: now, min_decrypt_version: 0, keep_versions: 0, versions };
         write_json(&kdir, "key.json", &key.record(&self.tenant, name))?;
         let info = key.info(name);
@@ -432,16 +430,7 @@ impl KeyStore {
         write_json(&kdir, "key.json", &rec)?;
         let mut keys = self.keys.lock().expect("keystore lock");
         let key = keys.get_mut(name).expect("checked above; admin operations are serialised");
-        key.versions.insert(
-            version,
-            Version {
-                state: StoredState::Enabled,
-                created_unix: now,
-                reserved: 0,
-                by,
-                sealed: Some(sealed.into()),
-            },
-        );
+        key.versions.insert(version, Version::new(now, by, sealed));
         key.active = version;
         Ok(key.info(name))
     }
@@ -899,7 +888,7 @@ fn shred_tree(dir: &Path) -> Result<(), StoreError> {
     Ok(())
 }
 
-fn unix_now() -> u64 {
+pub(crate) fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 

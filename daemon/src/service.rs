@@ -19,7 +19,7 @@ use crate::cache::{Kek, KekCache, LeaseState, LoadError, Source};
 use crate::clock::BootInstant;
 use crate::envelope::{kek_aad, open_kek_under, seal_kek_under, Edek, Sealer};
 use crate::error::Error;
-use crate::keystore::{KeyStore, RootState, SealedBy, StoredState, VersionView};
+use crate::keystore::{unix_now, KeyStore, RootState, SealedBy, StoredState, VersionView};
 use crate::secret::KeySlot;
 
 /// One root-key (or parent-KEK) call that unseals a KEK into its slot.
@@ -868,10 +868,6 @@ impl TenantService {
 /// The root keys earlier rotations left behind, oldest first.
 fn read_previous(store: &KeyStore) -> Result<Vec<String>, Error> {
     Ok(crate::keystore::read_root_state_of(store)?.map(|s| s.previous).unwrap_or_default())
-}
-
-fn unix_now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 /// Sealers built during one batch, by key version, failures included, so a batch of

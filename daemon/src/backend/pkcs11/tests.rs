@@ -38,7 +38,7 @@ fn open(key_label: &str, create_root_key: bool) -> Result<Pkcs11RootKey, Backend
 /// 2.6.1 fails `C_GenerateKey` with CKR_GENERAL_ERROR when another thread of the process
 /// searches objects or reads attributes at the same moment (seen in this suite). The lock
 /// must be released before calling the backend, which takes it itself.
-fn with_admin<T>(f: impl FnOnce(&Session) -> T) -> T {
+pub(super) fn with_admin<T>(f: impl FnOnce(&Session) -> T) -> T {
     let t = shared();
     let lock =
         TokenLock::open(&TokenLock::path(&t.lock_dir(), &t.token.module, Some(&t.token.conf))).unwrap();

@@ -10,6 +10,10 @@ use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
 use cryptoki::session::Session;
 
 use super::*;
+// `with_admin`: the test token as another application sees it. While its lock is held, no
+// import is under way in this process: each holds the lock from login until its session
+// is closed.
+use crate::backend::pkcs11::tests::with_admin;
 use crate::backend::pkcs11::{find_keys, Pkcs11RootKey, IV_LEN, SEALED_LEN};
 use crate::backend::RootKey;
 use crate::softhsm::test_token::shared;
@@ -122,21 +126,6 @@ fn assert_serves_with(label: &str, key: &[u8]) {
     let mut out = [0u8; KEK_LEN];
     root.unseal(AAD, &[iv, buf].concat(), &mut out).unwrap();
     assert_eq!(out, kek);
-}
-
-/// Runs `f` in a logged-in read-write session of "another application", holding the token
-/// lock as kekd does (see `pkcs11::tests::with_admin`). While it is held, no import is under
-/// way in this process: each holds the lock from login until its session is closed.
-fn with_admin<T>(f: impl FnOnce(&Session) -> T) -> T {
-    let t = shared();
-    let lock =
-        TokenLock::open(&TokenLock::path(&t.lock_dir(), &t.token.module, Some(&t.token.conf))).unwrap();
-    let _guard = lock.acquire().unwrap();
-    let pkcs11 = library(&t.token.module, Some(&t.token.conf)).unwrap();
-    let slot = find_tokens(&pkcs11, &t.token.token_label).unwrap()[0];
-    let session = pkcs11.open_rw_session(slot).unwrap();
-    login(&session, &AuthPin::from(pin().as_str())).unwrap();
-    f(&session)
 }
 
 fn token_objects_labelled(label: &str) -> usize {
