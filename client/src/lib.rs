@@ -10,6 +10,8 @@
 //! this crate.
 #![forbid(unsafe_code)]
 
+pub mod audit;
+pub mod bench;
 mod conn;
 mod error;
 mod ops;

@@ -16,6 +16,7 @@ use crate::sandbox::RunAs;
 
 pub const DEFAULT_SOCKET: &str = "/run/kekd/kekd.sock";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/kekd";
+pub const DEFAULT_AUDIT_DIR: &str = "/var/log/kekd/audit";
 
 /// A configuration error; the message starts with the dotted path of the field.
 #[derive(Debug, thiserror::Error)]
@@ -56,8 +57,119 @@ pub struct Config {
     /// On SIGTERM, how long workers may take to finish the requests they are serving.
     #[serde(default = "default_shutdown_timeout", with = "humantime_serde")]
     pub shutdown_timeout: Duration,
+    /// The audit trail (docs/FORMATS.md §5).
+    #[serde(default)]
+    pub audit: AuditConfig,
     #[serde(default)]
     pub tenants: BTreeMap<String, TenantConfig>,
+}
+
+/// `[audit]`: where each tenant's audit trail goes and what a write failure means.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    /// Records go to `<dir>/<tenant>/<YYYY-MM-DD>.jsonl`.
+    #[serde(default = "default_audit_dir")]
+    pub dir: PathBuf,
+    /// What an operation does when its record cannot be written.
+    #[serde(default)]
+    pub mode: AuditMode,
+    /// When records reach the disk, as opposed to the page cache (which a crash of kekd
+    /// does not lose, but a crash of the machine may).
+    #[serde(default)]
+    pub fsync: FsyncPolicy,
+    /// With `fsync = "interval"`: how often.
+    #[serde(default = "default_fsync_interval", with = "humantime_serde")]
+    pub fsync_interval: Duration,
+    /// A Unix datagram socket (`/dev/log`) each record is also sent to, as RFC 5424
+    /// syslog, for SIEM shippers. Unset: no forwarding.
+    pub syslog: Option<PathBuf>,
+    /// The syslog facility of forwarded records.
+    #[serde(default = "default_syslog_facility")]
+    pub syslog_facility: String,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self {
+            dir: default_audit_dir(),
+            mode: AuditMode::default(),
+            fsync: FsyncPolicy::default(),
+            fsync_interval: default_fsync_interval(),
+            syslog: None,
+            syslog_facility: default_syslog_facility(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuditMode {
+    /// No record, no key material: the operation fails with UNAVAILABLE.
+    #[default]
+    FailClosed,
+    /// The failure is logged and the operation served; the count of unwritten records is
+    /// recorded once writing works again.
+    BestEffort,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FsyncPolicy {
+    /// Every record is on disk before its operation answers: one fsync per record.
+    Record,
+    /// Records that queued up together are written and fsynced together, before any of
+    /// their operations answer.
+    Batch,
+    /// Records are written before their operations answer and fsynced every
+    /// `fsync_interval`: a crash of kekd loses nothing, a crash of the machine at most
+    /// that interval.
+    #[default]
+    Interval,
+}
+
+/// Syslog facility names and numbers (RFC 5424 §6.2.1).
+pub const SYSLOG_FACILITIES: [(&str, u8); 12] = [
+    ("kern", 0),
+    ("user", 1),
+    ("daemon", 3),
+    ("auth", 4),
+    ("authpriv", 10),
+    ("local0", 16),
+    ("local1", 17),
+    ("local2", 18),
+    ("local3", 19),
+    ("local4", 20),
+    ("local5", 21),
+    ("local6", 22),
+];
+
+impl AuditConfig {
+    pub fn facility(&self) -> Option<u8> {
+        SYSLOG_FACILITIES.iter().find(|(n, _)| *n == self.syslog_facility).map(|(_, f)| *f)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if !self.dir.is_absolute() {
+            return Err(ConfigError::new("audit.dir", "must be an absolute path"));
+        }
+        if self.fsync_interval < Duration::from_millis(10) || self.fsync_interval > Duration::from_secs(300) {
+            return Err(ConfigError::new("audit.fsync_interval", "must be between 10ms and 5m"));
+        }
+        if let Some(p) = &self.syslog {
+            if !p.is_absolute() {
+                return Err(ConfigError::new("audit.syslog", "must be an absolute path, e.g. \"/dev/log\""));
+            }
+        }
+        if self.facility().is_none() {
+            let names: Vec<&str> = SYSLOG_FACILITIES.iter().map(|(n, _)| *n).collect();
+            return Err(ConfigError::new(
+                "audit.syslog_facility",
+                format!("unknown facility {:?}; one of {}", self.syslog_facility, names.join(", ")),
+            ));
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -238,6 +350,15 @@ fn default_socket_mode() -> String {
 fn default_state_dir() -> PathBuf {
     DEFAULT_STATE_DIR.into()
 }
+fn default_audit_dir() -> PathBuf {
+    DEFAULT_AUDIT_DIR.into()
+}
+fn default_fsync_interval() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_syslog_facility() -> String {
+    "authpriv".into()
+}
 fn default_max_frame() -> usize {
     kekd_proto::DEFAULT_MAX_FRAME
 }
@@ -296,6 +417,7 @@ impl Config {
 
     fn validate(&self) -> Result<(), ConfigError> {
         self.socket_mode()?;
+        self.audit.validate()?;
         if self.max_frame_bytes < 1024 || self.max_frame_bytes > 64 << 20 {
             return Err(ConfigError::new("max_frame_bytes", "must be between 1024 and 67108864"));
         }
@@ -538,6 +660,35 @@ pin_file = "{}"
         assert!(e.problem.contains("/nonexistent/lib.so"), "{e}");
         let e = Config::parse(&with_module("").replace("[tenants.acme]", "[tenants.Acme]")).unwrap_err();
         assert_eq!(e.field, "tenants.Acme", "{e}");
+    }
+
+    #[test]
+    fn audit_settings_and_their_errors() {
+        let cfg = Config::parse(&with_module("")).unwrap();
+        assert_eq!(cfg.audit, AuditConfig::default());
+        assert_eq!(cfg.audit.mode, AuditMode::FailClosed);
+        assert_eq!(cfg.audit.fsync, FsyncPolicy::Interval);
+        assert_eq!(cfg.audit.facility(), Some(10));
+        let audit = |table: &str| format!("{}\n[audit]\n{table}\n", with_module(""));
+        let cfg = Config::parse(&audit(
+            "dir = \"/var/audit\"\nmode = \"best_effort\"\nfsync = \"batch\"\nsyslog = \"/dev/log\"",
+        ))
+        .unwrap();
+        assert_eq!(cfg.audit.mode, AuditMode::BestEffort);
+        assert_eq!(cfg.audit.fsync, FsyncPolicy::Batch);
+        assert_eq!(cfg.audit.syslog.as_deref(), Some(Path::new("/dev/log")));
+        for (table, field, says) in [
+            ("mode = \"fail_open\"", "audit.mode", "unknown variant `fail_open`"),
+            ("fsync = \"never\"", "audit.fsync", "unknown variant `never`"),
+            ("dir = \"audit\"", "audit.dir", "absolute"),
+            ("fsync_interval = \"1h\"", "audit.fsync_interval", "between 10ms and 5m"),
+            ("syslog_facility = \"mail\"", "audit.syslog_facility", "unknown facility \"mail\""),
+            ("sylog = \"/dev/log\"", "audit.sylog", "unknown field"),
+        ] {
+            let e = Config::parse(&audit(table)).unwrap_err();
+            assert_eq!(e.field, field, "{table}: {e}");
+            assert!(e.problem.contains(says), "{table}: {e}");
+        }
     }
 
     #[test]

@@ -127,6 +127,7 @@ fn dev_config(dir: &Path, root: &DevRoot, uids: &[u32]) -> String {
     .unwrap();
     writeln!(s, "socket = {}", q(&dir.join("kekd.sock"))).unwrap();
     writeln!(s, "state_dir = {}", q(&dir.join("state"))).unwrap();
+    writeln!(s, "\n[audit]\ndir = {}", q(&dir.join("audit"))).unwrap();
     writeln!(s, "\n[tenants.demo]\nallow_uids = [{uids}]\nadmin_uids = [{uids}]").unwrap();
     match root {
         DevRoot::Token(token) => {

@@ -46,6 +46,25 @@ pub enum Error {
         "a batch of {n} encryptions exceeds the encryption budget of a KEK version ({budget}): split it"
     )]
     OverBudget { n: u64, budget: u64 },
+    /// The audit trail could not be opened at start.
+    #[error("{0}")]
+    AuditOpen(String),
+    /// `audit.mode = "fail_closed"` and the operation's audit record was not written.
+    #[error("the audit record of this operation could not be written, so its result is withheld (see the kekd log)")]
+    AuditUnavailable,
+}
+
+fn backend_code(e: &BackendError) -> Code {
+    match e {
+        BackendError::Unreachable(_) => Code::Unavailable,
+        BackendError::Refused(_) | BackendError::Config(_) => Code::FailedPrecondition,
+        BackendError::DataInvalid | BackendError::Internal(_) => Code::Internal,
+    }
+}
+
+/// What a client is told of a root-key failure (the same as `Error::Backend(e).status()`).
+pub fn backend_status(e: &BackendError) -> ErrorStatus {
+    ErrorStatus::new(backend_code(e), e.to_string())
 }
 
 impl Error {
@@ -57,16 +76,14 @@ impl Error {
                 StoreError::KeyExists(_) | StoreError::Precondition(_) => Code::FailedPrecondition,
                 StoreError::Io { .. } | StoreError::Corrupt { .. } => Code::Internal,
             },
-            Error::Backend(e) => match e {
-                BackendError::Unreachable(_) => Code::Unavailable,
-                BackendError::Refused(_) | BackendError::Config(_) => Code::FailedPrecondition,
-                BackendError::DataInvalid | BackendError::Internal(_) => Code::Internal,
-            },
+            Error::Backend(e) => backend_code(e),
             Error::Memory(_) => Code::ResourceExhausted,
             Error::DataInvalid => Code::DataInvalid,
             Error::VersionDisabled { .. } | Error::KekRecordInvalid { .. } => Code::FailedPrecondition,
             Error::NotAdmin { .. } => Code::PermissionDenied,
             Error::OverBudget { .. } => Code::ResourceExhausted,
+            Error::AuditUnavailable => Code::Unavailable,
+            Error::AuditOpen(_) => Code::Internal,
             Error::BelowMinDecrypt { .. }
             | Error::TenantDestroyed(_)
             | Error::ParentUnusable { .. }

@@ -22,7 +22,8 @@ use nix::sys::socket::{
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use tokio::io::unix::AsyncFd;
 
-use crate::service::{Peer, Role};
+use crate::audit::Caller;
+use crate::service::Peer;
 use crate::worker::WorkerSpec;
 
 /// Largest control message; a worker's setup is a few hundred bytes.
@@ -36,15 +37,28 @@ pub enum ToWorker {
     Setup(Box<WorkerSpec>),
     /// A greeted connection, passed as the message's descriptor.
     Connection(Handoff),
+    /// A Hello for this tenant that the supervisor turned away, for the tenant's audit
+    /// trail (the supervisor writes none of its own).
+    Refused(Refusal),
 }
 
 /// A connection the supervisor has authenticated: who is calling, what they may do, and
 /// the Hello to answer (the worker answers it, once it has taken the connection over).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Handoff {
-    pub peer: Peer,
-    pub role: Role,
+    pub caller: Caller,
     pub hello_id: u64,
+}
+
+/// Who was refused, and the error they were answered with.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Refusal {
+    pub peer: Peer,
+    pub exe: Option<String>,
+    pub hello_id: u64,
+    /// The status code's name, e.g. `PERMISSION_DENIED`.
+    pub code: String,
+    pub message: String,
 }
 
 /// Worker to supervisor.
@@ -194,19 +208,25 @@ mod tests {
     use std::os::unix::net::UnixStream;
 
     use super::*;
+    use crate::service::Role;
 
     #[tokio::test]
     async fn a_connection_travels_with_its_identity() {
         let (a, b) = pair().unwrap();
         let (sup, work) = (Channel::new(a).unwrap(), Channel::new(b).unwrap());
         let (mut client, server) = UnixStream::pair().unwrap();
-        let handoff = Handoff { peer: Peer { uid: 7, gid: 8, pid: 9 }, role: Role::Admin, hello_id: 42 };
+        let caller = Caller {
+            peer: Peer { uid: 7, gid: 8, pid: 9 },
+            exe: Some("/usr/bin/app".into()),
+            role: Role::Admin,
+        };
+        let handoff = Handoff { caller: caller.clone(), hello_id: 42 };
         sup.send(&ToWorker::Connection(handoff), Some(server.as_fd())).await.unwrap();
         drop(server);
 
         let (msg, fd) = work.recv::<ToWorker>().await.unwrap().unwrap();
         let ToWorker::Connection(h) = msg else { panic!("expected a connection, got {msg:?}") };
-        assert_eq!((h.peer, h.role, h.hello_id), (Peer { uid: 7, gid: 8, pid: 9 }, Role::Admin, 42));
+        assert_eq!((h.caller, h.hello_id), (caller, 42));
         // The passed descriptor is the very connection the client holds.
         let mut passed = UnixStream::from(fd.expect("a descriptor"));
         client.write_all(b"ping").unwrap();

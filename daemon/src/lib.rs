@@ -6,6 +6,7 @@
 //! into [`backend::tpm`]; the linker (`--as-needed`) leaves libtss2 out of `kekd`.
 #![deny(unsafe_code)]
 
+mod audit;
 pub mod backend;
 mod cache;
 mod clock;

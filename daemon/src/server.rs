@@ -13,7 +13,8 @@ use tokio::sync::{mpsc, watch, Semaphore};
 use tracing::Instrument as _;
 use zeroize::{Zeroize, Zeroizing};
 
-use crate::service::{Peer, Role, TenantService};
+use crate::audit::Caller;
+use crate::service::TenantService;
 
 /// Requests one connection may have in flight; further frames wait to be read.
 const MAX_IN_FLIGHT: usize = 256;
@@ -64,8 +65,7 @@ async fn read_request(
 /// answered, then the connection closes.
 pub async fn serve(
     service: Arc<TenantService>,
-    role: Role,
-    peer: Peer,
+    caller: Arc<Caller>,
     mut reader: FrameReader<OwnedReadHalf>,
     write: OwnedWriteHalf,
     mut stop: watch::Receiver<bool>,
@@ -82,16 +82,17 @@ pub async fn serve(
         match next {
             Ok(None) => break,
             Ok(Some(Err(resp))) => {
+                service.audit_refusal(&caller, "invalid_request", None, &resp).await;
                 if tx.send(resp).await.is_err() {
                     break;
                 }
             }
             Ok(Some(Ok(req))) => {
                 let permit = Arc::clone(&in_flight).acquire_owned().await.expect("semaphore is never closed");
-                let (service, tx) = (Arc::clone(&service), tx.clone());
+                let (service, tx, caller) = (Arc::clone(&service), tx.clone(), Arc::clone(&caller));
                 tokio::spawn(
                     async move {
-                        let resp = service.handle(role, &peer, req).await;
+                        let resp = service.handle(&caller, req).await;
                         let _ = tx.send(resp).await;
                         drop(permit);
                     }
@@ -100,7 +101,8 @@ pub async fn serve(
             }
             Err(resp) => {
                 if let Some(resp) = resp {
-                    tracing::info!(tenant = %service.tenant(), uid = peer.uid, pid = peer.pid, "closing connection after a bad frame");
+                    tracing::info!(tenant = %service.tenant(), uid = caller.peer.uid, pid = caller.peer.pid, "closing connection after a bad frame");
+                    service.audit_refusal(&caller, "invalid_frame", None, &resp).await;
                     let _ = tx.send(resp).await;
                 }
                 break;
@@ -172,9 +174,7 @@ mod tests {
     use tokio::net::UnixStream;
 
     use super::*;
-    use crate::service::testing::service;
-
-    const PEER: Peer = Peer { uid: 0, gid: 0, pid: 1 };
+    use crate::service::testing::{service, user};
 
     fn generate(id: u64) -> Vec<u8> {
         let op = Op::Generate {
@@ -201,8 +201,7 @@ mod tests {
         let (stop_tx, stop) = watch::channel(false);
         let served = tokio::spawn(serve(
             Arc::new(svc),
-            Role::User,
-            PEER,
+            Arc::new(user()),
             FrameReader::new(read, 1 << 20),
             write,
             stop,

@@ -9,18 +9,24 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use kekd_proto::{
-    Code, Context, EdekItem, ErrorStatus, HelloOk, ItemOk, KeyInfo, KeyName, Op, Reply, Request, Response,
-    Secret, StatusInfo, TargetState, TenantName, VersionState, WrapItem, DEK_LEN, PROTOCOL_VERSION,
+    Code, Context, EdekItem, ErrorStatus, HelloOk, ItemOk, KeyInfo, KeyName, Metadata, Op, Reply, Request,
+    Response, Secret, StatusInfo, TargetState, TenantName, VersionState, WrapItem, DEK_LEN, PROTOCOL_VERSION,
 };
 use zeroize::Zeroizing;
 
+use crate::audit::{Access, Audit, Caller, Entry, Item, KekFrom, RequestPart, Stamp};
 use crate::backend::{BackendError, RootKey, WrappingAlgorithm};
 use crate::cache::{Kek, KekCache, LeaseState, LoadError, Source};
 use crate::clock::BootInstant;
+use crate::config::AuditMode;
 use crate::envelope::{kek_aad, open_kek_under, seal_kek_under, Edek, Sealer};
 use crate::error::Error;
+use crate::handoff::Refusal;
 use crate::keystore::{unix_now, KeyStore, RootState, SealedBy, StoredState, VersionView};
 use crate::secret::KeySlot;
+
+/// A boxed future, for the recursion through a key chain.
+type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
 
 /// One root-key (or parent-KEK) call that unseals a KEK into its slot.
 type Loader = Box<dyn FnOnce(&mut KeySlot) -> Result<(), BackendError> + Send>;
@@ -70,7 +76,15 @@ pub struct TenantService {
     counters: tokio::sync::Mutex<HashMap<(KeyName, u32), Counter>>,
     /// Levels a key chain may have: root key, KEKs, data key.
     max_key_depth: u32,
+    audit: Audit,
+    /// The lease state last written to the audit trail, so each change is recorded once.
+    lease_recorded: std::sync::Mutex<LeaseState>,
 }
+
+/// The status a lease past its offline grace gives every cold request.
+static LEASE_EXPIRED: std::sync::LazyLock<ErrorStatus> = std::sync::LazyLock::new(|| {
+    ErrorStatus::new(Code::Unavailable, "the root key is unreachable and the offline grace is over")
+});
 
 /// Default levels of a key chain: customer root, tenant KEK, service KEK, data key.
 pub const DEFAULT_MAX_KEY_DEPTH: u32 = 4;
@@ -95,6 +109,7 @@ impl TenantService {
         backend: Arc<dyn RootKey>,
         store: KeyStore,
         cache: KekCache,
+        audit: Audit,
     ) -> Result<Self, Error> {
         let svc = Self {
             tenant,
@@ -111,6 +126,8 @@ impl TenantService {
             encryption_budget: DEFAULT_ENCRYPTION_BUDGET,
             counters: tokio::sync::Mutex::new(HashMap::new()),
             max_key_depth: DEFAULT_MAX_KEY_DEPTH,
+            audit,
+            lease_recorded: std::sync::Mutex::new(LeaseState::Online),
         };
         let default = KeyName::parse(DEFAULT_KEY).expect("valid name");
         if let Some(when) = svc.store.destroyed() {
@@ -193,13 +210,15 @@ impl TenantService {
     /// the KEKs in use that near `kek_ttl`, so requests do not wait for the root key.
     pub async fn sweep(&self) {
         self.cache.sweep();
+        // The offline grace runs out by the clock alone.
+        self.record_lease(None);
         for (key, version) in self.cache.due_for_refresh() {
             let Ok(view) = self.store.version(&key, version) else {
                 self.cache.evict(&key, version);
                 continue;
             };
             let load = match self.loader(&key, version, view).await {
-                Ok(load) => load,
+                Ok((load, _)) => load,
                 Err(e) => {
                     tracing::warn!(tenant = %self.tenant, key = %key, version, error = %e, "background KEK refresh failed");
                     continue;
@@ -207,7 +226,7 @@ impl TenantService {
             };
             let res = self.cache.refresh(&key, version, load).await;
             match res {
-                Ok(()) => {}
+                Ok(()) => self.record_lease(None),
                 Err(LoadError::Load(e)) => {
                     // During an outage the refresh probes every second: say it once.
                     if self.root_failed(&e) {
@@ -236,6 +255,7 @@ impl TenantService {
                 if !was_online {
                     tracing::info!(tenant = %self.tenant, "the root key is reachable again");
                 }
+                self.record_lease(None);
             }
             Err(e) => {
                 if self.root_failed(&e) {
@@ -255,6 +275,7 @@ impl TenantService {
         match e {
             BackendError::Unreachable(_) => {
                 self.cache.root_unreachable();
+                self.record_lease(Some(e));
                 return was_online;
             }
             BackendError::Refused(_) => {
@@ -262,6 +283,9 @@ impl TenantService {
                 self.cache.flush();
                 if n > 0 {
                     tracing::error!(tenant = %self.tenant, flushed = n, "the root key refused: cached KEKs flushed");
+                    let error = crate::error::backend_status(e);
+                    let detail = serde_json::json!({ "lease": "revoked", "flushed_keks": n });
+                    self.audit.event(Entry::event(self.tenant.as_str(), "lease", Err(&error), detail));
                 }
             }
             _ => {}
@@ -269,42 +293,188 @@ impl TenantService {
         true
     }
 
+    /// Writes a lease change (online, grace, expired) to the audit trail, once per change.
+    fn record_lease(&self, cause: Option<&BackendError>) {
+        let now = self.cache.lease_state();
+        let mut recorded = self.lease_recorded.lock().expect("lease lock");
+        if *recorded == now {
+            return;
+        }
+        *recorded = now;
+        drop(recorded);
+        let name = match now {
+            LeaseState::Online => "online",
+            LeaseState::Grace => "grace",
+            LeaseState::Expired => "expired",
+        };
+        let error = cause.map(crate::error::backend_status);
+        let outcome = match (&error, now) {
+            (_, LeaseState::Online) => Ok(()),
+            (Some(e), _) => Err(e),
+            (None, _) => Err(&*LEASE_EXPIRED),
+        };
+        let detail = serde_json::json!({ "lease": name });
+        self.audit.event(Entry::event(self.tenant.as_str(), "lease", outcome, detail));
+    }
+
     /// Wipes every cached KEK (shutdown).
     pub fn flush(&self) {
         self.cache.flush();
     }
 
-    /// Serves one request from a caller with `role` and returns its response.
-    pub async fn handle(&self, role: Role, peer: &Peer, req: Request) -> Response {
-        let op_name = req.op.name();
-        if req.op.is_admin() && role != Role::Admin {
-            let e = Error::NotAdmin { tenant: self.tenant.to_string(), uid: peer.uid };
-            return Response { id: req.id, result: Err(e.status()) };
+    /// Serves one request and writes its audit records (one per batch item) before the
+    /// answer leaves: in `fail_closed` mode an answer whose records could not be written
+    /// becomes UNAVAILABLE, and the key material in it is wiped unsent.
+    pub async fn handle(&self, caller: &Caller, req: Request) -> Response {
+        if cfg!(feature = "bench-no-audit") {
+            let (result, _) = self.dispatch(caller, req.op).await;
+            return Response { id: req.id, result };
         }
-        if self.store.destroyed().is_some() && !matches!(req.op, Op::Status) {
+        let time = Stamp::now();
+        let event = req.op.name();
+        let shared = RequestPart::new(Some(caller), Some(req.id), Some(&req.metadata));
+        let (result, audited) = self.dispatch(caller, req.op).await;
+        if let Err(e) = &result {
+            tracing::debug!(tenant = %self.tenant, op = event, uid = caller.peer.uid, code = e.code.as_str_name(), "request failed");
+        }
+        let entries = self.entries(&time, event, &result, audited, &shared);
+        if let Err(e) = self.audit.commit(entries).await {
+            if self.audit.mode() == AuditMode::FailClosed {
+                tracing::debug!(tenant = %self.tenant, op = event, error = %e, "answer withheld: its audit record was not written");
+                return Response { id: req.id, result: Err(Error::AuditUnavailable.status()) };
+            }
+        }
+        Response { id: req.id, result }
+    }
+
+    /// Records a request that was refused before it could be served: a frame that does not
+    /// parse, or a Hello the supervisor turned away.
+    pub async fn audit_refusal(
+        &self,
+        caller: &Caller,
+        event: &str,
+        meta: Option<&Metadata>,
+        resp: &Response,
+    ) {
+        let shared = RequestPart::new(Some(caller), Some(resp.id), meta);
+        let outcome = resp.result.as_ref().map(|_| ());
+        let access = Access::default();
+        let it = Item { item: None, access: &access, outcome, detail: None };
+        let entry = Entry::new(&Stamp::now(), self.tenant.as_str(), event, it, &shared);
+        // Nothing is withheld: the answer is an error either way.
+        let _ = self.audit.commit(vec![entry]).await;
+    }
+
+    /// Records a Hello for this tenant that the supervisor's ACL turned away.
+    pub async fn audit_supervisor_refusal(&self, r: Refusal) {
+        let shared = RequestPart::refused(&r.peer, r.exe.as_deref(), r.hello_id);
+        let code = Code::from_str_name(&r.code).unwrap_or(Code::PermissionDenied);
+        let error = ErrorStatus::new(code, r.message);
+        let access = Access::default();
+        let it = Item { item: None, access: &access, outcome: Err(&error), detail: None };
+        let entry = Entry::new(&Stamp::now(), self.tenant.as_str(), "hello", it, &shared);
+        let _ = self.audit.commit(vec![entry]).await;
+    }
+
+    /// Records a connection the supervisor handed over (its Hello was accepted).
+    pub async fn audit_hello(&self, caller: &Caller, hello_id: u64) {
+        let resp = Response { id: hello_id, result: Ok(Reply::Hello(self.hello(caller.role))) };
+        self.audit_refusal(caller, "hello", None, &resp).await;
+    }
+
+    /// Writes what is queued in the audit trail and stops its writer (shutdown).
+    pub async fn close_audit(&self) {
+        self.audit.close().await;
+    }
+
+    /// One audit record per item of a batch answer; one for anything else.
+    fn entries(
+        &self,
+        time: &Stamp,
+        event: &str,
+        result: &Result<Reply, ErrorStatus>,
+        audited: Audited,
+        shared: &RequestPart,
+    ) -> Vec<Entry> {
+        let tenant = self.tenant.as_str();
+        match (result, audited) {
+            (Ok(Reply::Batch(items)), Audited::Items(accesses)) => items
+                .iter()
+                .zip(accesses.iter())
+                .enumerate()
+                .map(|(i, (r, access))| {
+                    let it = Item { item: Some(i), access, outcome: r.as_ref().map(|_| ()), detail: None };
+                    Entry::new(time, tenant, event, it, shared)
+                })
+                .collect(),
+            (result, audited) => {
+                let (access, detail) = match audited {
+                    Audited::Whole(a, d) => (a, d),
+                    Audited::Items(_) => (Access::default(), None),
+                };
+                let it = Item {
+                    item: None,
+                    access: &access,
+                    outcome: result.as_ref().map(|_| ()),
+                    detail: detail.as_ref(),
+                };
+                vec![Entry::new(time, tenant, event, it, shared)]
+            }
+        }
+    }
+
+    async fn dispatch(&self, caller: &Caller, op: Op) -> (Result<Reply, ErrorStatus>, Audited) {
+        let whole = |key: Option<&KeyName>, detail: Option<serde_json::Value>| {
+            Audited::Whole(Access { key: key.cloned(), ..Access::default() }, detail)
+        };
+        let target = match &op {
+            Op::Generate { key, .. } | Op::Wrap { key, .. } | Op::CreateKey(key) | Op::RotateKey(key) => {
+                whole(Some(key), None)
+            }
+            Op::SetVersionState { key, version, state } => Audited::Whole(
+                Access { key: Some(key.clone()), version: Some(*version), kek: None },
+                Some(serde_json::json!({ "state": format!("{state:?}") })),
+            ),
+            Op::SetKeyPolicy { key, min_decrypt_version, keep_versions } => whole(
+                Some(key),
+                Some(serde_json::json!({
+                    "min_decrypt_version": min_decrypt_version, "keep_versions": keep_versions,
+                })),
+            ),
+            Op::RotateRoot { label } => whole(None, Some(serde_json::json!({ "label": label }))),
+            Op::RootImportKey { label } => whole(None, Some(serde_json::json!({ "label": label }))),
+            Op::RootImport { label, algorithm, .. } => {
+                whole(None, Some(serde_json::json!({ "label": label, "algorithm": algorithm })))
+            }
+            _ => whole(None, None),
+        };
+        if op.is_admin() && caller.role != Role::Admin {
+            let e = Error::NotAdmin { tenant: self.tenant.to_string(), uid: caller.peer.uid };
+            return (Err(e.status()), target);
+        }
+        if self.store.destroyed().is_some() && !matches!(op, Op::Status) {
             let e = Error::TenantDestroyed(self.tenant.to_string());
-            return Response { id: req.id, result: Err(e.status()) };
+            return (Err(e.status()), target);
         }
-        let result = match req.op {
+        let status = |r: Result<KeyInfo, Error>| r.map(Reply::Key).map_err(|e| e.status());
+        let result = match op {
             Op::Hello(_) => {
                 Err(ErrorStatus::new(Code::InvalidArgument, "hello was already sent on this connection"))
             }
-            Op::Generate { key, edek_only, contexts } => self.generate(&key, edek_only, contexts).await,
-            Op::Wrap { key, items } => self.wrap(&key, items).await,
-            Op::Unwrap(items) => Ok(self.unwrap_batch(items).await),
-            Op::Rewrap(items) => Ok(self.rewrap_batch(items).await),
-            Op::Status => Ok(Reply::Status(self.status().await)),
-            Op::CreateKey(key) => self.create_key(&key).await.map(Reply::Key).map_err(|e| e.status()),
-            Op::RotateKey(key) => self.rotate_key(&key).await.map(Reply::Key).map_err(|e| e.status()),
-            Op::SetVersionState { key, version, state } => {
-                self.set_state(&key, version, state).await.map(Reply::Key).map_err(|e| e.status())
+            Op::Generate { key, edek_only, contexts } => {
+                return self.generate(&key, edek_only, contexts).await
             }
+            Op::Wrap { key, items } => return self.wrap(&key, items).await,
+            Op::Unwrap(items) => return self.unwrap_batch(items).await,
+            Op::Rewrap(items) => return self.rewrap_batch(items).await,
+            Op::Status => Ok(Reply::Status(self.status().await)),
+            Op::CreateKey(key) => status(self.create_key(&key).await),
+            Op::RotateKey(key) => status(self.rotate_key(&key).await),
+            Op::SetVersionState { key, version, state } => status(self.set_state(&key, version, state).await),
             Op::ListKeys => Ok(Reply::Keys(self.store.list())),
-            Op::SetKeyPolicy { key, min_decrypt_version, keep_versions } => self
-                .set_policy(&key, min_decrypt_version, keep_versions)
-                .await
-                .map(Reply::Key)
-                .map_err(|e| e.status()),
+            Op::SetKeyPolicy { key, min_decrypt_version, keep_versions } => {
+                status(self.set_policy(&key, min_decrypt_version, keep_versions).await)
+            }
             Op::DestroyTenant { confirm } => self.destroy_tenant(&confirm).await.map_err(|e| e.status()),
             Op::RotateRoot { label } => self.rotate_root(label).await.map_err(|e| e.status()),
             Op::RootImportKey { label } => self.root_import_key(&label).await.map_err(|e| e.status()),
@@ -312,10 +482,18 @@ impl TenantService {
                 self.root_import(label, &algorithm, &wrapped).await.map_err(|e| e.status())
             }
         };
-        if let Err(e) = &result {
-            tracing::debug!(tenant = %self.tenant, op = op_name, uid = peer.uid, code = e.code.as_str_name(), "request failed");
-        }
-        Response { id: req.id, result }
+        // A new key or version: the record names the version it made.
+        let target = match (target, &result) {
+            (Audited::Whole(mut a, d), Ok(Reply::Key(info))) if a.version.is_none() => {
+                a.version = Some(info.active_version);
+                Audited::Whole(a, d)
+            }
+            (Audited::Whole(a, _), Ok(Reply::RootRotated { active, rewrapped })) => {
+                Audited::Whole(a, Some(serde_json::json!({ "label": active, "rewrapped": rewrapped })))
+            }
+            (t, _) => t,
+        };
+        (result, target)
     }
 
     async fn generate(
@@ -323,9 +501,11 @@ impl TenantService {
         key: &KeyName,
         edek_only: bool,
         contexts: Vec<Context>,
-    ) -> Result<Reply, ErrorStatus> {
-        let version = self.reserve(key, contexts.len() as u64).await.map_err(|e| e.status())?;
-        let sealer = self.sealer(key, version).await.map_err(|e| e.status())?;
+    ) -> (Result<Reply, ErrorStatus>, Audited) {
+        let (sealer, from) = match self.reserve_sealer(key, contexts.len() as u64).await {
+            Ok(s) => s,
+            Err((e, access)) => return (Err(e.status()), Audited::Whole(access, None)),
+        };
         let items = contexts
             .iter()
             .map(|ctx| {
@@ -340,13 +520,15 @@ impl TenantService {
                 })
             })
             .collect();
-        Ok(Reply::Batch(items))
+        (Ok(Reply::Batch(items)), Audited::Items(batch_accesses(key, sealer.version(), from, contexts.len())))
     }
 
-    async fn wrap(&self, key: &KeyName, items: Vec<WrapItem>) -> Result<Reply, ErrorStatus> {
-        let version = self.reserve(key, items.len() as u64).await.map_err(|e| e.status())?;
-        let sealer = self.sealer(key, version).await.map_err(|e| e.status())?;
-        let items = items
+    async fn wrap(&self, key: &KeyName, items: Vec<WrapItem>) -> (Result<Reply, ErrorStatus>, Audited) {
+        let (sealer, from) = match self.reserve_sealer(key, items.len() as u64).await {
+            Ok(s) => s,
+            Err((e, access)) => return (Err(e.status()), Audited::Whole(access, None)),
+        };
+        let out = items
             .iter()
             .map(|it| {
                 Ok(ItemOk {
@@ -357,55 +539,58 @@ impl TenantService {
                 })
             })
             .collect();
-        Ok(Reply::Batch(items))
+        (Ok(Reply::Batch(out)), Audited::Items(batch_accesses(key, sealer.version(), from, items.len())))
     }
 
-    async fn unwrap_batch(&self, items: Vec<EdekItem>) -> Reply {
+    /// Counts `n` encryptions against the active version of `key` and gets its sealer.
+    async fn reserve_sealer(&self, key: &KeyName, n: u64) -> Result<(Sealer<'_>, KekFrom), (Error, Access)> {
+        let no_version = |e| (e, Access { key: Some(key.clone()), ..Access::default() });
+        let version = self.reserve(key, n).await.map_err(no_version)?;
+        self.sealer(key, version).await.map_err(|e| (e, Access::of(key, version, None)))
+    }
+
+    async fn unwrap_batch(&self, items: Vec<EdekItem>) -> (Result<Reply, ErrorStatus>, Audited) {
         let mut sealers = SealerSet::default();
         let mut out = Vec::with_capacity(items.len());
+        let mut accesses = Vec::with_capacity(items.len());
         for it in &items {
-            out.push(self.open(&mut sealers, it).await.map(|(pt, key, version)| ItemOk {
-                plaintext: Some(pt),
-                edek: None,
-                key,
-                version,
-            }));
+            let (res, access) = self.open(&mut sealers, it).await;
+            out.push(res.map(|(pt, key, version)| ItemOk { plaintext: Some(pt), edek: None, key, version }));
+            accesses.push(access);
         }
-        Reply::Batch(out)
+        (Ok(Reply::Batch(out)), Audited::Items(accesses))
     }
 
     /// Decrypts each EDEK and seals it again under its key's active version; the plaintext
-    /// never leaves this function.
-    async fn rewrap_batch(&self, items: Vec<EdekItem>) -> Reply {
+    /// never leaves this function. The record names the version the item was sealed to.
+    async fn rewrap_batch(&self, items: Vec<EdekItem>) -> (Result<Reply, ErrorStatus>, Audited) {
         let mut sealers = SealerSet::default();
         let mut active = SealerSet::default();
         let mut out = Vec::with_capacity(items.len());
+        let mut accesses = Vec::with_capacity(items.len());
         for it in &items {
-            let res = match self.open(&mut sealers, it).await {
+            let (opened, mut access) = self.open(&mut sealers, it).await;
+            let res = match opened {
                 Err(e) => Err(e),
                 Ok((pt, key, _)) => match self.reserve(&key, 1).await {
                     Err(e) => Err(e.status()),
                     Ok(version) => {
-                        let id = (key, version);
-                        if !active.0.contains_key(&id) {
-                            let s = self.sealer(&id.0, version).await.map_err(|e| e.status());
-                            active.0.insert(id.clone(), s);
-                        }
-                        match &active.0[&id] {
-                            Ok(s) => Ok(ItemOk {
-                                plaintext: None,
-                                edek: Some(s.seal(pt.expose(), &it.context)),
-                                key: id.0,
-                                version,
-                            }),
-                            Err(e) => Err(e.clone()),
-                        }
+                        let (sealer, from) = active.get(self, &key, version).await;
+                        access.version = Some(version);
+                        access.kek = worse(access.kek, from);
+                        sealer.map(|s| ItemOk {
+                            plaintext: None,
+                            edek: Some(s.seal(pt.expose(), &it.context)),
+                            key,
+                            version,
+                        })
                     }
                 },
             };
             out.push(res);
+            accesses.push(access);
         }
-        Reply::Batch(out)
+        (Ok(Reply::Batch(out)), Audited::Items(accesses))
     }
 
     /// Parses and opens one EDEK, reusing sealers across a batch.
@@ -413,23 +598,20 @@ impl TenantService {
         &'s self,
         sealers: &mut SealerSet<'s>,
         it: &EdekItem,
-    ) -> Result<(Secret, KeyName, u32), ErrorStatus> {
-        let edek = Edek::parse(&it.edek).map_err(|_| Error::DataInvalid.status())?;
-        let id = (edek.key.clone(), edek.version);
-        if !sealers.0.contains_key(&id) {
-            let s = self.sealer(&edek.key, edek.version).await.map_err(|e| match e {
-                // An unknown key or version is indistinguishable from tampering.
-                Error::Store(_) => Error::DataInvalid.status(),
-                other => other.status(),
-            });
-            sealers.0.insert(id.clone(), s);
-        }
-        match &sealers.0[&id] {
-            Ok(s) => {
-                s.open(&edek, &it.context).map(|pt| (pt, id.0, id.1)).map_err(|_| Error::DataInvalid.status())
-            }
-            Err(e) => Err(e.clone()),
-        }
+    ) -> (Result<(Secret, KeyName, u32), ErrorStatus>, Access) {
+        let Ok(edek) = Edek::parse(&it.edek) else {
+            return (Err(Error::DataInvalid.status()), Access::default());
+        };
+        let (sealer, from) = sealers.get(self, &edek.key, edek.version).await;
+        let access = Access::of(&edek.key, edek.version, from);
+        let res = match sealer {
+            Ok(s) => s
+                .open(&edek, &it.context)
+                .map(|pt| (pt, edek.key.clone(), edek.version))
+                .map_err(|_| Error::DataInvalid.status()),
+            Err(e) => Err(e),
+        };
+        (res, access)
     }
 
     /// Counts `n` encryptions against the active version of `key` and returns that
@@ -485,9 +667,9 @@ impl TenantService {
     }
 
     /// A sealer for one version, its KEK from the cache, the root key, or its parent KEK.
-    async fn sealer(&self, key: &KeyName, version: u32) -> Result<Sealer<'_>, Error> {
-        let kek = self.usable_kek(key, version).await?;
-        Ok(Sealer::new(kek.bytes(), &self.tenant, key.clone(), version))
+    async fn sealer(&self, key: &KeyName, version: u32) -> Result<(Sealer<'_>, KekFrom), Error> {
+        let (kek, from) = self.usable_kek(key, version).await?;
+        Ok((Sealer::new(kek.bytes(), &self.tenant, key.clone(), version), from))
     }
 
     /// The KEK of one version, once the checks that make a version usable have passed: its
@@ -497,7 +679,7 @@ impl TenantService {
         &'a self,
         key: &'a KeyName,
         version: u32,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Kek, Error>> + Send + 'a>> {
+    ) -> BoxFuture<'a, Result<(Kek, KekFrom), Error>> {
         Box::pin(async move {
             let view = self.store.version(key, version)?;
             if version < view.min_decrypt_version {
@@ -512,23 +694,30 @@ impl TenantService {
                 VersionState::Destroyed => return Err(Error::DataInvalid),
                 VersionState::Active | VersionState::DecryptOnly => {}
             }
-            let load = self.loader(key, version, view).await?;
-            self.kek(key, version, load).await
+            let (load, from) = self.loader(key, version, view).await?;
+            self.kek(key, version, load, from).await
         })
     }
 
     /// How to unseal one version: with the root key, or in software with its parent KEK
     /// (which is fetched, and checked, first).
-    async fn loader(&self, key: &KeyName, version: u32, view: VersionView) -> Result<Loader, Error> {
+    async fn loader(
+        &self,
+        key: &KeyName,
+        version: u32,
+        view: VersionView,
+    ) -> Result<(Loader, KekFrom), Error> {
         let aad = kek_aad(&self.tenant, key, version);
         let sealed = view.sealed;
         match view.by {
             SealedBy::Root(label) => {
                 let backend = self.root_for(&label)?;
-                Ok(Box::new(move |slot: &mut KeySlot| backend.unseal(&aad, &sealed, slot.bytes_mut())))
+                let load: Loader =
+                    Box::new(move |slot: &mut KeySlot| backend.unseal(&aad, &sealed, slot.bytes_mut()));
+                Ok((load, KekFrom::Root))
             }
             SealedBy::Parent(parent, pv) => {
-                let pk = self.usable_kek(&parent, pv).await.map_err(|e| match e {
+                let (pk, _) = self.usable_kek(&parent, pv).await.map_err(|e| match e {
                     Error::Store(_) | Error::DataInvalid => Error::ParentUnusable {
                         key: key.clone(),
                         version,
@@ -541,28 +730,39 @@ impl TenantService {
                     }
                     other => other,
                 })?;
-                Ok(Box::new(move |slot: &mut KeySlot| {
+                let load: Loader = Box::new(move |slot: &mut KeySlot| {
                     open_kek_under(pk.bytes(), &aad, &sealed, slot.bytes_mut())
                         .map_err(|_| BackendError::DataInvalid)
-                }))
+                });
+                Ok((load, KekFrom::Parent))
             }
         }
     }
 
-    async fn kek(&self, key: &KeyName, version: u32, load: Loader) -> Result<Kek, Error> {
+    async fn kek(
+        &self,
+        key: &KeyName,
+        version: u32,
+        load: Loader,
+        loads_from: KekFrom,
+    ) -> Result<(Kek, KekFrom), Error> {
         let res = self.cache.get(key, version, load).await;
         match res {
             Ok((kek, source)) => {
-                match source {
+                let from = match source {
                     Source::Root => {
-                        tracing::debug!(tenant = %self.tenant, key = %key, version, "unsealed KEK from the root key")
+                        tracing::debug!(tenant = %self.tenant, key = %key, version, "unsealed KEK");
+                        // A root-key call that worked ends an outage.
+                        self.record_lease(None);
+                        loads_from
                     }
                     Source::Grace => {
-                        tracing::debug!(tenant = %self.tenant, key = %key, version, "root key unreachable: KEK served in its offline grace")
+                        tracing::debug!(tenant = %self.tenant, key = %key, version, "root key unreachable: KEK served in its offline grace");
+                        KekFrom::Grace
                     }
-                    Source::Cache => {}
-                }
-                Ok(kek)
+                    Source::Cache => KekFrom::Cache,
+                };
+                Ok((kek, from))
             }
             Err(LoadError::Memory(e)) => Err(e.into()),
             Err(LoadError::Load(BackendError::DataInvalid)) => {
@@ -588,7 +788,10 @@ impl TenantService {
         let health =
             tokio::task::spawn_blocking(move || backend.canary()).await.expect("canary does not panic");
         match &health {
-            Ok(()) => self.cache.root_ok(),
+            Ok(()) => {
+                self.cache.root_ok();
+                self.record_lease(None);
+            }
             Err(e) => {
                 self.root_failed(e);
             }
@@ -646,7 +849,7 @@ impl TenantService {
             ));
         };
         let pv = self.store.active_version(&parent)?;
-        let pk = self.usable_kek(&parent, pv).await?;
+        let (pk, _) = self.usable_kek(&parent, pv).await?;
         let kek = self.new_kek()?;
         let sealed = seal_kek_under(pk.bytes(), &kek_aad(&self.tenant, key, version), kek.bytes());
         Ok((sealed, SealedBy::Parent(parent, pv)))
@@ -870,10 +1073,74 @@ fn read_previous(store: &KeyStore) -> Result<Vec<String>, Error> {
     Ok(crate::keystore::read_root_state_of(store)?.map(|s| s.previous).unwrap_or_default())
 }
 
+/// What the audit records of a request name: per item of a batch answer, or one for the
+/// request as a whole (with what an admin action changed).
+enum Audited {
+    Items(Vec<Access>),
+    Whole(Access, Option<serde_json::Value>),
+}
+
+/// The accesses of a batch served with one KEK: the first item fetched it (from wherever
+/// it came), the others reused it.
+fn batch_accesses(key: &KeyName, version: u32, from: KekFrom, n: usize) -> Vec<Access> {
+    (0..n).map(|i| Access::of(key, version, Some(if i == 0 { from } else { KekFrom::Cache }))).collect()
+}
+
+/// Of two KEK fetches, the one to record: a root-key call outranks a cache hit.
+fn worse(a: Option<KekFrom>, b: Option<KekFrom>) -> Option<KekFrom> {
+    let rank = |k: Option<KekFrom>| match k {
+        None => 0,
+        Some(KekFrom::Cache) => 1,
+        Some(KekFrom::Grace) => 2,
+        Some(KekFrom::Parent) => 3,
+        Some(KekFrom::Root) => 4,
+    };
+    if rank(b) > rank(a) {
+        b
+    } else {
+        a
+    }
+}
+
 /// Sealers built during one batch, by key version, failures included, so a batch of
 /// 256 EDEKs under one KEK costs one cache lookup and one key expansion.
 #[derive(Default)]
 struct SealerSet<'s>(HashMap<(KeyName, u32), Result<Sealer<'s>, ErrorStatus>>);
+
+impl<'s> SealerSet<'s> {
+    /// The sealer of one version and where its KEK came from: fetched now, or reused
+    /// from an earlier item (`Cache`).
+    async fn get(
+        &mut self,
+        svc: &'s TenantService,
+        key: &KeyName,
+        version: u32,
+    ) -> (Result<&Sealer<'s>, ErrorStatus>, Option<KekFrom>) {
+        let id = (key.clone(), version);
+        let mut from = Some(KekFrom::Cache);
+        if !self.0.contains_key(&id) {
+            let s = match svc.sealer(key, version).await {
+                Ok((s, f)) => {
+                    from = Some(f);
+                    Ok(s)
+                }
+                Err(e) => {
+                    from = None;
+                    // An unknown key or version is indistinguishable from tampering.
+                    Err(match e {
+                        Error::Store(_) => Error::DataInvalid.status(),
+                        other => other.status(),
+                    })
+                }
+            };
+            self.0.insert(id.clone(), s);
+        }
+        match &self.0[&id] {
+            Ok(s) => (Ok(s), from),
+            Err(e) => (Err(e.clone()), None),
+        }
+    }
+}
 
 /// A service over an in-memory root key, for unit tests of this module and of the
 /// connection code. Never built outside tests.
@@ -986,7 +1253,23 @@ pub(crate) mod testing {
         let t = TenantName::parse(tenant).unwrap();
         let store = KeyStore::open(dir, &t, "test".into()).unwrap();
         let cache = KekCache::with_clock(LockedArena::new(false).unwrap(), lease, clock);
-        (TenantService::new(t, root.clone(), store, cache).unwrap(), root)
+        let audit_cfg = crate::config::AuditConfig { dir: dir.join("audit"), ..Default::default() };
+        let audit = Audit::open(&audit_cfg, tenant, None).unwrap();
+        (TenantService::new(t, root.clone(), store, cache, audit).unwrap(), root)
+    }
+
+    /// A caller with the user role.
+    pub(crate) fn user() -> Caller {
+        Caller { peer: Peer { uid: 1000, gid: 1000, pid: 1 }, exe: None, role: Role::User }
+    }
+
+    /// A caller with the admin role.
+    pub(crate) fn admin() -> Caller {
+        Caller {
+            peer: Peer { uid: 0, gid: 0, pid: 1 },
+            exe: Some("/usr/bin/kekctl".into()),
+            role: Role::Admin,
+        }
     }
 }
 
@@ -995,14 +1278,12 @@ mod tests {
     use std::collections::BTreeMap;
     use std::sync::atomic::Ordering;
 
-    use super::testing::service;
+    use super::testing::{self, service};
     use super::*;
     use kekd_proto::ItemResult;
 
-    const ADMIN: Peer = Peer { uid: 0, gid: 0, pid: 1 };
-
     async fn call(s: &TenantService, op: Op) -> Result<Reply, ErrorStatus> {
-        s.handle(Role::Admin, &ADMIN, Request { id: 1, metadata: Default::default(), op }).await.result
+        s.handle(&testing::admin(), Request { id: 1, metadata: Default::default(), op }).await.result
     }
 
     fn items(r: Result<Reply, ErrorStatus>) -> Vec<ItemResult> {
@@ -1088,11 +1369,9 @@ mod tests {
         assert_eq!(items(call(&s, unwrap()).await)[0].as_ref().unwrap_err().code, Code::DataInvalid);
 
         assert_eq!(call(&s, wrap("nope")).await.unwrap_err().code, Code::NotFound);
-        let user = Peer { uid: 1000, gid: 1000, pid: 1 };
         let r = s
             .handle(
-                Role::User,
-                &user,
+                &testing::user(),
                 Request { id: 5, metadata: Default::default(), op: Op::CreateKey(key("x")) },
             )
             .await;
@@ -1115,6 +1394,60 @@ mod tests {
         let edek = got[0].as_ref().unwrap().edek.clone().unwrap();
         let r = items(call(&b, Op::Unwrap(vec![EdekItem { edek, context: Context::default() }])).await);
         assert_eq!(r[0].as_ref().unwrap_err().code, Code::DataInvalid);
+    }
+
+    fn audit_records(dir: &std::path::Path, tenant: &str) -> Vec<serde_json::Value> {
+        let mut files: Vec<_> =
+            std::fs::read_dir(dir.join("audit").join(tenant)).unwrap().map(|e| e.unwrap().path()).collect();
+        files.sort();
+        files
+            .iter()
+            .flat_map(|f| std::fs::read_to_string(f).unwrap().lines().map(str::to_owned).collect::<Vec<_>>())
+            .map(|l| serde_json::from_str(&l).unwrap())
+            .collect()
+    }
+
+    /// The `kek` member says where each item's KEK came from, through a key chain and a
+    /// rewrap too.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn audit_records_name_the_kek_source_of_each_item() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, _) = service(dir.path(), "acme");
+        call(&s, Op::CreateKey(key("billing"))).await.unwrap();
+        call(&s, Op::CreateKey(key("billing/invoices"))).await.unwrap();
+        s.flush();
+        let gen =
+            |k: &str| Op::Generate { key: key(k), edek_only: true, contexts: vec![Context::default(); 2] };
+        let got = items(call(&s, gen("billing/invoices")).await);
+        let edek = got[0].as_ref().unwrap().edek.clone().unwrap();
+        call(&s, Op::RotateKey(key("billing/invoices"))).await.unwrap();
+        let item = |e: &[u8]| EdekItem { edek: e.to_vec(), context: Context::default() };
+        let mut bad = edek.clone();
+        bad[3] ^= 1;
+        items(call(&s, Op::Rewrap(vec![item(&edek), item(&bad)])).await);
+
+        let records = audit_records(dir.path(), "acme");
+        let of = |event: &str| -> Vec<&serde_json::Value> {
+            records.iter().filter(|r| r["event"] == event).collect()
+        };
+        let generated = of("generate");
+        assert_eq!(generated.len(), 2);
+        assert_eq!(generated[0]["kek"], "parent", "unsealed under billing's KEK: {:?}", generated[0]);
+        assert_eq!(generated[1]["kek"], "cache");
+        let rotated = of("rotate_key");
+        assert_eq!((&rotated[0]["key"], &rotated[0]["version"]), (&"billing/invoices".into(), &2.into()));
+        let rewrapped = of("rewrap");
+        // Opened under version 1 (cached), sealed under the new version 2 (a fresh unseal).
+        assert_eq!(rewrapped[0]["version"], 2);
+        assert_eq!(rewrapped[0]["kek"], "parent");
+        assert_eq!(rewrapped[0]["outcome"], "ok");
+        assert_eq!(
+            (&rewrapped[1]["outcome"], &rewrapped[1]["code"]),
+            (&"error".into(), &"DATA_INVALID".into())
+        );
+        assert_eq!(rewrapped[1]["item"], 1);
+        let seqs: Vec<u64> = records.iter().map(|r| r["seq"].as_u64().unwrap()).collect();
+        assert_eq!(seqs, (1..=records.len() as u64).collect::<Vec<_>>());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

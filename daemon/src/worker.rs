@@ -26,10 +26,11 @@ use tokio::task::JoinSet;
 use tracing::Instrument as _;
 use zeroize::Zeroizing;
 
+use crate::audit::Audit;
 use crate::backend::pkcs11::Pkcs11RootKey;
 use crate::backend::{BackendError, RootKey};
 use crate::cache::{KekCache, Lease};
-use crate::config::{BackendConfig, Config, Tenant, TenantConfig, TpmConfig};
+use crate::config::{AuditConfig, BackendConfig, Config, Tenant, TenantConfig, TpmConfig};
 use crate::error::Error;
 use crate::handoff::{BlockingChannel, Channel, FromWorker, Handoff, ToWorker};
 use crate::keystore::KeyStore;
@@ -51,6 +52,7 @@ pub struct WorkerSpec {
     pub log_level: String,
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
+    pub audit: AuditConfig,
 }
 
 impl WorkerSpec {
@@ -67,6 +69,7 @@ impl WorkerSpec {
             allow_unlocked_memory: cfg.allow_unlocked_memory,
             log_level: cfg.log_level.clone(),
             shutdown_timeout: cfg.shutdown_timeout,
+            audit: cfg.audit.clone(),
         }
     }
 
@@ -177,6 +180,9 @@ pub fn main(backends: Backends, args: WorkerArgs) -> ExitCode {
         return ExitCode::FAILURE;
     }
     tracing::info!(pid = std::process::id(), "serving");
+    if cfg!(feature = "bench-no-audit") {
+        tracing::error!("this build writes no audit records (feature bench-no-audit): for benchmarks only");
+    }
 
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("kekd-worker").build()
     {
@@ -242,8 +248,9 @@ fn start(spec: &WorkerSpec, backends: Backends) -> Result<Arc<TenantService>, St
         },
     }
     .map_err(|e| e.to_string())?;
-    let service =
-        open_tenant(spec, root, &name).map_err(|e| e.to_string())?.with_root_labels(labels.0, labels.1);
+    let service = open_tenant(spec, root, &name, run_as.as_ref())
+        .map_err(|e| e.to_string())?
+        .with_root_labels(labels.0, labels.1);
     if let Some(user) = &run_as {
         give_state_to(&spec.state_dir, &name, user)?;
         user.enter().map_err(|e| format!("cannot switch to user {:?}: {e}", user.name))?;
@@ -264,16 +271,18 @@ fn open_tenant(
     spec: &WorkerSpec,
     backend: Arc<dyn RootKey>,
     name: &TenantName,
+    run_as: Option<&RunAs>,
 ) -> Result<TenantService, Error> {
     let arena = LockedArena::new(spec.allow_unlocked_memory)?;
     let store = KeyStore::open(&spec.state_dir, name, backend.describe())?;
+    let audit = Audit::open(&spec.audit, name.as_str(), run_as).map_err(Error::AuditOpen)?;
     let t = &spec.tenant_config;
     let cache = KekCache::new(
         arena,
         Lease { kek_ttl: t.kek_ttl, idle_ttl: t.idle_ttl, offline_grace: t.offline_grace },
     );
     tracing::info!(backend = %backend.describe(), "tenant opened");
-    Ok(TenantService::new(name.clone(), backend, store, cache)?
+    Ok(TenantService::new(name.clone(), backend, store, cache, audit)?
         .with_encryption_budget(t.encryption_budget)
         .with_max_key_depth(t.max_key_depth))
 }
@@ -338,6 +347,10 @@ async fn serve(
                     let (service, stop) = (Arc::clone(&service), stop.clone());
                     connections.spawn(connection(service, handoff, fd, max_frame, stop).in_current_span());
                 }
+                Ok(Some((ToWorker::Refused(refusal), _))) => {
+                    let service = Arc::clone(&service);
+                    tokio::spawn(async move { service.audit_supervisor_refusal(refusal).await }.in_current_span());
+                }
                 Ok(Some((other, _))) => tracing::warn!(message = ?other, "unexpected control message; ignored"),
                 Ok(None) => {
                     tracing::info!("the supervisor is gone; stopping");
@@ -366,7 +379,8 @@ async fn serve(
     sweeper.abort();
     poller.abort();
     service.flush();
-    tracing::info!("KEK cache wiped; exiting");
+    service.close_audit().await;
+    tracing::info!("KEK cache wiped, audit trail written; exiting");
     ExitCode::SUCCESS
 }
 
@@ -386,12 +400,14 @@ async fn connection(
         }
     };
     let (read, mut write) = stream.into_split();
-    let hello = Response { id: handoff.hello_id, result: Ok(Reply::Hello(service.hello(handoff.role))) };
+    let caller = Arc::new(handoff.caller);
+    service.audit_hello(&caller, handoff.hello_id).await;
+    let hello = Response { id: handoff.hello_id, result: Ok(Reply::Hello(service.hello(caller.role))) };
     if server::send(&mut write, hello).await.is_err() {
         return;
     }
     let reader = kekd_proto::FrameReader::new(read, max_frame);
-    server::serve(service, handoff.role, handoff.peer, reader, write, stop).await;
+    server::serve(service, caller, reader, write, stop).await;
 }
 
 async fn sweep(service: Arc<TenantService>) {

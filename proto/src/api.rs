@@ -356,7 +356,10 @@ impl TryFrom<pb::Request> for Request {
     fn try_from(req: pb::Request) -> Result<Self, RejectedRequest> {
         let id = req.request_id;
         let reject = |error| RejectedRequest { id, error };
-        let metadata = req.metadata.map(Metadata::from).unwrap_or_default();
+        let metadata = match req.metadata {
+            None => Metadata::default(),
+            Some(m) => Metadata::try_from(m).map_err(reject)?,
+        };
         let op = match req.op {
             None => return Err(reject(InvalidField::new("op", "no operation given"))),
             Some(op) => op_from(op).map_err(reject)?,
@@ -472,15 +475,43 @@ fn root_label(field: &'static str, label: String) -> Result<String, InvalidField
     Ok(label)
 }
 
-impl From<pb::AuditMetadata> for Metadata {
-    fn from(m: pb::AuditMetadata) -> Self {
-        Metadata {
+/// Longest value of each named metadata field, in bytes.
+pub const MAX_METADATA_VALUE: usize = 256;
+/// Most bytes of free-form metadata fields, keys and values together.
+pub const MAX_METADATA_FIELDS: usize = 1024;
+
+/// Metadata is written into every audit record of a request, so it is bounded.
+impl TryFrom<pb::AuditMetadata> for Metadata {
+    type Error = InvalidField;
+
+    fn try_from(m: pb::AuditMetadata) -> Result<Self, InvalidField> {
+        for (name, value) in [
+            ("principal", &m.principal),
+            ("data_label", &m.data_label),
+            ("caller_request_id", &m.caller_request_id),
+            ("source_address", &m.source_address),
+        ] {
+            if value.len() > MAX_METADATA_VALUE {
+                return Err(InvalidField::new(
+                    format!("metadata.{name}"),
+                    format!("{} bytes; at most {MAX_METADATA_VALUE}", value.len()),
+                ));
+            }
+        }
+        let size: usize = m.fields.iter().map(|(k, v)| k.len() + v.len()).sum();
+        if size > MAX_METADATA_FIELDS {
+            return Err(InvalidField::new(
+                "metadata.fields",
+                format!("{size} bytes of keys and values; at most {MAX_METADATA_FIELDS} (1 KiB)"),
+            ));
+        }
+        Ok(Metadata {
             principal: m.principal,
             data_label: m.data_label,
             caller_request_id: m.caller_request_id,
             source_address: m.source_address,
             fields: m.fields,
-        }
+        })
     }
 }
 
@@ -982,6 +1013,31 @@ mod tests {
             op: Some(pb::request::Op::Unwrap(pb::UnwrapRequest { items: vec![] })),
         };
         assert_eq!(Request::try_from(req).unwrap_err().error.field, "items");
+    }
+
+    #[test]
+    fn audit_metadata_is_bounded() {
+        let status = || Some(pb::request::Op::Status(pb::StatusRequest {}));
+        let meta = |fields: BTreeMap<String, String>, principal: &str| pb::AuditMetadata {
+            principal: principal.into(),
+            fields,
+            ..Default::default()
+        };
+        let at_limit = BTreeMap::from([("k".to_string(), "v".repeat(MAX_METADATA_FIELDS - 1))]);
+        let req = pb::Request { request_id: 3, metadata: Some(meta(at_limit, "svc")), op: status() };
+        let ok = Request::try_from(req).unwrap();
+        assert_eq!(ok.metadata.principal, "svc");
+        let over = BTreeMap::from([("k".to_string(), "v".repeat(MAX_METADATA_FIELDS))]);
+        let req = pb::Request { request_id: 4, metadata: Some(meta(over, "svc")), op: status() };
+        let err = Request::try_from(req).unwrap_err();
+        assert_eq!((err.id, err.error.field.as_str()), (4, "metadata.fields"));
+        assert!(err.error.problem.contains("1025 bytes"), "{}", err.error.problem);
+        let req = pb::Request {
+            request_id: 5,
+            metadata: Some(meta(BTreeMap::new(), &"p".repeat(MAX_METADATA_VALUE + 1))),
+            op: status(),
+        };
+        assert_eq!(Request::try_from(req).unwrap_err().error.field, "metadata.principal");
     }
 
     #[test]

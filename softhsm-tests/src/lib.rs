@@ -27,6 +27,11 @@
 //! [`Tenant::behind_outage_switch`]) does the same implicitly, and a TPM-only one ([`Tenant::pcrs`], [`Tenant::parameter_encryption`]) puts the
 //! tenant on a TPM. Mixing the two on one tenant panics in [`KekdBuilder::prepare`].
 //!
+//! A tenant can also be put on a second PKCS#11 implementation, kryoptic, with
+//! `Tenant::backend(Backend::Kryoptic)` (for what SoftHSM 2.6.1 lacks, e.g. RSA-OAEP with
+//! SHA-256): its token is a sqlite file of its own, named to the module by `module_env`, and
+//! the module is built from `softhsm-tests/kryoptic/` on first use ([`kryoptic_module`]).
+//!
 //! # Cutting the link to a token
 //!
 //! A tenant [`Tenant::behind_outage_switch`] reaches its SoftHSM2 token through
@@ -67,8 +72,10 @@ use prost::Message as _;
 use tempfile::TempDir;
 
 pub use kekd_proto::Code;
+pub use kryoptic::{kryoptic_module, Kryoptic};
 pub use swtpm::Swtpm;
 
+mod kryoptic;
 mod swtpm;
 
 /// How long a daemon may take to print its ready line.
@@ -98,6 +105,8 @@ pub mod exit {
     pub const UNAVAILABLE: i32 = 8;
     pub const RESOURCE_EXHAUSTED: i32 = 9;
     pub const INTERNAL: i32 = 10;
+    /// `kekctl audit verify`: the hash chain is broken.
+    pub const AUDIT_BROKEN: i32 = 11;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -110,6 +119,10 @@ pub enum Backend {
     SoftHsm,
     /// The tenant's own swtpm, through the swtpm TCTI.
     Tpm,
+    /// A token of kryoptic, a second PKCS#11 implementation (the one with RSA-OAEP-SHA256),
+    /// in a sqlite file of its own under the test's directory ([`Kryoptic`]). Only ever
+    /// chosen with [`Tenant::backend`], never by `KEKD_TEST_BACKEND`.
+    Kryoptic,
 }
 
 /// The backend this test process runs its tenants on, from `KEKD_TEST_BACKEND`: unset or
@@ -726,7 +739,7 @@ impl Tenant {
     fn checked_backend(&self) -> Backend {
         let backend = self.effective_backend();
         let (other, setting) = match backend {
-            Backend::SoftHsm => ("TPM", self.tpm_setting()),
+            Backend::SoftHsm | Backend::Kryoptic => ("TPM", self.tpm_setting()),
             Backend::Tpm => ("PKCS#11", self.pkcs11_setting),
         };
         if let Some(setting) = setting {
@@ -819,10 +832,16 @@ fn root_key_label(tenant: &str) -> String {
 /// Where one tenant of a test daemon keeps its root key.
 #[derive(Debug)]
 enum RootKeyHome {
-    /// A SoftHSM2 token: its label and user PIN (which the tenant's PIN file may get
-    /// wrong on purpose), the tenant's PIN file, and the outage proxy's flag file when the
-    /// tenant is behind one.
-    Token { label: String, pin: String, pin_file: PathBuf, outage_flag: Option<PathBuf> },
+    /// A SoftHSM2 token, or a kryoptic one when `kryoptic` is set: its label and user PIN
+    /// (which the tenant's PIN file may get wrong on purpose), the tenant's PIN file, and the
+    /// outage proxy's flag file when the tenant is behind one.
+    Token {
+        label: String,
+        pin: String,
+        pin_file: PathBuf,
+        outage_flag: Option<PathBuf>,
+        kryoptic: Option<Kryoptic>,
+    },
     /// The tenant's own swtpm.
     Tpm(Swtpm),
 }
@@ -833,6 +852,8 @@ pub struct KekdBuilder {
     tenants: Vec<Tenant>,
     max_frame_bytes: Option<usize>,
     allow_unlocked_memory: bool,
+    /// Lines of the `[audit]` table besides `dir` (which is always DIR/audit).
+    audit: Vec<String>,
 }
 
 impl KekdBuilder {
@@ -851,6 +872,12 @@ impl KekdBuilder {
         self
     }
 
+    /// A setting of the `[audit]` table, e.g. `mode = "best_effort"`.
+    pub fn audit(mut self, line: &str) -> Self {
+        self.audit.push(line.to_owned());
+        self
+    }
+
     /// Creates the directory, tokens, PIN files (or swtpms) and config file, without
     /// starting kekd. Each TPM tenant's swtpm is started here: the config names its port.
     #[track_caller]
@@ -866,7 +893,7 @@ impl KekdBuilder {
         let on_softhsm = backends.contains(&Backend::SoftHsm);
         let hsm = on_softhsm.then(|| SoftHsm::create(&root.join("softhsm")));
         let pins = root.join("pins");
-        if on_softhsm {
+        if on_softhsm || backends.contains(&Backend::Kryoptic) {
             fs::create_dir_all(&pins).expect("create the PIN directory");
         }
         let socket = root.join("kekd.sock");
@@ -881,18 +908,33 @@ impl KekdBuilder {
         if self.allow_unlocked_memory {
             cfg.push_str("allow_unlocked_memory = true\n");
         }
+        cfg.push_str(&format!("[audit]\ndir = {}\n", toml_path(&root.join("audit"))));
+        for line in &self.audit {
+            cfg.push_str(line);
+            cfg.push('\n');
+        }
         let mut tokens = std::collections::BTreeSet::new();
         let mut homes = Vec::new();
         for (t, backend) in self.tenants.iter().zip(backends) {
             let home = match backend {
-                Backend::SoftHsm => {
-                    let hsm = hsm.as_ref().expect("created for SoftHSM2 tenants");
+                Backend::SoftHsm | Backend::Kryoptic => {
                     let token_pin = match &t.token {
                         Some(label) => shared_token_pin(label),
                         None => t.pin.clone(),
                     };
-                    if tokens.insert(t.token_label().to_owned()) {
-                        hsm.init_token(t.token_label(), &format!("so-{token_pin}"), &token_pin);
+                    // One sqlite file per kryoptic token: it holds one token.
+                    let kryoptic = (backend == Backend::Kryoptic)
+                        .then(|| Kryoptic::at(&root.join("kryoptic"), t.token_label()));
+                    if tokens.insert((backend == Backend::Kryoptic, t.token_label().to_owned())) {
+                        let so_pin = format!("so-{token_pin}");
+                        match &kryoptic {
+                            Some(k) => k.init_token(t.token_label(), &so_pin, &token_pin),
+                            None => hsm.as_ref().expect("created for SoftHSM2 tenants").init_token(
+                                t.token_label(),
+                                &so_pin,
+                                &token_pin,
+                            ),
+                        }
                     }
                     let pin_file = pins.join(format!("{}.pin", t.name));
                     fs::write(&pin_file, format!("{}\n", t.pin)).expect("write the PIN file");
@@ -910,6 +952,7 @@ impl KekdBuilder {
                         pin: token_pin,
                         pin_file,
                         outage_flag,
+                        kryoptic,
                     }
                 }
                 Backend::Tpm => RootKeyHome::Tpm(Swtpm::start(&root.join("swtpm").join(&t.name))),
@@ -941,25 +984,35 @@ impl KekdBuilder {
                 cfg.push_str(&format!("run_as = {}\n", toml_str(user)));
             }
             match &home {
-                RootKeyHome::Token { pin_file, outage_flag, .. } => {
-                    let hsm = hsm.as_ref().expect("created for SoftHSM2 tenants");
+                RootKeyHome::Token { pin_file, outage_flag, kryoptic, .. } => {
                     cfg.push_str(&format!("\n[tenants.{}.pkcs11]\n", t.name));
+                    let token_module = match kryoptic {
+                        Some(_) => kryoptic_module(),
+                        None => softhsm_module(),
+                    };
                     let module = match outage_flag {
                         Some(_) => outage_module(),
-                        None => softhsm_module(),
+                        None => token_module.clone(),
                     };
                     cfg.push_str(&format!("module = {}\n", toml_path(&module)));
                     cfg.push_str(&format!("token_label = {}\n", toml_str(t.token_label())));
                     cfg.push_str(&format!("key_label = {}\n", toml_str(&root_key_label(&t.name))));
                     cfg.push_str(&format!("pin_file = {}\n", toml_path(pin_file)));
                     cfg.push_str(&format!("create_root_key = {}\n", t.create_root_key));
-                    cfg.push_str(&format!("softhsm2_conf = {}\n", toml_path(hsm.conf())));
+                    let mut env = Vec::new();
+                    match kryoptic {
+                        Some(k) => env.push(format!("KRYOPTIC_CONF = {}", toml_path(k.conf()))),
+                        None => {
+                            let hsm = hsm.as_ref().expect("created for SoftHSM2 tenants");
+                            cfg.push_str(&format!("softhsm2_conf = {}\n", toml_path(hsm.conf())));
+                        }
+                    }
                     if let Some(flag) = outage_flag {
-                        cfg.push_str(&format!(
-                            "module_env = {{ KEKD_OUTAGE_MODULE = {}, KEKD_OUTAGE_FLAG = {} }}\n",
-                            toml_path(&softhsm_module()),
-                            toml_path(flag)
-                        ));
+                        env.push(format!("KEKD_OUTAGE_MODULE = {}", toml_path(&token_module)));
+                        env.push(format!("KEKD_OUTAGE_FLAG = {}", toml_path(flag)));
+                    }
+                    if !env.is_empty() {
+                        cfg.push_str(&format!("module_env = {{ {} }}\n", env.join(", ")));
                     }
                 }
                 RootKeyHome::Tpm(swtpm) => {
@@ -1114,6 +1167,57 @@ impl Kekd {
         self.dir.path()
     }
 
+    /// A tenant's audit trail: DIR/audit/TENANT (dev mode: the dev directory's).
+    pub fn audit_dir(&self, tenant: &str) -> PathBuf {
+        self.dev_dir().unwrap_or(self.dir()).join("audit").join(tenant)
+    }
+
+    /// The tenant's audit files, oldest first.
+    pub fn audit_files(&self, tenant: &str) -> Vec<PathBuf> {
+        let mut files: Vec<PathBuf> = match fs::read_dir(self.audit_dir(tenant)) {
+            Ok(d) => d
+                .map(|e| e.expect("read the audit directory").path())
+                .filter(|p| p.extension().is_some_and(|e| e == "jsonl"))
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        files.sort();
+        files
+    }
+
+    /// Every audit record of the tenant so far, in order.
+    pub fn audit_records(&self, tenant: &str) -> Vec<serde_json::Value> {
+        let mut out = Vec::new();
+        for f in self.audit_files(tenant) {
+            let text = fs::read_to_string(&f).expect("read an audit file");
+            for line in text.lines() {
+                out.push(
+                    serde_json::from_str(line).unwrap_or_else(|e| panic!("{}: {e}: {line}", f.display())),
+                );
+            }
+        }
+        out
+    }
+
+    /// Waits up to `timeout` for an audit record matching `pred` (records nobody waits on,
+    /// such as lease events, are written a moment after they happen).
+    #[track_caller]
+    pub fn wait_audit(
+        &self,
+        tenant: &str,
+        timeout: Duration,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(r) = self.audit_records(tenant).into_iter().find(|r| pred(r)) {
+                return r;
+            }
+            assert!(Instant::now() < deadline, "no such audit record within {timeout:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// The directory given to `kekd dev --dir`, in dev mode.
     pub fn dev_dir(&self) -> Option<&Path> {
         match &self.launch {
@@ -1157,7 +1261,8 @@ impl Kekd {
     #[track_caller]
     pub fn backend_of(&self, tenant: &str) -> Backend {
         match self.home(tenant) {
-            RootKeyHome::Token { .. } => Backend::SoftHsm,
+            RootKeyHome::Token { kryoptic: None, .. } => Backend::SoftHsm,
+            RootKeyHome::Token { kryoptic: Some(_), .. } => Backend::Kryoptic,
             RootKeyHome::Tpm(_) => Backend::Tpm,
         }
     }
@@ -1200,19 +1305,24 @@ impl Kekd {
         root_key_label(tenant)
     }
 
-    /// Deletes the secret key labelled `key_label` from `tenant`'s SoftHSM2 token, as an
-    /// operator would with pkcs11-tool (e.g. an old root key after a rotation).
+    /// Deletes the secret key labelled `key_label` from `tenant`'s SoftHSM2 (or kryoptic)
+    /// token, as an operator would with pkcs11-tool (e.g. an old root key after a rotation).
     pub fn delete_token_key(&self, tenant: &str, key_label: &str) {
         match self.home(tenant) {
             RootKeyHome::Tpm(_) => panic!("tenant {tenant:?} is on a TPM: it has no token keys"),
-            RootKeyHome::Token { label, pin, .. } => {
-                let hsm = self.hsm.as_ref().expect("a SoftHSM2 tenant has a SoftHSM2 installation");
+            RootKeyHome::Token { label, pin, kryoptic, .. } => {
                 let mut cmd = Command::new("pkcs11-tool");
-                cmd.arg("--module")
-                    .arg(softhsm_module())
-                    .args(["--token-label", label, "--login", "--pin", pin])
-                    .args(["--delete-object", "--type", "secrkey", "--label", key_label])
-                    .env("SOFTHSM2_CONF", hsm.conf());
+                match kryoptic {
+                    Some(k) => {
+                        cmd.arg("--module").arg(kryoptic_module()).env("KRYOPTIC_CONF", k.conf());
+                    }
+                    None => {
+                        let hsm = self.hsm.as_ref().expect("a SoftHSM2 tenant has a SoftHSM2 installation");
+                        cmd.arg("--module").arg(softhsm_module()).env("SOFTHSM2_CONF", hsm.conf());
+                    }
+                }
+                cmd.args(["--token-label", label, "--login", "--pin", pin]);
+                cmd.args(["--delete-object", "--type", "secrkey", "--label", key_label]);
                 let out = try_run_command(cmd, Vec::new()).unwrap_or_else(|e| {
                     panic!("cannot run pkcs11-tool (opensc): {e}: run ./scripts/install-deps")
                 });

@@ -51,6 +51,8 @@ fn dev_mode_serves_demo_and_keeps_everything_under_dir() {
     assert!(!tokens.is_empty(), "no token files under {}/softhsm/tokens", dir.display());
     assert!(dir.join("kekd.toml").is_file(), "DIR/kekd.toml was not written");
     assert!(dir.join("state").is_dir(), "DIR/state was not created");
+    let unwraps = kekd.audit_records("demo").into_iter().filter(|r| r["event"] == "unwrap").count();
+    assert_eq!(unwraps, 2, "the audit trail is DIR/audit/demo and has both unwraps");
     let check = kekd_command(["check-config", "--config", dir.join("kekd.toml").to_str().unwrap()]);
     assert!(check.ok_str().contains("config OK"), "the config dev mode wrote does not check: {check:?}");
 

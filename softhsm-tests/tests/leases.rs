@@ -54,6 +54,10 @@ fn a_deleted_root_key_stops_every_unwrap_within_one_poll() {
     }
     let s = kekd.kekctl().json().arg("status").run().json();
     assert_eq!(s["cached_keks"], 0, "{s}");
+    // The flush is a lease event in the audit trail.
+    let revoked = kekd.wait_audit("acme", Duration::from_secs(2), |r| r["detail"]["lease"] == "revoked");
+    assert_eq!(revoked["code"], "FAILED_PRECONDITION", "{revoked}");
+    assert!(revoked["detail"]["flushed_keks"].as_u64().unwrap() >= 1, "{revoked}");
 }
 
 /// (b) The token unreachable: cached KEKs keep serving for offline_grace after the last
@@ -106,6 +110,20 @@ fn an_unreachable_token_is_ridden_out_for_offline_grace() {
     let log = kekd.stderr();
     let warnings = log.lines().filter(|l| l.contains("WARN") && l.contains("failed")).count();
     assert!((1..=3).contains(&warnings), "{warnings} warnings for one outage:\n{log}");
+
+    // Each lease change is one audit record, in order: grace, expired, online again.
+    let records = kekd.audit_records("acme");
+    let leases: Vec<(&str, &str)> = records
+        .iter()
+        .filter(|r| r["event"] == "lease")
+        .map(|r| (r["detail"]["lease"].as_str().unwrap(), r["outcome"].as_str().unwrap()))
+        .collect();
+    assert_eq!(leases, [("grace", "error"), ("expired", "error"), ("online", "ok")], "{records:#?}");
+    let grace = records.iter().find(|r| r["event"] == "lease").unwrap();
+    assert_eq!(grace["code"], "UNAVAILABLE", "{grace}");
+    let served: Vec<&serde_json::Value> =
+        records.iter().filter(|r| r["event"] == "unwrap" && r["kek"] == "grace").collect();
+    assert!(!served.is_empty(), "unwraps served in the grace say so");
 }
 
 /// (c) offline_grace = 0 fails closed at kek_ttl.

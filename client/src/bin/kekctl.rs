@@ -20,7 +20,15 @@ fn main() -> ExitCode {
     let cli = cli::Cli::parse();
     let settings = cli.global.settings().unwrap_or_else(|e| e.exit());
     // One connection and strictly sequential work: a thread pool would only add threads.
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    // Except for `bench`, which drives many connections at once: one thread per core.
+    let built = match cli.command {
+        cli::Command::Bench(_) => {
+            let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+            tokio::runtime::Builder::new_multi_thread().worker_threads(threads).enable_all().build()
+        }
+        _ => tokio::runtime::Builder::new_current_thread().enable_all().build(),
+    };
+    let runtime = match built {
         Ok(rt) => rt,
         Err(error) => return fail(exit::CliError::Local { what: "cannot start the async runtime", error }),
     };

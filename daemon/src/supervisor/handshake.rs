@@ -14,8 +14,9 @@ use tokio::net::UnixStream;
 use zeroize::Zeroizing;
 
 use super::State;
+use crate::audit::Caller;
 use crate::config::TenantConfig;
-use crate::handoff::{Channel, Handoff, ToWorker};
+use crate::handoff::{Channel, Handoff, Refusal, ToWorker};
 use crate::server;
 use crate::service::{Peer, Role};
 
@@ -75,16 +76,39 @@ pub async fn connection(mut stream: UnixStream, state: &State) {
         }
     };
     let (id, hello) = hello;
+    let exe = peer_exe(&peer);
     let fail = |code, msg: String| Response { id, result: Err(ErrorStatus::new(code, msg)) };
     let (role, link) = match admit(state, &hello, &peer) {
         Ok(admitted) => admitted,
-        Err((code, msg)) => return answer(stream, fail(code, msg)).await,
+        Err((code, msg)) => {
+            if code == Code::PermissionDenied {
+                // The denial goes into the tenant's own audit trail, through its worker.
+                let refusal = Refusal {
+                    peer,
+                    exe,
+                    hello_id: id,
+                    code: code.as_str_name().to_owned(),
+                    message: msg.clone(),
+                };
+                let link = state.with_tenant(&hello.tenant, |t| t.and_then(|(_, w)| w.link()));
+                if let Some(link) = link {
+                    let msg = ToWorker::Refused(refusal);
+                    if tokio::time::timeout(HANDOFF_TIMEOUT, link.send(&msg, None))
+                        .await
+                        .map_or(true, |r| r.is_err())
+                    {
+                        tracing::warn!(tenant = %hello.tenant, uid = peer.uid, "cannot pass a denial to the worker for its audit trail");
+                    }
+                }
+            }
+            return answer(stream, fail(code, msg)).await;
+        }
     };
     let Some(link) = link else {
         let msg = format!("tenant {:?} is restarting; retry shortly", hello.tenant.as_str());
         return answer(stream, fail(Code::Unavailable, msg)).await;
     };
-    let handoff = ToWorker::Connection(Handoff { peer, role, hello_id: id });
+    let handoff = ToWorker::Connection(Handoff { caller: Caller { peer, exe, role }, hello_id: id });
     let tenant = hello.tenant.as_str();
     let refused = match tokio::time::timeout(HANDOFF_TIMEOUT, link.send(&handoff, Some(stream.as_fd()))).await
     {
@@ -106,6 +130,15 @@ pub async fn connection(mut stream: UnixStream, state: &State) {
 }
 
 type Admitted = (Role, Option<Arc<Channel>>);
+
+/// The caller's executable, for the audit trail. Read at connect time by the supervisor
+/// (root), since a worker that dropped privileges cannot read other users' `/proc`.
+fn peer_exe(peer: &Peer) -> Option<String> {
+    if peer.pid <= 0 {
+        return None;
+    }
+    std::fs::read_link(format!("/proc/{}/exe", peer.pid)).ok().map(|p| p.to_string_lossy().into_owned())
+}
 
 /// The tenant's ACL decides; its worker's current channel (None while restarting) comes
 /// with the decision, read under the same lock.

@@ -1,11 +1,14 @@
 //! Command-line syntax. Everything a user can get wrong here is a usage error (exit 2)
 //! reported by clap before any connection is made.
+//!
+//! Most commands talk to kekd for one tenant; `audit` works on files alone and needs
+//! neither a tenant nor the socket.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use clap::error::ErrorKind;
-use clap::{Args, CommandFactory, Parser, Subcommand};
+use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use kekd_client::{Context, KeyName, Metadata, TenantName};
 use kekd_proto::MAX_BATCH;
 
@@ -28,10 +31,69 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// Options shared by every command, and whether the command talks to kekd at all.
+pub struct Global {
+    pub args: GlobalArgs,
+    /// The command works offline (`audit`): no tenant is required and nothing connects.
+    pub offline: bool,
+}
+
+/// Subcommands that never connect to kekd.
+const OFFLINE_COMMANDS: [&str; 1] = ["audit"];
+
+// By hand rather than derived, to learn the subcommand while the options are read: `Cli`
+// reads `global` before `command`, so the subcommand is still in the matches here.
+impl FromArgMatches for Global {
+    fn from_arg_matches(matches: &ArgMatches) -> Result<Self, clap::Error> {
+        Self::from_arg_matches_mut(&mut matches.clone())
+    }
+
+    fn from_arg_matches_mut(matches: &mut ArgMatches) -> Result<Self, clap::Error> {
+        let offline = matches.subcommand_name().is_some_and(|name| OFFLINE_COMMANDS.contains(&name));
+        let bench_tenant = bench_tenant(matches);
+        let mut args = GlobalArgs::from_arg_matches_mut(matches)?;
+        args.tenant = args.tenant.or(bench_tenant);
+        Ok(Global { args, offline })
+    }
+
+    fn update_from_arg_matches(&mut self, matches: &ArgMatches) -> Result<(), clap::Error> {
+        self.update_from_arg_matches_mut(&mut matches.clone())
+    }
+
+    fn update_from_arg_matches_mut(&mut self, matches: &mut ArgMatches) -> Result<(), clap::Error> {
+        self.offline = matches.subcommand_name().is_some_and(|name| OFFLINE_COMMANDS.contains(&name));
+        let bench_tenant = bench_tenant(matches);
+        self.args.update_from_arg_matches_mut(matches)?;
+        self.args.tenant = self.args.tenant.take().or(bench_tenant);
+        Ok(())
+    }
+}
+
+/// `bench --tenants A,B` acts for those tenants, so it needs no `--tenant`: the first of
+/// them stands in for it.
+fn bench_tenant(matches: &ArgMatches) -> Option<TenantName> {
+    let tenants = matches.subcommand_matches("bench")?.try_get_many::<TenantName>("tenants").ok()??;
+    tenants.into_iter().next().cloned()
+}
+
+impl Args for Global {
+    fn group_id() -> Option<clap::Id> {
+        GlobalArgs::group_id()
+    }
+
+    fn augment_args(cmd: clap::Command) -> clap::Command {
+        GlobalArgs::augment_args(cmd)
+    }
+
+    fn augment_args_for_update(cmd: clap::Command) -> clap::Command {
+        GlobalArgs::augment_args_for_update(cmd)
+    }
+}
+
 /// Options shared by every command; `global` lets scripts put them before or after the
 /// subcommand.
 #[derive(Args)]
-pub struct Global {
+pub struct GlobalArgs {
     /// Unix socket of the daemon
     #[arg(
         long,
@@ -57,6 +119,15 @@ pub struct Global {
     /// What the data key protects (audit log)
     #[arg(long, global = true, value_name = "STR")]
     pub data_label: Option<String>,
+    /// The caller's own request or trace id (audit log)
+    #[arg(long, global = true, value_name = "STR")]
+    pub request_id: Option<String>,
+    /// Address of the end user the request is made for (audit log)
+    #[arg(long, global = true, value_name = "STR")]
+    pub source_address: Option<String>,
+    /// Free-form audit field; repeat for several (at most 1 KiB in all)
+    #[arg(long = "audit-field", global = true, value_name = "KEY=VALUE", value_parser = parse_pair)]
+    pub audit_field: Vec<(String, String)>,
 }
 
 #[derive(Subcommand)]
@@ -94,6 +165,37 @@ pub enum Command {
     /// The tenant as a whole (admin principals only)
     #[command(subcommand)]
     Tenant(TenantCommand),
+    /// Audit log files (offline: needs no tenant and does not connect to kekd)
+    #[command(subcommand)]
+    Audit(AuditCommand),
+    /// Load-test kekd: requests/s, DEKs/s and latency percentiles for one operation
+    #[command(long_about = "Load-test kekd: requests/s, DEKs/s and latency percentiles (p50, p90, \
+            p99, p99.9, from an HDR histogram) for one operation. Each connection keeps \
+            --pipeline requests of --batch items in flight; connections are spread \
+            round-robin over --tenants. A warmup runs first and is not counted. Unwrap and \
+            rewrap first generate a pool of EDEKs per tenant under --key; wrap sends random \
+            32-byte secrets. The global --context and audit options apply to every request. \
+            Failed requests are counted by status code and do not stop the run; the exit \
+            status is nonzero only if setup failed or every request failed. On a terminal a \
+            live progress line is drawn on stderr; --json prints one object on stdout.")]
+    Bench(kekd_client::bench::BenchArgs),
+}
+
+#[derive(Subcommand)]
+pub enum AuditCommand {
+    /// Check the hash chain of audit log files (docs/FORMATS.md, section 5)
+    #[command(long_about = "Check the hash chain of audit log files (docs/FORMATS.md, section 5): every \
+            record's hash, that each links to the one before it, that seq counts up by one, and \
+            that no file ends in a truncated record. The chain continues across the files in \
+            the order given, so give a tenant's files oldest first. Prints the number of records \
+            and the hash of the last one (compare it with a copy kept elsewhere: the chain \
+            alone cannot show records cut off its end, or a chain rewritten from some record \
+            on). A broken chain names its first broken record as FILE:LINE and exits 11.")]
+    Verify {
+        /// Audit log files (`<tenant>/<YYYY-MM-DD>.jsonl`), oldest first
+        #[arg(value_name = "FILE", required = true)]
+        files: Vec<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -195,7 +297,8 @@ fn parse_pair(s: &str) -> Result<(String, String), String> {
 /// What every command needs besides its own arguments.
 pub struct Settings {
     pub socket: PathBuf,
-    pub tenant: TenantName,
+    /// Always set for a command that connects; `None` only for an offline one.
+    pub tenant: Option<TenantName>,
     pub json: bool,
     pub context: Context,
     pub metadata: Metadata,
@@ -206,23 +309,40 @@ impl Global {
     /// context's limits apply to the entries together.
     pub fn settings(self) -> Result<Settings, clap::Error> {
         let usage = |kind, msg: String| Cli::command().error(kind, msg);
-        let tenant = self.tenant.ok_or_else(|| {
-            usage(ErrorKind::MissingRequiredArgument, "--tenant NAME (or KEKD_TENANT) is required".into())
-        })?;
+        let Global { args, offline } = self;
+        let tenant = match args.tenant {
+            Some(tenant) => Some(tenant),
+            None if offline => None,
+            None => {
+                let msg = "--tenant NAME (or KEKD_TENANT) is required".into();
+                return Err(usage(ErrorKind::MissingRequiredArgument, msg));
+            }
+        };
         let mut map = BTreeMap::new();
-        for (k, v) in self.context {
+        for (k, v) in args.context {
             if map.insert(k.clone(), v).is_some() {
                 return Err(usage(ErrorKind::ValueValidation, format!("--context: key {k:?} given twice")));
             }
         }
         let context =
             Context::new(map).map_err(|e| usage(ErrorKind::ValueValidation, format!("--context: {e}")))?;
+        let mut fields = BTreeMap::new();
+        for (k, v) in args.audit_field {
+            if fields.insert(k.clone(), v).is_some() {
+                return Err(usage(
+                    ErrorKind::ValueValidation,
+                    format!("--audit-field: key {k:?} given twice"),
+                ));
+            }
+        }
         let metadata = Metadata {
-            principal: self.principal.unwrap_or_default(),
-            data_label: self.data_label.unwrap_or_default(),
-            ..Metadata::default()
+            principal: args.principal.unwrap_or_default(),
+            data_label: args.data_label.unwrap_or_default(),
+            caller_request_id: args.request_id.unwrap_or_default(),
+            source_address: args.source_address.unwrap_or_default(),
+            fields,
         };
-        Ok(Settings { socket: self.socket, tenant, json: self.json, context, metadata })
+        Ok(Settings { socket: args.socket, tenant, json: args.json, context, metadata })
     }
 }
 
@@ -245,7 +365,7 @@ mod tests {
         let after = parse(&["status", "--tenant", "acme", "--json", "--context", "a=1"]).unwrap();
         for cli in [before, after] {
             let s = cli.global.settings().unwrap();
-            assert_eq!(s.tenant.as_str(), "acme");
+            assert_eq!(s.tenant.unwrap().as_str(), "acme");
             assert!(s.json);
             assert_eq!(s.context.entries().get("a").map(String::as_str), Some("1"));
         }
@@ -284,9 +404,45 @@ mod tests {
     fn tenant_is_required() {
         // The environment may set KEKD_TENANT; parse without it to test the check itself.
         let mut cli = parse(&["status"]).unwrap();
-        cli.global.tenant = None;
+        assert!(!cli.global.offline);
+        cli.global.args.tenant = None;
         let err = cli.global.settings().err().unwrap();
         assert_eq!(err.exit_code(), 2);
         assert!(err.to_string().contains("--tenant"), "{err}");
+        let mut cli = parse(&["keys", "list"]).unwrap();
+        cli.global.args.tenant = None;
+        assert!(cli.global.settings().is_err());
+    }
+
+    #[test]
+    fn bench_takes_its_tenants_or_the_global_one() {
+        let mut cli = parse(&["bench", "--op", "wrap", "--batch", "8", "--duration", "2s"]).unwrap();
+        cli.global.args.tenant = None;
+        assert!(cli.global.settings().is_err(), "no --tenant and no --tenants");
+        let cli = parse(&["bench", "--tenants", "a,b", "--connections", "2", "--json"]).unwrap();
+        // KEKD_TENANT, if the environment sets it, wins over the stand-in.
+        assert!(cli.global.args.tenant.is_some());
+        let Command::Bench(args) = cli.command else { panic!("not bench") };
+        assert_eq!(args.tenants.len(), 2);
+        assert!(cli.global.settings().unwrap().json);
+        let err = parse(&["bench", "--tenant", "t", "--batch", "0"]).err().unwrap();
+        assert_eq!(err.exit_code(), 2);
+        assert!(err.to_string().contains("--batch"), "{err}");
+    }
+
+    #[test]
+    fn audit_verify_needs_files_but_no_tenant() {
+        let mut cli = parse(&["audit", "verify", "a.jsonl", "b.jsonl", "--json"]).unwrap();
+        assert!(cli.global.offline);
+        cli.global.args.tenant = None;
+        let Command::Audit(AuditCommand::Verify { files }) = cli.command else { panic!("not audit verify") };
+        assert_eq!(files, [PathBuf::from("a.jsonl"), PathBuf::from("b.jsonl")]);
+        let s = cli.global.settings().unwrap();
+        assert!(s.tenant.is_none());
+        assert!(s.json);
+
+        let err = parse(&["audit", "verify"]).err().unwrap();
+        assert_eq!(err.exit_code(), 2);
+        assert!(err.to_string().contains("FILE"), "{err}");
     }
 }

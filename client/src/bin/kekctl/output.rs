@@ -10,6 +10,7 @@ use std::os::fd::AsFd;
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
+use kekd_client::audit::{Broken, Summary};
 use kekd_client::{Code, ErrorStatus, ItemOk, KeyInfo, StatusInfo};
 use serde::Serialize;
 use zeroize::Zeroizing;
@@ -242,6 +243,61 @@ pub fn status_text(s: &StatusInfo) -> String {
     )
 }
 
+/// `ok: 1234 records in 3 files, seq 1..1234, head <hash>`; without records just the counts.
+pub fn audit_ok_text(s: &Summary) -> String {
+    let plural = |n: u64, what: &str| format!("{n} {what}{}", if n == 1 { "" } else { "s" });
+    let mut text = format!("ok: {} in {}", plural(s.records, "record"), plural(s.files as u64, "file"));
+    if let (Some(first), Some(last), Some(head)) = (s.first_seq, s.last_seq, &s.head) {
+        text.push_str(&format!(", seq {first}..{last}, head {head}"));
+    }
+    text.push('\n');
+    text
+}
+
+#[derive(Serialize)]
+struct AuditOkView<'a> {
+    ok: bool,
+    records: u64,
+    files: usize,
+    first_seq: Option<u64>,
+    last_seq: Option<u64>,
+    head: Option<&'a str>,
+}
+
+/// `{"ok":true,"records":…,"files":…,"first_seq":…,"last_seq":…,"head":"…"}`; the last three
+/// are null when there are no records.
+pub fn audit_ok_json(s: &Summary) -> String {
+    json_line(&AuditOkView {
+        ok: true,
+        records: s.records,
+        files: s.files,
+        first_seq: s.first_seq,
+        last_seq: s.last_seq,
+        head: s.head.as_deref(),
+    })
+}
+
+#[derive(Serialize)]
+struct AuditBrokenView<'a> {
+    ok: bool,
+    file: &'a str,
+    line: u64,
+    seq: Option<u64>,
+    problem: &'a str,
+}
+
+/// `{"ok":false,"file":…,"line":…,"seq":…,"problem":"…"}`, naming the first broken record;
+/// `seq` is null when the line does not begin with one.
+pub fn audit_broken_json(b: &Broken) -> String {
+    json_line(&AuditBrokenView {
+        ok: false,
+        file: &b.file.to_string_lossy(),
+        line: b.line,
+        seq: b.seq,
+        problem: &b.problem,
+    })
+}
+
 fn uptime(secs: u64) -> String {
     let (d, h, m, s) = (secs / 86400, secs / 3600 % 24, secs / 60 % 60, secs % 60);
     match (d, h, m) {
@@ -350,5 +406,41 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(&status_json(&s)).unwrap();
         assert_eq!(v["cached_keks"], 3);
         assert_eq!(v["backend_healthy"], false);
+    }
+
+    #[test]
+    fn audit_results_as_text_and_json() {
+        let summary = Summary {
+            records: 1234,
+            files: 3,
+            first_seq: Some(1),
+            last_seq: Some(1234),
+            head: Some("ab".repeat(32)),
+        };
+        assert_eq!(
+            audit_ok_text(&summary),
+            format!("ok: 1234 records in 3 files, seq 1..1234, head {}\n", "ab".repeat(32))
+        );
+        assert_eq!(
+            audit_ok_json(&summary),
+            format!("{{\"ok\":true,\"records\":1234,\"files\":3,\"first_seq\":1,\"last_seq\":1234,\"head\":\"{}\"}}\n", "ab".repeat(32))
+        );
+        let empty = Summary { records: 0, files: 1, first_seq: None, last_seq: None, head: None };
+        assert_eq!(audit_ok_text(&empty), "ok: 0 records in 1 file\n");
+        assert_eq!(
+            audit_ok_json(&empty),
+            "{\"ok\":true,\"records\":0,\"files\":1,\"first_seq\":null,\"last_seq\":null,\"head\":null}\n"
+        );
+        let broken = Broken {
+            file: "acme/2026-11-23.jsonl".into(),
+            line: 7,
+            seq: Some(7),
+            problem: "edited: its hash does not match its contents".into(),
+        };
+        assert_eq!(
+            audit_broken_json(&broken),
+            "{\"ok\":false,\"file\":\"acme/2026-11-23.jsonl\",\"line\":7,\"seq\":7,\
+             \"problem\":\"edited: its hash does not match its contents\"}\n"
+        );
     }
 }

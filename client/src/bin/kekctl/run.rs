@@ -1,12 +1,16 @@
 //! One function per command: connect, call, print.
 
+use kekd_client::bench::BenchArgs;
 use kekd_client::{
     ClientError, ClientOptions, Code, EdekItem, ErrorStatus, ItemOk, ItemResult, KeyInfo, KeyName,
     MalformedResponse, Pool, PooledClient, RetryPolicy, Secret, TargetState, WrapItem,
 };
+use std::io::IsTerminal;
+use std::path::PathBuf;
+
 use kekd_proto::{MAX_EDEK_LEN, MAX_SECRET_LEN};
 
-use crate::cli::{Command, KeysCommand, RootCommand, Settings, TenantCommand};
+use crate::cli::{AuditCommand, Command, KeysCommand, RootCommand, Settings, TenantCommand};
 use crate::exit::CliError;
 use crate::output::{self, write_stdout, Fields};
 
@@ -103,6 +107,52 @@ pub async fn run(command: Command, s: Settings) -> Result<(), CliError> {
             };
             write_stdout(text.as_bytes())
         }
+        Command::Audit(AuditCommand::Verify { files }) => audit_verify(&s, &files),
+        Command::Bench(args) => bench(&s, args).await,
+    }
+}
+
+/// Runs the load generator and prints its report. Setup failing (connecting, generating
+/// the EDEK pool) is an error; so is a run in which every request failed, after the report
+/// is printed. Ctrl-C ends the run early and still prints the report.
+async fn bench(s: &Settings, args: BenchArgs) -> Result<(), CliError> {
+    let mut config = args
+        .config(s.socket.clone(), s.tenant.as_ref(), s.context.clone(), s.metadata.clone())
+        .map_err(CliError::Usage)?;
+    config.progress = std::io::stderr().is_terminal();
+    let interrupt = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    let report = kekd_client::bench::run(&config, interrupt).await.map_err(|e| {
+        let msg = match &e {
+            ClientError::Io(io) => format!("bench setup: cannot connect to {}: {io}", s.socket.display()),
+            ClientError::Status(status) => format!("bench setup: {}", status.message),
+            other => format!("bench setup: {other}"),
+        };
+        CliError::from(ErrorStatus::new(e.code(), msg))
+    })?;
+    let text = if s.json { report.json() } else { report.text() };
+    write_stdout(text.as_bytes())?;
+    report.failure().map_or(Ok(()), |status| Err(status.into()))
+}
+
+/// Offline: reads the files and never connects. A broken chain is an error (on stderr, and
+/// with `--json` also as an object on stdout, so scripts get the details either way).
+fn audit_verify(s: &Settings, files: &[PathBuf]) -> Result<(), CliError> {
+    match kekd_client::audit::verify_files(files) {
+        Ok(summary) => {
+            let text = if s.json { output::audit_ok_json(&summary) } else { output::audit_ok_text(&summary) };
+            write_stdout(text.as_bytes())
+        }
+        Err(kekd_client::audit::VerifyError::Broken(broken)) => {
+            if s.json {
+                write_stdout(output::audit_broken_json(&broken).as_bytes())?;
+            }
+            Err(CliError::AuditBroken(broken))
+        }
+        Err(io) => Err(io.into()),
     }
 }
 
@@ -110,8 +160,12 @@ pub async fn run(command: Command, s: Settings) -> Result<(), CliError> {
 /// worker restarts waits for it (within the default retry policy) instead of failing at
 /// once. Connecting up front keeps "cannot connect" apart from a connection lost later.
 async fn connect(s: &Settings) -> Result<PooledClient, CliError> {
+    // `Settings` guarantees a tenant for every command that connects.
+    let tenant = s.tenant.as_ref().ok_or_else(|| {
+        CliError::from(ErrorStatus::new(Code::InvalidArgument, "--tenant NAME (or KEKD_TENANT) is required"))
+    })?;
     let pool = Pool::new(&s.socket, CLIENT_NAME, ClientOptions::default(), RetryPolicy::default());
-    let client = pool.tenant(&s.tenant);
+    let client = pool.tenant(tenant);
     client.hello().await.map(|_| client).map_err(|e| match e {
         ClientError::Io(io) => {
             let msg = format!("cannot connect to {}: {io}", s.socket.display());

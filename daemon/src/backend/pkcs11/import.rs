@@ -22,21 +22,26 @@
 //!   bytes), one modulus long, followed by the key bytes wrapped under that AES key with AES
 //!   key wrap with padding (RFC 5649, KWP): 40 bytes for a 32-byte key.
 //!
-//! `CKM_RSA_AES_KEY_WRAP` itself is not used: SoftHSM 2.6.1 does not implement it
-//! (`C_GetMechanismInfo` and `C_UnwrapKey` answer `CKR_MECHANISM_INVALID`, and it is absent
-//! from `C_GetMechanismList`), and cryptoki 0.12 cannot even name it (no `Mechanism`
-//! variant, and `MechanismType` accepts no raw value below `CKM_VENDOR_DEFINED`). The layout
-//! is unwrapped in two steps on the token instead, which any token with `CKM_RSA_PKCS_OAEP`
-//! and `CKM_AES_KEY_WRAP_PAD` can do: the ephemeral key is unwrapped with RSA-OAEP as a
-//! session object that may only unwrap, the target key is unwrapped under it with
-//! `CKM_AES_KEY_WRAP_PAD`, and the ephemeral key is destroyed (it would go with the session
-//! anyway). Neither key is ever in kekd's memory.
+//! A token that lists `CKM_RSA_AES_KEY_WRAP` for unwrapping does it in one `C_UnwrapKey`
+//! (`ulAESKeyBits` = 256: by the standard's unwrap steps the ephemeral key's length comes
+//! from the RSA part). Neither SoftHSM 2.6.1 nor kryoptic 1.5.4 implements it, so the layout
+//! is otherwise unwrapped in the same two steps on the token, with `CKM_RSA_PKCS_OAEP` and
+//! an AES-KWP mechanism: the ephemeral key is unwrapped with RSA-OAEP as a session object that
+//! may only unwrap, the target key is unwrapped under it with AES-KWP, and the ephemeral key
+//! is destroyed on every path (it would go with the session anyway). Neither key is ever in
+//! kekd's memory. The AES-KWP mechanism is `CKM_AES_KEY_WRAP_KWP` (0x210B, RFC 5649 in
+//! PKCS#11 3.0; kryoptic has it), else `CKM_AES_KEY_WRAP_PAD` (0x210A), which SoftHSM2
+//! implements as RFC 5649 and lacks 0x210B (PKCS#11 3.0 defines 0x210A as RFC 3394 with
+//! PKCS#7 padding instead, hence the order). cryptoki 0.12 can name neither 0x210B nor
+//! `CKM_RSA_AES_KEY_WRAP` (no `Mechanism` variant, and `MechanismType` takes no raw value
+//! below `CKM_VENDOR_DEFINED`): see `unnamed_mechanism`.
 //!
 //! # SHA-256 and SHA-1
 //!
-//! The SHA-256 algorithms are the ones to use. SoftHSM 2.6.1 implements RSA-OAEP with SHA-1
-//! only (any other hash or MGF: `CKR_ARGUMENTS_BAD`), so the SHA-1 ones exist too, as in AWS
-//! KMS (OAEP does not rely on the collision resistance that SHA-1 lacks). The token is asked
+//! The SHA-256 algorithms are the ones to use, on a token that does them (kryoptic does).
+//! SoftHSM 2.6.1 implements RSA-OAEP with SHA-1 only (any other hash or MGF:
+//! `CKR_ARGUMENTS_BAD`), so the SHA-1 ones exist too, as in AWS KMS (OAEP does not rely on
+//! the collision resistance that SHA-1 lacks). The token is asked
 //! rather than assumed: [`TransportKey::algorithms`] lists what it accepts, and importing
 //! with an algorithm it does not accept fails with an error that names the alternative.
 //! Unwrapping the OAEP encoding in kekd (raw RSA on the token, OAEP in software) would work on
@@ -65,7 +70,9 @@
 //! `DataInvalid` are not used: they speak of the serving root key (and `Refused` makes the
 //! service flush its cached KEKs). Whether material failed its RSA-OAEP or its KWP check is said; which
 //! `CKR_*` the token gave for it is only logged (at debug), to offer no padding oracle beyond
-//! what the token itself exposes.
+//! what the token itself exposes. kryoptic 1.5.4 answers `CKR_DEVICE_ERROR` to material that
+//! fails either check (it so reports every OpenSSL failure): after a `C_UnwrapKey`, that is
+//! taken for the material's failure if the session still answers (`rejected_by_device`).
 //!
 //! # Locking
 //!
@@ -78,15 +85,18 @@
 mod tests;
 
 use std::fmt;
+use std::marker::PhantomData;
+use std::os::raw::c_ulong;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use base64::Engine as _;
-use cryptoki::context::Pkcs11;
+use cryptoki::context::{Function, Pkcs11};
 use cryptoki::error::{Error as CkError, RvError};
 use cryptoki::mechanism::aead::GcmParams;
 use cryptoki::mechanism::rsa::{PkcsMgfType, PkcsOaepParams, PkcsOaepSource};
-use cryptoki::mechanism::{Mechanism, MechanismType};
+use cryptoki::mechanism::vendor_defined::VendorDefinedMechanism;
+use cryptoki::mechanism::{Mechanism, MechanismInfo, MechanismType};
 use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
 use cryptoki::session::Session;
 use cryptoki::slot::Slot;
@@ -111,6 +121,12 @@ const KWP_LEN: usize = KEK_LEN + 8;
 const EPHEMERAL_LENS: [usize; 3] = [16, 24, 32];
 /// AAD of the encryption that proves an imported key works; distinct from every KEK's AAD.
 const CHECK_AAD: &[u8] = b"kekd/import-check/v1";
+/// `CKM_RSA_AES_KEY_WRAP` (PKCS#11 3.0).
+const CKM_RSA_AES_KEY_WRAP: c_ulong = 0x1054;
+/// `CKM_AES_KEY_WRAP_KWP` (PKCS#11 3.0): AES key wrap with padding, RFC 5649.
+const CKM_AES_KEY_WRAP_KWP: c_ulong = 0x210B;
+/// `ulAESKeyBits` of `CKM_RSA_AES_KEY_WRAP` (module documentation).
+const RSA_AES_KEY_BITS: c_ulong = 256;
 
 /// The label of the transport key pair of the root key labelled `key_label`.
 pub fn transport_label(key_label: &str) -> String {
@@ -169,6 +185,15 @@ impl WrappingAlgorithm {
         match self {
             Self::RsaesOaepSha256 | Self::RsaAesKeyWrapSha256 => OaepHash::Sha256,
             Self::RsaesOaepSha1 | Self::RsaAesKeyWrapSha1 => OaepHash::Sha1,
+        }
+    }
+
+    /// The plain layout with the same hash: what to suggest when the token cannot unwrap the
+    /// RSA-AES layout.
+    fn plain(self) -> Self {
+        match self.hash() {
+            OaepHash::Sha256 => Self::RsaesOaepSha256,
+            OaepHash::Sha1 => Self::RsaesOaepSha1,
         }
     }
 
@@ -396,13 +421,38 @@ impl Importer {
             )));
         }
 
+        let rsa_aes = if algorithm.is_rsa_aes() {
+            match self.rsa_aes_unwrap(admin.slot)? {
+                Some(how) => Some(how),
+                None => {
+                    return Err(BackendError::Config(format!(
+                        "token {token:?} implements neither CKM_RSA_AES_KEY_WRAP nor AES key wrap with \
+                         padding (CKM_AES_KEY_WRAP_KWP, CKM_AES_KEY_WRAP_PAD), which {algorithm} needs: \
+                         use {} instead",
+                        algorithm.plain()
+                    )))
+                }
+            }
+        } else {
+            None
+        };
+
         let oaep = oaep(algorithm.hash());
         let template = imported_root_key_template(key_label);
         let (rsa_part, kwp_part) = wrapped.split_at(transport.modulus_len());
-        let created = if algorithm.is_rsa_aes() {
+        let created = if rsa_aes == Some(RsaAesUnwrap::Native) {
+            let oaep_params = oaep_params(algorithm.hash());
+            let params = RsaAesKeyWrapParams::new(&oaep_params);
+            let mechanism = Mechanism::VendorDefined(VendorDefinedMechanism::new(
+                unnamed_mechanism(CKM_RSA_AES_KEY_WRAP),
+                Some(&params),
+            ));
+            s.unwrap_key(&mechanism, transport.key, wrapped, &template)
+                .map_err(|e| self.unwrap_failed(s, algorithm, Step::RsaAes, &label, &e))?
+        } else if let Some(RsaAesUnwrap::TwoStep(kwp)) = rsa_aes {
             let ephemeral = s
                 .unwrap_key(&oaep, transport.key, rsa_part, &ephemeral_template())
-                .map_err(|e| self.unwrap_failed(algorithm, Step::Oaep, &label, &e))?;
+                .map_err(|e| self.unwrap_failed(s, algorithm, Step::Oaep, &label, &e))?;
             let ephemeral = Destroy::new(s, ephemeral, "the ephemeral AES key (a session object)");
             // Tokens that leave CKA_VALUE_LEN at 0 on unwrap (SoftHSM 2.6.1) fail the KWP step
             // below instead if this is not an AES key.
@@ -414,13 +464,13 @@ impl Importer {
                 )));
             }
             let created = s
-                .unwrap_key(&Mechanism::AesKeyWrapPad, ephemeral.handle(), kwp_part, &template)
-                .map_err(|e| self.unwrap_failed(algorithm, Step::Kwp, &label, &e))?;
+                .unwrap_key(&kwp.mechanism(), ephemeral.handle(), kwp_part, &template)
+                .map_err(|e| self.unwrap_failed(s, algorithm, Step::Kwp(kwp), &label, &e))?;
             drop(ephemeral);
             created
         } else {
             s.unwrap_key(&oaep, transport.key, rsa_part, &template)
-                .map_err(|e| self.unwrap_failed(algorithm, Step::Oaep, &label, &e))?
+                .map_err(|e| self.unwrap_failed(s, algorithm, Step::Oaep, &label, &e))?
         };
         // Until it is known to be a whole AES-256 key, the new object goes again on any exit.
         let created = Destroy::new(s, created, key_label);
@@ -429,7 +479,7 @@ impl Importer {
             // length is then known to the AES-KWP block (8 bytes): from the input length in
             // the RSA-AES layout (40 bytes of KWP hold 25 to 32), by measuring otherwise.
             0 if algorithm.is_rsa_aes() => KeyLen::UpTo(kwp_part.len() - 8),
-            0 => KeyLen::UpTo(self.measure_oaep_payload(s, &transport, algorithm, rsa_part)?),
+            0 => KeyLen::UpTo(self.measure_oaep_payload(s, admin.slot, &transport, algorithm, rsa_part)?),
             n => KeyLen::Exact(n),
         };
         if !len.may_be(KEK_LEN) {
@@ -529,21 +579,18 @@ impl Importer {
         Ok(Transport { key, label: label.to_owned(), modulus, exponent, bits })
     }
 
-    /// Asks the token which algorithms it accepts with this key. `CKM_AES_KEY_WRAP_PAD` is
-    /// listed in the mechanism info; the OAEP hashes are not (PKCS#11 has no way to list
-    /// mechanism parameters), so each is tried on a dummy ciphertext: a token that rejects
-    /// the parameters answers `CKR_ARGUMENTS_BAD` or `CKR_MECHANISM_PARAM_INVALID`, one that
-    /// accepts them gets as far as the padding check and fails there.
+    /// Asks the token which algorithms it accepts with this key. What unwraps the RSA-AES
+    /// layout is listed in the mechanism info (`rsa_aes_unwrap`); the OAEP hashes are not
+    /// (PKCS#11 has no way to list mechanism parameters), so each is tried on a dummy
+    /// ciphertext: a token that rejects the parameters answers `CKR_ARGUMENTS_BAD` or
+    /// `CKR_MECHANISM_PARAM_INVALID`, one that accepts them gets as far as the padding check
+    /// and fails there.
     fn accepted_algorithms(
         &self,
         admin: &Admin<'_>,
         transport: &Transport,
     ) -> Result<Vec<WrappingAlgorithm>, BackendError> {
-        let kwp = match self.pkcs11.get_mechanism_info(admin.slot, MechanismType::AES_KEY_WRAP_PAD) {
-            Ok(info) => info.unwrap(),
-            Err(CkError::Pkcs11(RvError::MechanismInvalid, _)) => false,
-            Err(e) => return Err(self.failed("read the mechanism info of CKM_AES_KEY_WRAP_PAD", &e)),
-        };
+        let kwp = self.rsa_aes_unwrap(admin.slot)?.is_some();
         // Below the modulus (its top byte is at least 0x80) and not a valid OAEP encoding:
         // RSA of it decodes to bytes whose label hash matches only by chance (2^-160 at most).
         let mut dummy = vec![0x01; transport.modulus_len()];
@@ -560,7 +607,10 @@ impl Importer {
                         RvError::ArgumentsBad | RvError::MechanismParamInvalid | RvError::MechanismInvalid,
                         _,
                     )) => false,
-                    Err(e) if matches!(classify(&e), Class::Unreachable | Class::DeadSession) => {
+                    Err(e)
+                        if matches!(classify(&e), Class::Unreachable | Class::DeadSession)
+                            && !rejected_by_device(&admin.session, &e) =>
+                    {
                         return Err(self.failed("probe RSA-OAEP on the transport key", &e))
                     }
                     Err(_) => true,
@@ -576,6 +626,40 @@ impl Importer {
         Ok(algorithms)
     }
 
+    /// How this token unwraps the RSA-AES layout, if it can: `CKM_RSA_AES_KEY_WRAP`, else the
+    /// two steps with its AES-KWP mechanism (module documentation).
+    fn rsa_aes_unwrap(&self, slot: Slot) -> Result<Option<RsaAesUnwrap>, BackendError> {
+        let native = unnamed_mechanism(CKM_RSA_AES_KEY_WRAP);
+        if self.mechanism_info(slot, native, "CKM_RSA_AES_KEY_WRAP")?.is_some_and(|i| i.unwrap()) {
+            return Ok(Some(RsaAesUnwrap::Native));
+        }
+        Ok(self.kwp(slot, |i| i.unwrap())?.map(RsaAesUnwrap::TwoStep))
+    }
+
+    /// The first AES-KWP mechanism of `Kwp::PREFERENCE` whose info satisfies `usable`.
+    fn kwp(&self, slot: Slot, usable: fn(&MechanismInfo) -> bool) -> Result<Option<Kwp>, BackendError> {
+        for kwp in Kwp::PREFERENCE {
+            if self.mechanism_info(slot, kwp.mechanism_type(), kwp.name())?.as_ref().is_some_and(usable) {
+                return Ok(Some(kwp));
+            }
+        }
+        Ok(None)
+    }
+
+    /// `None` when the token does not implement `mechanism`.
+    fn mechanism_info(
+        &self,
+        slot: Slot,
+        mechanism: MechanismType,
+        name: &str,
+    ) -> Result<Option<MechanismInfo>, BackendError> {
+        match self.pkcs11.get_mechanism_info(slot, mechanism) {
+            Ok(info) => Ok(Some(info)),
+            Err(CkError::Pkcs11(RvError::MechanismInvalid, _)) => Ok(None),
+            Err(e) => Err(self.failed(&format!("read the mechanism info of {name}"), &e)),
+        }
+    }
+
     /// The length of the plain RSA-OAEP payload rounded up to a multiple of 8, for tokens
     /// that do not report the CKA_VALUE_LEN of an unwrapped key. The payload is unwrapped once
     /// more, as an extractable session key that may do nothing else, wrapped with AES-KWP
@@ -585,22 +669,32 @@ impl Importer {
     fn measure_oaep_payload(
         &self,
         s: &Session,
+        slot: Slot,
         transport: &Transport,
         algorithm: WrappingAlgorithm,
         rsa_part: &[u8],
     ) -> Result<usize, BackendError> {
+        let Some(kwp) = self.kwp(slot, |i| i.wrap())? else {
+            return Err(BackendError::Config(format!(
+                "token {:?} does not report the length of an unwrapped key (CKA_VALUE_LEN), and has no \
+                 AES key wrap with padding (CKM_AES_KEY_WRAP_KWP, CKM_AES_KEY_WRAP_PAD) to measure it \
+                 with: cannot check that the {algorithm} material is a {KEK_LEN}-byte key; nothing was \
+                 imported",
+                self.token_label
+            )));
+        };
         let payload = s
             .unwrap_key(&oaep(algorithm.hash()), transport.key, rsa_part, &measured_template())
-            .map_err(|e| self.unwrap_failed(algorithm, Step::Oaep, &transport.label, &e))?;
+            .map_err(|e| self.unwrap_failed(s, algorithm, Step::Oaep, &transport.label, &e))?;
         let payload = Destroy::new(s, payload, "the measured key material (a session object)");
         let kek = s
             .generate_key(&Mechanism::AesKeyGen, &measuring_key_template())
             .map_err(|e| self.failed("generate a session key to measure the key material", &e))?;
         let kek = Destroy::new(s, kek, "the measuring key (a session object)");
         let wrapped = s
-            .wrap_key(&Mechanism::AesKeyWrapPad, kek.handle(), payload.handle())
+            .wrap_key(&kwp.mechanism(), kek.handle(), payload.handle())
             .map(Zeroizing::new)
-            .map_err(|e| self.failed("measure the key material (C_WrapKey, CKM_AES_KEY_WRAP_PAD)", &e))?;
+            .map_err(|e| self.failed(&format!("measure the key material (C_WrapKey, {})", kwp.name()), &e))?;
         Ok(wrapped.len().saturating_sub(8))
     }
 
@@ -642,8 +736,11 @@ impl Importer {
         }
     }
 
+    /// `s`: the session `C_UnwrapKey` failed on, to tell the material's failures from the
+    /// device's (`rejected_by_device`).
     fn unwrap_failed(
         &self,
+        s: &Session,
         algorithm: WrappingAlgorithm,
         step: Step,
         label: &str,
@@ -653,6 +750,11 @@ impl Importer {
         let token = &self.token_label;
         let CkError::Pkcs11(rv, _) = e else {
             return self.failed(&format!("unwrap the {algorithm} material"), e);
+        };
+        let rv = match rv {
+            // Read as the token's verdict on the material, like the codes below.
+            R::DeviceError if rejected_by_device(s, e) => &R::EncryptedDataInvalid,
+            rv => rv,
         };
         match (step, rv) {
             (Step::Oaep, R::ArgumentsBad | R::MechanismParamInvalid | R::MechanismInvalid) => {
@@ -669,16 +771,22 @@ impl Importer {
                     describe(e)
                 ))
             }
-            (Step::Kwp, R::MechanismInvalid | R::MechanismParamInvalid) => BackendError::Config(format!(
-                "token {token:?} does not implement CKM_AES_KEY_WRAP_PAD ({}), which {algorithm} needs: \
-                 use {} instead",
-                describe(e),
-                if algorithm.hash() == OaepHash::Sha256 {
-                    WrappingAlgorithm::RsaesOaepSha256
-                } else {
-                    WrappingAlgorithm::RsaesOaepSha1
-                }
-            )),
+            (Step::Kwp(kwp), R::MechanismInvalid | R::MechanismParamInvalid) => {
+                BackendError::Config(format!(
+                    "token {token:?} refuses {} ({}), which {algorithm} needs: use {} instead",
+                    kwp.name(),
+                    describe(e),
+                    algorithm.plain()
+                ))
+            }
+            (Step::RsaAes, R::ArgumentsBad | R::MechanismParamInvalid | R::MechanismInvalid) => {
+                BackendError::Config(format!(
+                    "token {token:?} does not accept CKM_RSA_AES_KEY_WRAP with the RSA-OAEP parameters of \
+                     {algorithm} ({}): use {} instead",
+                    describe(e),
+                    algorithm.plain()
+                ))
+            }
             (
                 _,
                 R::GeneralError
@@ -696,9 +804,14 @@ impl Importer {
                         "its RSA-OAEP decryption under transport key {label:?} failed (damaged, wrapped \
                          under another key, or with another algorithm than {algorithm})"
                     ),
-                    Step::Kwp => "its AES key wrap (RFC 5649) integrity check failed (damaged, or not \
-                                  wrapped under the ephemeral key of its RSA-OAEP part)"
+                    Step::Kwp(_) => "its AES key wrap (RFC 5649) integrity check failed (damaged, or not \
+                                     wrapped under the ephemeral key of its RSA-OAEP part)"
                         .to_owned(),
+                    Step::RsaAes => format!(
+                        "its RSA-OAEP decryption under transport key {label:?} or its AES key wrap \
+                         (RFC 5649) integrity check failed (damaged, wrapped under another key, or with \
+                         another algorithm than {algorithm})"
+                    ),
                 };
                 BackendError::Config(format!("the {algorithm} key material does not unwrap: {what}"))
             }
@@ -758,7 +871,94 @@ enum Step {
     /// RSA-OAEP with the transport key.
     Oaep,
     /// AES-KWP with the ephemeral key.
+    Kwp(Kwp),
+    /// Both at once: `CKM_RSA_AES_KEY_WRAP` with the transport key.
+    RsaAes,
+}
+
+/// How a token unwraps the RSA-AES layout (module documentation, "The two layouts").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RsaAesUnwrap {
+    /// `CKM_RSA_AES_KEY_WRAP`, in one call.
+    Native,
+    /// RSA-OAEP into a session key, then this AES-KWP mechanism under it.
+    TwoStep(Kwp),
+}
+
+/// An AES key wrap with padding (RFC 5649) mechanism.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kwp {
+    /// `CKM_AES_KEY_WRAP_KWP` (0x210B): RFC 5649 in PKCS#11 3.0 (kryoptic).
     Kwp,
+    /// `CKM_AES_KEY_WRAP_PAD` (0x210A): RFC 5649 in SoftHSM2, which has no 0x210B.
+    Pad,
+}
+
+impl Kwp {
+    /// Tried in this order: 0x210B is RFC 5649 wherever it exists, 0x210A only in SoftHSM2.
+    const PREFERENCE: [Self; 2] = [Self::Kwp, Self::Pad];
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Kwp => "CKM_AES_KEY_WRAP_KWP",
+            Self::Pad => "CKM_AES_KEY_WRAP_PAD",
+        }
+    }
+
+    fn mechanism_type(self) -> MechanismType {
+        match self {
+            Self::Kwp => unnamed_mechanism(CKM_AES_KEY_WRAP_KWP),
+            Self::Pad => MechanismType::AES_KEY_WRAP_PAD,
+        }
+    }
+
+    /// Without parameters: the default initial value of RFC 5649 (A65959A6).
+    fn mechanism(self) -> Mechanism<'static> {
+        match self {
+            Self::Kwp => {
+                Mechanism::VendorDefined(VendorDefinedMechanism::new::<()>(self.mechanism_type(), None))
+            }
+            Self::Pad => Mechanism::AesKeyWrapPad,
+        }
+    }
+}
+
+/// Whether `e`, from `C_UnwrapKey` on `s`, is the token refusing the material although it
+/// says `CKR_DEVICE_ERROR`: kryoptic (1.5.4) reports every failure of OpenSSL so, RSA-OAEP
+/// decoding and AES-KWP integrity failures included. The session is then asked something
+/// cheap: a token that answers is not broken, and the failure was the material's. A token
+/// that is really down (or cut, in the tests' outage proxy) fails that too.
+fn rejected_by_device(s: &Session, e: &CkError) -> bool {
+    matches!(e, CkError::Pkcs11(RvError::DeviceError, Function::UnwrapKey)) && s.get_session_info().is_ok()
+}
+
+/// A mechanism that cryptoki 0.12 has no name for, by its `CKM_*` value.
+#[allow(unsafe_code)]
+fn unnamed_mechanism(value: c_ulong) -> MechanismType {
+    // SAFETY: `MechanismType` is `#[repr(transparent)]` over its one field, a
+    // `CK_MECHANISM_TYPE` (`c_ulong`): cryptoki declares it so that a vector of
+    // `CK_MECHANISM_TYPE` reads as one of `MechanismType`. Any value is a valid
+    // `CK_MECHANISM_TYPE` (a token answers `CKR_MECHANISM_INVALID` to one it does not know);
+    // the `CKM_VENDOR_DEFINED` floor of `MechanismType::new_vendor_defined` is a policy of the
+    // constructor, not an invariant of the type.
+    unsafe { std::mem::transmute::<c_ulong, MechanismType>(value) }
+}
+
+/// `CK_RSA_AES_KEY_WRAP_PARAMS`, borrowing the OAEP parameters it points to.
+#[repr(C)]
+struct RsaAesKeyWrapParams<'a> {
+    // Read by the token, through the pointer cryptoki passes it.
+    #[allow(dead_code)]
+    aes_key_bits: c_ulong,
+    #[allow(dead_code)]
+    oaep: *const PkcsOaepParams<'static>,
+    _oaep: PhantomData<&'a PkcsOaepParams<'static>>,
+}
+
+impl<'a> RsaAesKeyWrapParams<'a> {
+    fn new(oaep: &'a PkcsOaepParams<'static>) -> Self {
+        Self { aes_key_bits: RSA_AES_KEY_BITS, oaep, _oaep: PhantomData }
+    }
 }
 
 /// Destroys an object on drop unless kept: the ephemeral key always, the imported key on
@@ -796,11 +996,16 @@ impl Drop for Destroy<'_> {
 }
 
 fn oaep(hash: OaepHash) -> Mechanism<'static> {
+    Mechanism::RsaPkcsOaep(oaep_params(hash))
+}
+
+/// RSA-OAEP with `hash`, MGF1 with the same hash, and an empty label.
+fn oaep_params(hash: OaepHash) -> PkcsOaepParams<'static> {
     let (hash, mgf) = match hash {
         OaepHash::Sha256 => (MechanismType::SHA256, PkcsMgfType::MGF1_SHA256),
         OaepHash::Sha1 => (MechanismType::SHA1, PkcsMgfType::MGF1_SHA1),
     };
-    Mechanism::RsaPkcsOaep(PkcsOaepParams::new(hash, mgf, PkcsOaepSource::empty()))
+    PkcsOaepParams::new(hash, mgf, PkcsOaepSource::empty())
 }
 
 /// Every usage attribute explicit (token defaults differ): the public half may encrypt and

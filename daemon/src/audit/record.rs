@@ -1,0 +1,271 @@
+//! What one audit record says, before the writer gives it its place in the chain.
+//!
+//! A record is built in two halves: what is particular to one item (time, operation, key,
+//! outcome), and what every item of a request shares (caller, metadata). The shared half
+//! is serialised once per request, so a batch of 256 items costs 256 small serialisations,
+//! not 256 copies of the caller's metadata.
+
+use std::time::SystemTime;
+
+use kekd_proto::{Code, ErrorStatus, KeyName, Metadata};
+use serde::Serialize;
+
+use crate::service::{Peer, Role};
+
+/// Where the KEK of an operation came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KekFrom {
+    Cache,
+    /// A root-key call (HSM or TPM).
+    Root,
+    /// Unsealed in software under its parent KEK (a key chain).
+    Parent,
+    /// Cached past `kek_ttl`, served in the offline grace while the root key is unreachable.
+    Grace,
+}
+
+/// The key an item used, as far as it got.
+#[derive(Debug, Clone, Default)]
+pub struct Access {
+    pub key: Option<KeyName>,
+    pub version: Option<u32>,
+    pub kek: Option<KekFrom>,
+}
+
+impl Access {
+    pub fn of(key: &KeyName, version: u32, kek: Option<KekFrom>) -> Self {
+        Access { key: Some(key.clone()), version: Some(version), kek }
+    }
+}
+
+/// The caller, as the kernel and the supervisor saw it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, Serialize)]
+pub struct Caller {
+    pub peer: Peer,
+    /// The peer's executable (`/proc/<pid>/exe`, read by the supervisor at connect).
+    pub exe: Option<String>,
+    pub role: Role,
+}
+
+/// A record ready for the chain: the members between `prev` and `hash`, without braces,
+/// starting with `"time"`, and the UTC date (`YYYY-MM-DD`) that picks its file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub date: String,
+    pub members: String,
+}
+
+/// The half of a record shared by every item of one request.
+pub struct RequestPart(String);
+
+#[derive(Serialize)]
+struct PeerView<'a> {
+    uid: u32,
+    gid: u32,
+    pid: i32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    exe: Option<&'a str>,
+}
+
+#[derive(Serialize)]
+struct MetaView<'a> {
+    #[serde(skip_serializing_if = "str::is_empty")]
+    principal: &'a str,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    data_label: &'a str,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    request_id: &'a str,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    source_address: &'a str,
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    fields: &'a std::collections::BTreeMap<String, String>,
+}
+
+#[derive(Serialize)]
+struct RequestView<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    peer: Option<PeerView<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    role: Option<Role>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    request_id: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    meta: Option<MetaView<'a>>,
+}
+
+impl RequestPart {
+    pub fn new(caller: Option<&Caller>, request_id: Option<u64>, meta: Option<&Metadata>) -> Self {
+        let meta = meta.filter(|m| **m != Metadata::default()).map(|m| MetaView {
+            principal: &m.principal,
+            data_label: &m.data_label,
+            request_id: &m.caller_request_id,
+            source_address: &m.source_address,
+            fields: &m.fields,
+        });
+        let view = RequestView {
+            peer: caller.map(|c| PeerView {
+                uid: c.peer.uid,
+                gid: c.peer.gid,
+                pid: c.peer.pid,
+                exe: c.exe.as_deref(),
+            }),
+            role: caller.map(|c| c.role),
+            request_id,
+            meta,
+        };
+        RequestPart(members(&view))
+    }
+
+    /// A caller turned away before it had a role (a Hello the ACL refused).
+    pub fn refused(peer: &Peer, exe: Option<&str>, request_id: u64) -> Self {
+        let view = RequestView {
+            peer: Some(PeerView { uid: peer.uid, gid: peer.gid, pid: peer.pid, exe }),
+            role: None,
+            request_id: Some(request_id),
+            meta: None,
+        };
+        RequestPart(members(&view))
+    }
+
+    /// No caller: an event of the daemon's own (a lease change).
+    pub fn none() -> Self {
+        RequestPart(String::new())
+    }
+}
+
+#[derive(Serialize)]
+struct ItemView<'a> {
+    time: &'a str,
+    tenant: &'a str,
+    event: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    item: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    key: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    version: Option<u32>,
+    outcome: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    code: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    kek: Option<KekFrom>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    detail: Option<&'a serde_json::Value>,
+}
+
+/// The time of a record, as written: RFC 3339 UTC with milliseconds.
+pub struct Stamp(String);
+
+impl Stamp {
+    pub fn now() -> Self {
+        Stamp(humantime::format_rfc3339_millis(SystemTime::now()).to_string())
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// One item's record.
+pub struct Item<'a> {
+    pub item: Option<usize>,
+    pub access: &'a Access,
+    pub outcome: Result<(), &'a ErrorStatus>,
+    pub detail: Option<&'a serde_json::Value>,
+}
+
+impl Entry {
+    pub fn new(time: &Stamp, tenant: &str, event: &str, it: Item<'_>, shared: &RequestPart) -> Entry {
+        let view = ItemView {
+            time: time.as_str(),
+            tenant,
+            event,
+            item: it.item,
+            key: it.access.key.as_ref().map(|k| k.as_str()),
+            version: it.access.version,
+            outcome: if it.outcome.is_ok() { "ok" } else { "error" },
+            code: it.outcome.err().map(|e| code_name(e.code)),
+            error: it.outcome.err().map(|e| e.message.as_str()),
+            kek: it.access.kek,
+            detail: it.detail,
+        };
+        let mut members = members(&view);
+        if !shared.0.is_empty() {
+            members.push(',');
+            members.push_str(&shared.0);
+        }
+        Entry { date: time.as_str()[..10].to_owned(), members }
+    }
+
+    /// An event of the daemon itself (lease, audit): no caller, no key.
+    pub fn event(
+        tenant: &str,
+        event: &str,
+        outcome: Result<(), &ErrorStatus>,
+        detail: serde_json::Value,
+    ) -> Entry {
+        let access = Access::default();
+        let it = Item { item: None, access: &access, outcome, detail: Some(&detail) };
+        Entry::new(&Stamp::now(), tenant, event, it, &RequestPart::none())
+    }
+}
+
+pub fn code_name(code: Code) -> &'static str {
+    code.as_str_name()
+}
+
+/// A struct's JSON object without its braces, to be spliced into a record.
+fn members<T: Serialize>(v: &T) -> String {
+    let mut s = serde_json::to_string(v).expect("audit views always serialise");
+    debug_assert!(s.starts_with('{') && s.ends_with('}'));
+    s.pop();
+    s.remove(0);
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_record_carries_item_caller_and_metadata() {
+        let caller = Caller {
+            peer: Peer { uid: 1000, gid: 100, pid: 42 },
+            exe: Some("/usr/bin/app".into()),
+            role: Role::User,
+        };
+        let mut meta = Metadata { principal: "billing-svc".into(), ..Default::default() };
+        meta.fields.insert("ticket".into(), "CHG-1\n\"x\"".into());
+        let shared = RequestPart::new(Some(&caller), Some(7), Some(&meta));
+        let key = KeyName::parse("billing").unwrap();
+        let access = Access::of(&key, 3, Some(KekFrom::Cache));
+        let err = ErrorStatus::new(Code::DataInvalid, "invalid data");
+        let t = Stamp::now();
+        let e = Entry::new(
+            &t,
+            "acme",
+            "unwrap",
+            Item { item: Some(1), access: &access, outcome: Err(&err), detail: None },
+            &shared,
+        );
+        assert_eq!(e.date, t.as_str()[..10]);
+        let v: serde_json::Value = serde_json::from_str(&format!("{{{}}}", e.members)).unwrap();
+        assert!(e.members.starts_with("\"time\":"), "{}", e.members);
+        assert_eq!(v["event"], "unwrap");
+        assert_eq!(v["item"], 1);
+        assert_eq!(v["key"], "billing");
+        assert_eq!(v["version"], 3);
+        assert_eq!(v["outcome"], "error");
+        assert_eq!(v["code"], "DATA_INVALID");
+        assert_eq!(v["kek"], "cache");
+        assert_eq!(v["peer"]["exe"], "/usr/bin/app");
+        assert_eq!(v["role"], "user");
+        assert_eq!(v["request_id"], 7);
+        assert_eq!(v["meta"]["principal"], "billing-svc");
+        assert_eq!(v["meta"]["fields"]["ticket"], "CHG-1\n\"x\"");
+        assert!(v["meta"].get("data_label").is_none(), "empty metadata is left out");
+        assert!(!e.members.contains('\n'), "one record, one line");
+    }
+}

@@ -1,0 +1,414 @@
+//! The audit files of one tenant and the hash chain through them (docs/FORMATS.md §5).
+//!
+//! Only this module gives records their `seq` and `prev`, and it advances the chain only
+//! for records that were written: a failed write is cut back off the file (a torn line
+//! would break the chain for every later record), so the chain on disk never has a gap
+//! that the chain in memory does not know about.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use aws_lc_rs::digest;
+
+use super::record::Entry;
+use crate::config::FsyncPolicy;
+
+/// `,"hash":"` + 64 hex + `"}`.
+pub const HASH_SUFFIX_LEN: usize = 75;
+const GENESIS: [u8; 32] = [0; 32];
+
+/// Where the chain stands: the last record written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Head {
+    pub seq: u64,
+    pub hash: [u8; 32],
+}
+
+impl Head {
+    const START: Head = Head { seq: 0, hash: GENESIS };
+}
+
+/// What the tail of the trail looked like when it was opened.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Recovered {
+    /// Bytes of an incomplete last record (a crash mid-write) cut off the file.
+    pub dropped_bytes: u64,
+    pub file: Option<PathBuf>,
+}
+
+/// The file of one day, open for appending.
+struct DayFile {
+    date: String,
+    path: PathBuf,
+    file: File,
+    len: u64,
+    id: (u64, u64),
+}
+
+pub struct Writer {
+    dir: PathBuf,
+    head: Head,
+    day: Option<DayFile>,
+    policy: FsyncPolicy,
+    /// The user new files are given to (the worker's), while the writer may still be root.
+    owner: Option<(u32, u32)>,
+    /// Written but not yet fsynced.
+    dirty: bool,
+    /// Chained lines of the last successful write, for forwarding.
+    pub written: Vec<String>,
+}
+
+impl Writer {
+    /// Opens the trail in `dir` (one tenant's), continuing the chain from its newest
+    /// record. An incomplete last record is cut off and reported.
+    pub fn open(
+        dir: &Path,
+        policy: FsyncPolicy,
+        owner: Option<(u32, u32)>,
+    ) -> io::Result<(Writer, Recovered)> {
+        let mut recovered = Recovered::default();
+        let mut head = Head::START;
+        let mut days = day_files(dir)?;
+        days.sort();
+        for path in days.iter().rev() {
+            let mut f = OpenOptions::new().read(true).write(true).open(path)?;
+            let (last, complete_len) = last_line(&mut f)?;
+            let len = f.metadata()?.len();
+            if complete_len < len {
+                f.set_len(complete_len)?;
+                f.sync_data()?;
+                recovered.dropped_bytes += len - complete_len;
+                recovered.file = Some(path.clone());
+            }
+            if let Some(line) = last {
+                head = parse_head(&line).ok_or_else(|| {
+                    io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("{}: the last record is not a kekd audit record", path.display()),
+                    )
+                })?;
+                break;
+            }
+        }
+        let w =
+            Writer { dir: dir.to_owned(), head, day: None, policy, owner, dirty: false, written: Vec::new() };
+        Ok((w, recovered))
+    }
+
+    pub fn head(&self) -> Head {
+        self.head
+    }
+
+    /// Chains and writes `entries`, all or nothing. In `Record` mode each record is
+    /// fsynced on its own; in `Batch` mode once, after the last.
+    pub fn append(&mut self, entries: &[Entry]) -> io::Result<()> {
+        self.written.clear();
+        let Some(date) = entries.iter().map(|e| e.date.as_str()).max() else { return Ok(()) };
+        // A record stamped just before midnight and queued behind one stamped after it
+        // stays in the newer file: files never go back in time.
+        let date = match &self.day {
+            Some(d) if d.date.as_str() > date => d.date.clone(),
+            _ => date.to_owned(),
+        };
+        self.ensure_file(&date)?;
+        let mut head = self.head;
+        let mut buf = Vec::with_capacity(entries.iter().map(|e| e.members.len() + 180).sum());
+        let mut lines = Vec::with_capacity(entries.len());
+        for e in entries {
+            let line = chain(&mut head, &e.members);
+            buf.extend_from_slice(line.as_bytes());
+            buf.push(b'\n');
+            lines.push(line);
+        }
+        let day = self.day.as_mut().expect("opened above");
+        let start = day.len;
+        let res = match self.policy {
+            FsyncPolicy::Record => write_each(day, &lines),
+            FsyncPolicy::Batch => day.file.write_all(&buf).and_then(|()| day.file.sync_data()),
+            FsyncPolicy::Interval => day.file.write_all(&buf),
+        };
+        if let Err(e) = res {
+            // Cut a partial write back off, so the next record chains onto a whole line.
+            let _ = day.file.set_len(start);
+            self.day = None;
+            return Err(e);
+        }
+        day.len = start + buf.len() as u64;
+        self.head = head;
+        self.dirty = self.policy == FsyncPolicy::Interval;
+        self.written = lines;
+        Ok(())
+    }
+
+    /// The periodic fsync of `FsyncPolicy::Interval`, and the last one at shutdown.
+    pub fn sync(&mut self) -> io::Result<()> {
+        if !self.dirty {
+            return Ok(());
+        }
+        if let Some(d) = &self.day {
+            d.file.sync_data()?;
+        }
+        self.dirty = false;
+        Ok(())
+    }
+
+    /// Makes sure the open file is today's and is still the file at its path: a trail
+    /// moved away (log rotation, an operator) is continued in a new file, and a directory
+    /// that cannot take one fails the write instead of writing into a file nobody sees.
+    fn ensure_file(&mut self, date: &str) -> io::Result<()> {
+        if let Some(d) = &self.day {
+            let same = d.date == date
+                && std::fs::metadata(&d.path).map(|m| (m.dev(), m.ino()) == d.id).unwrap_or(false);
+            if same {
+                return Ok(());
+            }
+            if self.dirty {
+                let _ = d.file.sync_data();
+                self.dirty = false;
+            }
+        }
+        self.day = None;
+        let path = self.dir.join(format!("{date}.jsonl"));
+        let existed = path.exists();
+        let file = OpenOptions::new().append(true).create(true).mode(0o640).open(&path)?;
+        let meta = file.metadata()?;
+        if !existed {
+            if let Some((uid, gid)) = self.owner {
+                std::os::unix::fs::fchown(&file, Some(uid), Some(gid))?;
+            }
+            // The new name must survive a crash as well as the records in it.
+            File::open(&self.dir)?.sync_all()?;
+        }
+        self.day = Some(DayFile {
+            date: date.to_owned(),
+            path,
+            len: meta.len(),
+            id: (meta.dev(), meta.ino()),
+            file,
+        });
+        Ok(())
+    }
+}
+
+fn write_each(day: &mut DayFile, lines: &[String]) -> io::Result<()> {
+    for line in lines {
+        let mut rec = Vec::with_capacity(line.len() + 1);
+        rec.extend_from_slice(line.as_bytes());
+        rec.push(b'\n');
+        day.file.write_all(&rec)?;
+        day.file.sync_data()?;
+    }
+    Ok(())
+}
+
+/// The record after `head`, as its line (without the newline); advances `head`.
+pub fn chain(head: &mut Head, members: &str) -> String {
+    let seq = head.seq + 1;
+    let mut body = String::with_capacity(members.len() + 100 + HASH_SUFFIX_LEN);
+    body.push_str("{\"seq\":");
+    body.push_str(&seq.to_string());
+    body.push_str(",\"prev\":\"");
+    body.push_str(&hex::encode(head.hash));
+    body.push_str("\",");
+    body.push_str(members);
+    body.push('}');
+    let hash = digest::digest(&digest::SHA256, body.as_bytes());
+    let hash: [u8; 32] = hash.as_ref().try_into().expect("SHA-256 is 32 bytes");
+    body.pop();
+    body.push_str(",\"hash\":\"");
+    body.push_str(&hex::encode(hash));
+    body.push_str("\"}");
+    *head = Head { seq, hash };
+    body
+}
+
+/// `seq` and `hash` of a record line; None when it is not one.
+fn parse_head(line: &str) -> Option<Head> {
+    let rest = line.strip_prefix("{\"seq\":")?;
+    let end = rest.find(',')?;
+    let seq = rest[..end].parse().ok()?;
+    let suffix = line.get(line.len().checked_sub(HASH_SUFFIX_LEN)?..)?;
+    let hex_hash = suffix.strip_prefix(",\"hash\":\"")?.strip_suffix("\"}")?;
+    let hash = hex::decode(hex_hash).ok()?.try_into().ok()?;
+    Some(Head { seq, hash })
+}
+
+/// The day files in `dir`: `YYYY-MM-DD.jsonl`.
+fn day_files(dir: &Path) -> io::Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        let is_day = name.len() == 16
+            && name.ends_with(".jsonl")
+            && name[..10].bytes().enumerate().all(|(i, b)| {
+                if i == 4 || i == 7 {
+                    b == b'-'
+                } else {
+                    b.is_ascii_digit()
+                }
+            });
+        if is_day && path.is_file() {
+            out.push(path);
+        }
+    }
+    Ok(out)
+}
+
+/// The last complete line of a file (without its newline), and the length of the file up
+/// to and including that line's newline. Reads backwards, so a large day file costs a
+/// few reads.
+fn last_line(f: &mut File) -> io::Result<(Option<String>, u64)> {
+    const CHUNK: u64 = 64 * 1024;
+    let len = f.metadata()?.len();
+    let mut end = len;
+    let mut tail: Vec<u8> = Vec::new();
+    // Find the last newline: everything after it is an incomplete record.
+    let mut complete = None;
+    while end > 0 {
+        let start = end.saturating_sub(CHUNK);
+        let mut chunk = vec![0u8; (end - start) as usize];
+        f.seek(SeekFrom::Start(start))?;
+        f.read_exact(&mut chunk)?;
+        chunk.extend_from_slice(&tail);
+        tail = chunk;
+        let base = start;
+        if complete.is_none() {
+            if let Some(i) = tail.iter().rposition(|&b| b == b'\n') {
+                complete = Some(base + i as u64 + 1);
+            }
+        }
+        if let Some(c) = complete {
+            let upto = (c - base) as usize - 1;
+            if let Some(j) = tail[..upto].iter().rposition(|&b| b == b'\n') {
+                let line = String::from_utf8_lossy(&tail[j + 1..upto]).into_owned();
+                return Ok((Some(line), c));
+            }
+            if start == 0 {
+                let line = String::from_utf8_lossy(&tail[..upto]).into_owned();
+                return Ok((Some(line), c));
+            }
+        }
+        end = start;
+    }
+    Ok((None, complete.unwrap_or(0)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::record::Entry;
+
+    fn entry(n: usize) -> Entry {
+        Entry {
+            date: "2026-11-23".into(),
+            members: format!("\"time\":\"2026-11-23T10:00:00.000Z\",\"n\":{n}"),
+        }
+    }
+
+    fn lines(path: &Path) -> Vec<String> {
+        std::fs::read_to_string(path).unwrap().lines().map(str::to_owned).collect()
+    }
+
+    #[test]
+    fn records_chain_by_the_documented_rule() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut w, rec) = Writer::open(dir.path(), FsyncPolicy::Batch, None).unwrap();
+        assert_eq!(rec, Recovered::default());
+        w.append(&[entry(1), entry(2)]).unwrap();
+        let l = lines(&dir.path().join("2026-11-23.jsonl"));
+        assert_eq!(l.len(), 2);
+        let mut prev = "0".repeat(64);
+        for (i, line) in l.iter().enumerate() {
+            // The body is the line without its hash member; its SHA-256 is that member.
+            let (body, hash) = line.split_at(line.len() - HASH_SUFFIX_LEN);
+            let body = format!("{body}}}");
+            let digest = hex::encode(digest::digest(&digest::SHA256, body.as_bytes()));
+            assert_eq!(hash, format!(",\"hash\":\"{digest}\"}}"));
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            assert_eq!(v["seq"], i as u64 + 1);
+            assert_eq!(v["prev"], prev.as_str());
+            assert_eq!(v["n"], i as u64 + 1);
+            prev = digest;
+        }
+    }
+
+    #[test]
+    fn the_chain_continues_across_reopens_and_days_and_a_torn_tail_is_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut w, _) = Writer::open(dir.path(), FsyncPolicy::Interval, None).unwrap();
+        w.append(&[entry(1)]).unwrap();
+        w.sync().unwrap();
+        let head = w.head();
+        drop(w);
+        let day1 = dir.path().join("2026-11-23.jsonl");
+        let mut f = OpenOptions::new().append(true).open(&day1).unwrap();
+        f.write_all(b"{\"seq\":2,\"prev\":\"ab").unwrap();
+        let (mut w, rec) = Writer::open(dir.path(), FsyncPolicy::Record, None).unwrap();
+        assert_eq!(rec.dropped_bytes, 19);
+        assert_eq!(w.head(), head);
+        assert_eq!(lines(&day1).len(), 1);
+        let mut next = entry(2);
+        next.date = "2026-11-24".into();
+        w.append(&[next]).unwrap();
+        let day2 = lines(&dir.path().join("2026-11-24.jsonl"));
+        let v: serde_json::Value = serde_json::from_str(&day2[0]).unwrap();
+        assert_eq!(v["seq"], 2);
+        assert_eq!(v["prev"], hex::encode(head.hash));
+        // Once a day has begun, a late record of the day before goes into the new file.
+        w.append(&[entry(3)]).unwrap();
+        assert_eq!(lines(&dir.path().join("2026-11-24.jsonl")).len(), 2);
+        // An empty newest file (created, then a crash): the head is in the one before.
+        drop(w);
+        File::create(dir.path().join("2026-11-25.jsonl")).unwrap();
+        let (w, _) = Writer::open(dir.path(), FsyncPolicy::Batch, None).unwrap();
+        assert_eq!(w.head().seq, 3);
+    }
+
+    #[test]
+    fn a_moved_file_is_continued_in_a_new_one_and_a_failed_write_keeps_the_chain() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let (mut w, _) = Writer::open(dir.path(), FsyncPolicy::Batch, None).unwrap();
+        w.append(&[entry(1)]).unwrap();
+        let day = dir.path().join("2026-11-23.jsonl");
+        std::fs::rename(&day, dir.path().join("rotated")).unwrap();
+        w.append(&[entry(2)]).unwrap();
+        assert_eq!(lines(&day).len(), 1, "a new file at the path");
+        let head = w.head();
+        assert_eq!(head.seq, 2);
+        // A failed write (here: no file can be created) leaves the chain where it was.
+        std::fs::rename(&day, dir.path().join("rotated2")).unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o500)).unwrap();
+        let failed = w.append(&[entry(3)]);
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        if nix::unistd::geteuid().is_root() {
+            // Root writes anyway; the write-failure path is covered end to end, as a user.
+            assert!(failed.is_ok());
+            return;
+        }
+        assert!(failed.is_err());
+        assert_eq!(w.head(), head);
+        w.append(&[entry(3)]).unwrap();
+        assert_eq!(w.head().seq, 3);
+    }
+
+    #[test]
+    fn the_last_line_is_found_across_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let long = "x".repeat(100_000);
+        std::fs::write(&path, format!("a\n{long}\nb")).unwrap();
+        let mut f = File::open(&path).unwrap();
+        let (line, len) = last_line(&mut f).unwrap();
+        assert_eq!(line.as_deref(), Some(long.as_str()));
+        assert_eq!(len, 100_003);
+        std::fs::write(&path, "only\n").unwrap();
+        let (line, len) = last_line(&mut File::open(&path).unwrap()).unwrap();
+        assert_eq!((line.as_deref(), len), (Some("only"), 5));
+        std::fs::write(&path, "torn").unwrap();
+        assert_eq!(last_line(&mut File::open(&path).unwrap()).unwrap(), (None, 0));
+    }
+}

@@ -1,0 +1,302 @@
+//! The audit trail end to end (issue 6): one record per key access, admin action, denial
+//! and lease event, a hash chain `kekctl audit verify` checks, fail-closed when the trail
+//! cannot be written, and forwarding to syslog.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use serde_json::Value;
+use softhsm_tests::{exit, is_root, my_uid, Backend, Kekctl, Kekd, Tenant};
+
+fn events<'a>(records: &'a [Value], event: &str) -> Vec<&'a Value> {
+    records.iter().filter(|r| r["event"] == event).collect()
+}
+
+fn verify(files: &[PathBuf]) -> softhsm_tests::Output {
+    Kekctl::new().arg("audit").arg("verify").args(files).run()
+}
+
+#[test]
+fn every_access_is_recorded_with_its_caller_and_metadata() {
+    let kekd = Kekd::builder()
+        .tenant(Tenant::owned_by_me("acme"))
+        // A user, not an admin, of billing; no access at all to other.
+        .tenant(Tenant::new("billing").allow_uid(my_uid()))
+        .tenant(Tenant::new("other").allow_uid(my_uid() + 1))
+        .start();
+
+    // A batch of three, with every kind of caller metadata.
+    let out = kekd
+        .kekctl()
+        .json()
+        .args(["generate", "--key", "default", "--count", "3"])
+        .args(["--principal", "billing-svc", "--data-label", "invoices-2026"])
+        .args(["--request-id", "req-42", "--source-address", "10.1.2.3"])
+        .args(["--audit-field", "ticket=CHG-1", "--audit-field", "env=prod"])
+        .run()
+        .json();
+    let edek = softhsm_tests::unb64(out[0]["edek"].as_str().expect("an edek"));
+    kekd.unwrap(&edek, &[]).ok();
+    let mut tampered = edek.clone();
+    *tampered.last_mut().unwrap() ^= 1;
+    kekd.unwrap(&tampered, &[]).assert_error(exit::DATA_INVALID, "DATA_INVALID");
+    kekd.keys(["rotate", "default"]).ok();
+    // Metadata is bounded: 1 KiB of free-form fields, no more.
+    let big = format!("blob={}", "x".repeat(1100));
+    let out = kekd.kekctl().args(["--audit-field", &big, "status"]).run();
+    out.assert_error(exit::INVALID_ARGUMENT, "INVALID_ARGUMENT");
+    assert!(out.stderr.contains("metadata.fields"), "{}", out.stderr);
+
+    let records = kekd.audit_records("acme");
+    let generated = events(&records, "generate");
+    assert_eq!(generated.len(), 3, "one record per batch item: {generated:#?}");
+    for (i, r) in generated.iter().enumerate() {
+        assert_eq!(r["item"], i);
+        assert_eq!(r["tenant"], "acme");
+        assert_eq!(r["key"], "default");
+        assert_eq!(r["version"], 1);
+        assert_eq!(r["outcome"], "ok");
+        assert_eq!(r["role"], "admin");
+        assert_eq!(r["peer"]["uid"], my_uid());
+        assert!(r["peer"]["pid"].as_i64().unwrap() > 1, "{r}");
+        let exe = r["peer"]["exe"].as_str().expect("the caller's executable");
+        assert!(exe.ends_with("/kekctl"), "{exe}");
+        assert_eq!(r["meta"]["principal"], "billing-svc");
+        assert_eq!(r["meta"]["data_label"], "invoices-2026");
+        assert_eq!(r["meta"]["request_id"], "req-42");
+        assert_eq!(r["meta"]["source_address"], "10.1.2.3");
+        assert_eq!(r["meta"]["fields"]["ticket"], "CHG-1");
+        assert_eq!(r["meta"]["fields"]["env"], "prod");
+        assert!(r["time"].as_str().unwrap().ends_with('Z'), "{r}");
+    }
+    // The first item fetched the KEK from the root key; the rest of the batch reused it.
+    assert_eq!(generated[0]["kek"], "root");
+    assert_eq!(generated[1]["kek"], "cache");
+    assert_eq!(generated[2]["kek"], "cache");
+
+    let unwraps = events(&records, "unwrap");
+    assert_eq!(unwraps.len(), 2, "{unwraps:#?}");
+    assert_eq!((&unwraps[0]["outcome"], &unwraps[0]["kek"]), (&"ok".into(), &"cache".into()));
+    assert!(unwraps[0].get("meta").is_none(), "no metadata given, none recorded");
+    assert_eq!(unwraps[1]["outcome"], "error");
+    assert_eq!(unwraps[1]["code"], "DATA_INVALID");
+
+    let rotated = events(&records, "rotate_key");
+    assert_eq!((&rotated[0]["key"], &rotated[0]["version"]), (&"default".into(), &2.into()));
+    let invalid = events(&records, "invalid_request");
+    assert_eq!(invalid.len(), 1, "{records:#?}");
+    assert_eq!(invalid[0]["code"], "INVALID_ARGUMENT");
+    assert!(invalid[0]["error"].as_str().unwrap().contains("metadata.fields"));
+    let hellos = events(&records, "hello");
+    assert!(hellos.len() >= 5 && hellos.iter().all(|h| h["outcome"] == "ok"), "{hellos:#?}");
+
+    // A user of billing tries an admin action: denied by the worker, recorded.
+    kekd.kekctl_for("billing")
+        .args(["keys", "create", "x"])
+        .run()
+        .assert_error(exit::PERMISSION_DENIED, "PERMISSION_DENIED");
+    let denied = kekd.audit_records("billing");
+    let denied = events(&denied, "create_key");
+    assert_eq!(denied.len(), 1);
+    assert_eq!(
+        (&denied[0]["code"], &denied[0]["role"], &denied[0]["key"]),
+        (&"PERMISSION_DENIED".into(), &"user".into(), &"x".into())
+    );
+
+    // Not allowed at all: the supervisor refuses the Hello, and it lands in other's trail.
+    kekd.kekctl_for("other").arg("status").run().assert_error(exit::PERMISSION_DENIED, "PERMISSION_DENIED");
+    let refused = kekd.wait_audit("other", Duration::from_secs(5), |r| r["event"] == "hello");
+    assert_eq!(refused["outcome"], "error");
+    assert_eq!(refused["code"], "PERMISSION_DENIED");
+    assert_eq!(refused["peer"]["uid"], my_uid());
+    assert!(refused["peer"]["exe"].as_str().unwrap().ends_with("/kekctl"), "{refused}");
+    assert!(refused.get("role").is_none(), "refused callers have no role: {refused}");
+
+    for tenant in ["acme", "billing", "other"] {
+        verify(&kekd.audit_files(tenant)).ok();
+    }
+}
+
+/// Writes `lines` as a file in `dir` and returns its path.
+fn write_lines(dir: &Path, name: &str, lines: &[&str]) -> PathBuf {
+    let path = dir.join(name);
+    let mut text = lines.join("\n");
+    text.push('\n');
+    fs::write(&path, text).unwrap();
+    path
+}
+
+#[track_caller]
+fn assert_broken(files: &[PathBuf], file: &Path, line: usize) -> String {
+    let out = verify(files);
+    assert_eq!(out.code, exit::AUDIT_BROKEN, "{out:?}");
+    let at = format!("{}:{line}:", file.display());
+    assert!(out.stderr.contains(&at), "expected the break at {at}, got: {}", out.stderr);
+    out.stderr
+}
+
+#[test]
+fn the_chain_continues_across_restarts_and_any_tampering_is_caught() {
+    let mut kekd = Kekd::builder().tenant(Tenant::owned_by_me("acme")).start();
+    let (_, edek) = kekd.generate("default", &[]);
+    for _ in 0..3 {
+        kekd.unwrap(&edek, &[]).ok();
+    }
+    kekd.kill();
+    kekd.start();
+    kekd.unwrap(&edek, &[]).ok();
+    assert!(kekd.stop_with(Signal::SIGTERM).success());
+    kekd.start();
+    kekd.unwrap(&edek, &[]).ok();
+
+    let files = kekd.audit_files("acme");
+    let out = verify(&files).ok_str().to_owned();
+    let records = kekd.audit_records("acme");
+    let seqs: Vec<u64> = records.iter().map(|r| r["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, (1..=records.len() as u64).collect::<Vec<_>>(), "one chain across three runs");
+    assert_eq!(events(&records, "audit").len(), 3, "each start is recorded: {records:#?}");
+    assert!(out.contains(&format!("{} records", records.len())), "{out}");
+    let head = records.last().unwrap()["hash"].as_str().unwrap();
+    assert!(out.contains(head), "verify prints the head for comparison: {out}");
+
+    // Tamper with copies of the real trail.
+    let text = fs::read_to_string(&files[0]).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(lines.len() >= 8, "{}", lines.len());
+    let dir = kekd.dir().join("tamper");
+    fs::create_dir(&dir).unwrap();
+
+    // Edited: a successful unwrap turned into a failed one.
+    let i = lines.iter().position(|l| l.contains("\"event\":\"unwrap\"")).unwrap();
+    let mut edited = lines.clone();
+    let changed = lines[i].replace("\"outcome\":\"ok\"", "\"outcome\":\"error\"");
+    edited[i] = &changed;
+    let f = write_lines(&dir, "edited.jsonl", &edited);
+    let why = assert_broken(std::slice::from_ref(&f), &f, i + 1);
+    assert!(why.contains("edited"), "{why}");
+
+    // Deleted: the record after the gap no longer follows.
+    let mut deleted = lines.clone();
+    deleted.remove(3);
+    let f = write_lines(&dir, "deleted.jsonl", &deleted);
+    assert_broken(std::slice::from_ref(&f), &f, 4);
+
+    // Reordered.
+    let mut swapped = lines.clone();
+    swapped.swap(4, 5);
+    let f = write_lines(&dir, "swapped.jsonl", &swapped);
+    assert_broken(std::slice::from_ref(&f), &f, 5);
+
+    // Truncated in the middle of the last record.
+    let f = dir.join("truncated.jsonl");
+    fs::write(&f, &text.as_bytes()[..text.len() - 30]).unwrap();
+    assert_broken(std::slice::from_ref(&f), &f, lines.len());
+
+    // Split into two days, then the first day's last record cut off: the next day's first
+    // record no longer chains.
+    let day1 = write_lines(&dir, "2026-11-22.jsonl", &lines[..5]);
+    let day2 = write_lines(&dir, "2026-11-23.jsonl", &lines[5..]);
+    verify(&[day1.clone(), day2.clone()]).ok();
+    let day1 = write_lines(&dir, "2026-11-22.jsonl", &lines[..4]);
+    assert_broken(&[day1, day2.clone()], &day2, 1);
+}
+
+/// fail_closed (the default): no record, no key. best_effort: served, and the gap is in
+/// the trail once it can be written again.
+#[test]
+fn an_unwritable_trail_withholds_keys_unless_best_effort() {
+    if !is_root() {
+        eprintln!("SKIPPED (needs root): the worker must run as another user for permissions to bind it");
+        return;
+    }
+    for best_effort in [false, true] {
+        // On a TPM the worker's user needs no token files: only the trail is its own.
+        let mut builder =
+            Kekd::builder().tenant(Tenant::owned_by_me("acme").run_as("nobody").backend(Backend::Tpm));
+        if best_effort {
+            builder = builder.audit("mode = \"best_effort\"");
+        }
+        let kekd = builder.start();
+        let (plain, edek) = kekd.generate("default", &[]);
+        let trail = kekd.audit_dir("acme");
+        let today = kekd.audit_files("acme").pop().expect("a day file");
+
+        // Rotated away, and no new file can be created in its place.
+        fs::rename(&today, kekd.dir().join("rotated.jsonl")).unwrap();
+        fs::set_permissions(&trail, fs::Permissions::from_mode(0o500)).unwrap();
+        let unwrap = kekd.unwrap(&edek, &[]);
+        let generate = kekd.kekctl().args(["generate", "--key", "default"]).run();
+        if best_effort {
+            assert_eq!(unwrap.ok(), &plain[..]);
+            generate.ok();
+            kekd.wait_for_log("serving without them", Duration::from_secs(5));
+        } else {
+            unwrap.assert_error(exit::UNAVAILABLE, "UNAVAILABLE");
+            assert!(unwrap.stderr.contains("audit record"), "{}", unwrap.stderr);
+            generate.assert_error(exit::UNAVAILABLE, "UNAVAILABLE");
+            kekd.wait_for_log("operations fail with UNAVAILABLE", Duration::from_secs(5));
+        }
+
+        fs::set_permissions(&trail, fs::Permissions::from_mode(0o750)).unwrap();
+        assert_eq!(kekd.unwrap(&edek, &[]).ok(), &plain[..]);
+        let records = kekd.audit_records("acme");
+        let gap = events(&records, "audit")
+            .into_iter()
+            .find(|r| r["outcome"] == "error")
+            .expect("the gap is recorded");
+        assert_eq!(gap["code"], "UNAVAILABLE");
+        // kekctl retries UNAVAILABLE, so fail_closed saw each operation more than once.
+        assert!(gap["detail"]["unwritten_records"].as_u64().unwrap() >= 2, "{gap}");
+        assert_eq!(gap["detail"]["mode"], if best_effort { "best_effort" } else { "fail_closed" });
+        // The new file continues the chain of the one rotated away.
+        let files = [kekd.dir().join("rotated.jsonl"), today.clone()];
+        verify(&files).ok();
+    }
+}
+
+#[test]
+fn records_are_forwarded_to_syslog() {
+    let dir = softhsm_tests::test_dir();
+    let socket = dir.path().join("log");
+    let syslog = UnixDatagram::bind(&socket).unwrap();
+    syslog.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let kekd = Kekd::builder()
+        .tenant(Tenant::owned_by_me("acme"))
+        .audit(&format!("syslog = {:?}\nsyslog_facility = \"local3\"", socket.display().to_string()))
+        .start();
+    let (_, edek) = kekd.generate("default", &[]);
+    let mut tampered = edek.clone();
+    tampered[20] ^= 1;
+    kekd.unwrap(&tampered, &[]).assert_error(exit::DATA_INVALID, "DATA_INVALID");
+
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 65536];
+    while got.len() < kekd.audit_records("acme").len() {
+        let n = syslog.recv(&mut buf).expect("a syslog message for every record");
+        got.push(String::from_utf8(buf[..n].to_vec()).unwrap());
+    }
+    let lines: Vec<String> = kekd
+        .audit_files("acme")
+        .iter()
+        .flat_map(|f| fs::read_to_string(f).unwrap().lines().map(str::to_owned).collect::<Vec<_>>())
+        .collect();
+    assert_eq!(got.len(), lines.len());
+    for (msg, line) in got.iter().zip(&lines) {
+        // <PRI>1 TIMESTAMP HOSTNAME APP-NAME PROCID MSGID STRUCTURED-DATA MSG
+        let parts: Vec<&str> = msg.splitn(8, ' ').collect();
+        let record: Value = serde_json::from_str(line).unwrap();
+        let failed = record["outcome"] == "error";
+        // local3 (19) * 8 + informational (6) or warning (4)
+        assert_eq!(parts[0], if failed { "<156>1" } else { "<158>1" }, "{msg}");
+        assert_eq!(parts[1], record["time"].as_str().unwrap());
+        assert_eq!(parts[3], "kekd");
+        assert_eq!(parts[5], record["event"].as_str().unwrap());
+        assert_eq!(parts[6], "-");
+        assert_eq!(parts[7], line, "the message is the record, byte for byte");
+    }
+    assert!(got.iter().any(|m| m.contains("\"code\":\"DATA_INVALID\"")));
+}
