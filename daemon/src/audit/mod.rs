@@ -1,19 +1,22 @@
 //! The audit trail: one hash-chained JSON line per key access (each batch item), admin
 //! action, denial and lease event (docs/FORMATS.md §5).
 //!
-//! Requests build their records on their own tasks; one writer thread per tenant gives
-//! them their place in the chain and writes whatever has queued up meanwhile in one
-//! write, so a write (and, by policy, an fsync) is shared by every request waiting on it.
-//! A request answers only after its records were written: in `fail_closed` mode a record
-//! that cannot be written turns the answer into UNAVAILABLE, and no key material leaves.
+//! Requests build their records on their own tasks and answer only after the records
+//! were written: in `fail_closed` mode a record that cannot be written turns the answer
+//! into UNAVAILABLE, and no key material leaves. How they are written depends on the fsync
+//! policy (see [`Sink`]): under a lock by the request itself when a write is only a copy
+//! into the page cache, or by one writer thread that groups the records of every request
+//! waiting at that moment when each write ends in an fsync.
 
+mod combine;
 mod record;
 mod syslog;
 mod writer;
 
 use std::path::Path;
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 pub use record::{Access, Caller, Entry, Item, KekFrom, RequestPart, Stamp};
 use tokio::sync::oneshot;
@@ -21,7 +24,7 @@ use tokio::sync::oneshot;
 use crate::config::{AuditConfig, AuditMode, FsyncPolicy};
 use crate::sandbox::RunAs;
 
-/// Most records written in one go; more wait for the next write.
+/// Most records written in one go by the writer thread; more wait for the next write.
 const MAX_GROUP: usize = 8192;
 
 type Done = oneshot::Sender<Result<(), String>>;
@@ -32,9 +35,27 @@ enum Msg {
     Close(Done),
 }
 
+/// How records reach the file, by fsync policy.
+enum Sink {
+    /// `fsync = "interval"`: a write is a copy into the page cache, a few microseconds, so
+    /// the requests' own tasks write their groups ([`combine`]), with no hand-off to
+    /// another thread and back on the way to the answer. A thread of its own fsyncs every
+    /// interval, outside the writers' lock.
+    Inline {
+        core: Arc<Mutex<Core>>,
+        groups: combine::Combiner,
+        stop: Arc<AtomicBool>,
+        syncer: Option<std::thread::Thread>,
+    },
+    /// `fsync = "record" | "batch"`: an fsync takes milliseconds, so one writer thread takes
+    /// the records of every request waiting at that moment and writes and fsyncs them
+    /// together (group commit).
+    Thread(mpsc::Sender<Msg>),
+}
+
 /// A tenant's audit trail, shared by its requests.
 pub struct Audit {
-    tx: mpsc::Sender<Msg>,
+    sink: Sink,
     mode: AuditMode,
 }
 
@@ -61,7 +82,6 @@ impl Audit {
         let owner = owner.map(|u| (u.uid.as_raw(), u.gid.as_raw()));
         let (w, recovered) = writer::Writer::open(&dir, cfg.fsync, owner)
             .map_err(|e| format!("cannot continue the audit trail in {}: {e}", dir.display()))?;
-        let (tx, rx) = mpsc::channel();
         let mut opened = serde_json::json!({ "opened": { "pid": std::process::id(), "seq": w.head().seq } });
         if recovered.dropped_bytes > 0 {
             let file = recovered.file.as_ref().map(|f| f.display().to_string());
@@ -73,20 +93,25 @@ impl Audit {
             opened["dropped_incomplete_record_bytes"] = recovered.dropped_bytes.into();
         }
         let syslog = cfg.syslog.as_deref().map(|p| syslog::Syslog::new(p, cfg.facility().unwrap_or(10)));
-        let run = Run {
-            w,
-            rx,
-            tenant: tenant.to_owned(),
-            mode: cfg.mode,
-            interval: (cfg.fsync == FsyncPolicy::Interval).then_some(cfg.fsync_interval),
-            syslog,
-            outage: None,
+        let core = Core { w, tenant: tenant.to_owned(), mode: cfg.mode, syslog, outage: None };
+        let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
+            std::thread::Builder::new()
+                .name(name.into())
+                .spawn(f)
+                .map_err(|e| format!("cannot start the audit writer: {e}"))
         };
-        std::thread::Builder::new()
-            .name("kekd-audit".into())
-            .spawn(move || run.run())
-            .map_err(|e| format!("cannot start the audit writer: {e}"))?;
-        let audit = Audit { tx, mode: cfg.mode };
+        let sink = if cfg.fsync == FsyncPolicy::Interval {
+            let core = Arc::new(Mutex::new(core));
+            let stop = Arc::new(AtomicBool::new(false));
+            let (c, s, every) = (Arc::clone(&core), Arc::clone(&stop), cfg.fsync_interval);
+            let syncer = spawn("kekd-audit-sync", Box::new(move || sync_every(&c, &s, every)))?;
+            Sink::Inline { core, groups: Default::default(), stop, syncer: Some(syncer.thread().clone()) }
+        } else {
+            let (tx, rx) = mpsc::channel();
+            spawn("kekd-audit", Box::new(move || group_commit(core, rx)))?;
+            Sink::Thread(tx)
+        };
+        let audit = Audit { sink, mode: cfg.mode };
         audit.event(Entry::event(tenant, "audit", Ok(()), opened));
         Ok(audit)
     }
@@ -97,25 +122,65 @@ impl Audit {
 
     /// Writes `entries` and waits until they are written (by policy, on disk).
     pub async fn commit(&self, entries: Vec<Entry>) -> Result<(), AuditError> {
-        let (done, wait) = oneshot::channel();
-        self.tx
-            .send(Msg::Write(entries, Some(done)))
-            .map_err(|_| AuditError("the audit writer has stopped".into()))?;
-        wait.await.map_err(|_| AuditError("the audit writer has stopped".into()))?.map_err(AuditError)
+        match &self.sink {
+            Sink::Inline { core, groups, .. } => {
+                groups.commit(entries, |group| lock(core).write_and_forward(group)).await.map_err(AuditError)
+            }
+            Sink::Thread(tx) => {
+                let (done, wait) = oneshot::channel();
+                tx.send(Msg::Write(entries, Some(done)))
+                    .map_err(|_| AuditError("the audit writer has stopped".into()))?;
+                wait.await.map_err(|_| AuditError("the audit writer has stopped".into()))?.map_err(AuditError)
+            }
+        }
     }
 
-    /// Queues an event nobody waits on (a lease change).
+    /// Writes an event nobody waits on (a lease change).
     pub fn event(&self, entry: Entry) {
-        let _ = self.tx.send(Msg::Write(vec![entry], None));
+        match &self.sink {
+            Sink::Inline { core, .. } => {
+                let _ = lock(core).write_and_forward(vec![entry]);
+            }
+            Sink::Thread(tx) => {
+                let _ = tx.send(Msg::Write(vec![entry], None));
+            }
+        }
     }
 
     /// Writes what is queued, fsyncs, and stops the writer (shutdown).
     pub async fn close(&self) {
-        let (done, wait) = oneshot::channel();
-        if self.tx.send(Msg::Close(done)).is_ok() {
-            let _ = wait.await;
+        match &self.sink {
+            Sink::Inline { core, stop, syncer, .. } => {
+                stop.store(true, Ordering::SeqCst);
+                if let Some(t) = syncer {
+                    t.unpark();
+                }
+                lock(core).sync();
+            }
+            Sink::Thread(tx) => {
+                let (done, wait) = oneshot::channel();
+                if tx.send(Msg::Close(done)).is_ok() {
+                    let _ = wait.await;
+                }
+            }
         }
     }
+}
+
+impl Drop for Audit {
+    fn drop(&mut self) {
+        if let Sink::Inline { stop, syncer, .. } = &mut self.sink {
+            stop.store(true, Ordering::SeqCst);
+            if let Some(t) = syncer.take() {
+                t.unpark();
+            }
+        }
+    }
+}
+
+fn lock(core: &Mutex<Core>) -> std::sync::MutexGuard<'_, Core> {
+    // A panic mid-write leaves the chain at its last whole record: usable.
+    core.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 fn create_dir(path: &Path, mode: u32) -> std::io::Result<()> {
@@ -127,6 +192,59 @@ fn create_dir(path: &Path, mode: u32) -> std::io::Result<()> {
     }
 }
 
+/// The fsync of `fsync = "interval"`, outside the writers' lock: an fsync of one
+/// descriptor flushes what every descriptor of the file wrote.
+fn sync_every(core: &Mutex<Core>, stop: &AtomicBool, every: Duration) {
+    while !stop.load(Ordering::SeqCst) {
+        std::thread::park_timeout(every);
+        let file = lock(core).w.take_dirty();
+        if let Some(f) = file {
+            if let Err(e) = f.sync_data() {
+                tracing::error!(error = %e, "cannot fsync the audit trail");
+            }
+        }
+    }
+}
+
+/// The writer thread of `fsync = "record" | "batch"`.
+fn group_commit(mut core: Core, rx: mpsc::Receiver<Msg>) {
+    while let Ok(first) = rx.recv() {
+        let mut entries = Vec::new();
+        let mut waiting = Vec::new();
+        let mut close = None;
+        let mut next = Some(first);
+        while let Some(m) = next.take() {
+            match m {
+                Msg::Write(e, done) => {
+                    entries.extend(e);
+                    waiting.extend(done);
+                }
+                Msg::Close(done) => {
+                    close = Some(done);
+                    break;
+                }
+            }
+            if entries.len() < MAX_GROUP {
+                next = rx.try_recv().ok();
+            }
+        }
+        let result = core.write(entries);
+        for done in waiting {
+            let _ = done.send(result.clone());
+        }
+        // The copy for syslog goes after the answers: it is no part of their latency.
+        if result.is_ok() {
+            core.forward();
+        }
+        if let Some(done) = close {
+            core.sync();
+            let _ = done.send(Ok(()));
+            return;
+        }
+    }
+    core.sync();
+}
+
 /// Records that could not be written, reported in the trail once it works again.
 struct Outage {
     since: String,
@@ -134,77 +252,30 @@ struct Outage {
     error: String,
 }
 
-/// The writer thread.
-struct Run {
+/// The trail and what to do when writing it fails.
+struct Core {
     w: writer::Writer,
-    rx: mpsc::Receiver<Msg>,
     tenant: String,
     mode: AuditMode,
-    interval: Option<Duration>,
     syslog: Option<syslog::Syslog>,
     outage: Option<Outage>,
 }
 
-impl Run {
-    fn run(mut self) {
-        let mut sync_at: Option<Instant> = None;
-        loop {
-            let first = match sync_at {
-                Some(at) => match self.rx.recv_timeout(at.saturating_duration_since(Instant::now())) {
-                    Ok(m) => m,
-                    Err(mpsc::RecvTimeoutError::Timeout) => {
-                        self.sync();
-                        sync_at = None;
-                        continue;
-                    }
-                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
-                },
-                None => match self.rx.recv() {
-                    Ok(m) => m,
-                    Err(_) => break,
-                },
-            };
-            let mut entries = Vec::new();
-            let mut waiting = Vec::new();
-            let mut close = None;
-            let mut next = Some(first);
-            while let Some(m) = next.take() {
-                match m {
-                    Msg::Write(e, done) => {
-                        entries.extend(e);
-                        waiting.extend(done);
-                    }
-                    Msg::Close(done) => {
-                        close = Some(done);
-                        break;
-                    }
-                }
-                if entries.len() < MAX_GROUP {
-                    next = self.rx.try_recv().ok();
-                }
-            }
-            let result = self.write(entries);
-            for done in waiting {
-                let _ = done.send(result.clone());
-            }
-            // The copy for syslog goes after the answers: it is no part of their latency.
-            if let (Ok(()), Some(s)) = (&result, &mut self.syslog) {
-                for line in &self.w.written {
-                    s.send(line);
-                }
-            }
-            if let Some(interval) = self.interval {
-                if sync_at.is_none() {
-                    sync_at = Some(Instant::now() + interval);
-                }
-            }
-            if let Some(done) = close {
-                self.sync();
-                let _ = done.send(Ok(()));
-                return;
+impl Core {
+    fn write_and_forward(&mut self, entries: Vec<Entry>) -> Result<(), String> {
+        let result = self.write(entries);
+        if result.is_ok() {
+            self.forward();
+        }
+        result
+    }
+
+    fn forward(&mut self) {
+        if let Some(s) = &mut self.syslog {
+            for line in self.w.written() {
+                s.send(line);
             }
         }
-        self.sync();
     }
 
     fn write(&mut self, mut entries: Vec<Entry>) -> Result<(), String> {

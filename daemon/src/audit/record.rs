@@ -5,6 +5,7 @@
 //! is serialised once per request, so a batch of 256 items costs 256 small serialisations,
 //! not 256 copies of the caller's metadata.
 
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use kekd_proto::{Code, ErrorStatus, KeyName, Metadata};
@@ -48,16 +49,20 @@ pub struct Caller {
     pub role: Role,
 }
 
-/// A record ready for the chain: the members between `prev` and `hash`, without braces,
-/// starting with `"time"`, and the UTC date (`YYYY-MM-DD`) that picks its file.
+/// A record ready for the chain: its members between `prev` and `hash`, and the UTC date
+/// (`YYYY-MM-DD`) that picks its file. The writer copies them straight into its buffer, so
+/// an entry is built with two allocations and the request's shared half with none.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
-    pub date: String,
-    pub members: String,
+    pub date: [u8; 10],
+    /// The item's own members as a JSON object, braces included, starting with `"time"`.
+    item: Vec<u8>,
+    /// The request's members, without braces; may be empty.
+    shared: Arc<str>,
 }
 
 /// The half of a record shared by every item of one request.
-pub struct RequestPart(String);
+pub struct RequestPart(Arc<str>);
 
 #[derive(Serialize)]
 struct PeerView<'a> {
@@ -130,7 +135,7 @@ impl RequestPart {
 
     /// No caller: an event of the daemon's own (a lease change).
     pub fn none() -> Self {
-        RequestPart(String::new())
+        RequestPart("".into())
     }
 }
 
@@ -191,12 +196,25 @@ impl Entry {
             kek: it.access.kek,
             detail: it.detail,
         };
-        let mut members = members(&view);
-        if !shared.0.is_empty() {
-            members.push(',');
-            members.push_str(&shared.0);
+        let mut item = Vec::with_capacity(192);
+        serde_json::to_writer(&mut item, &view).expect("audit views always serialise");
+        let date = time.as_str().as_bytes()[..10].try_into().expect("RFC 3339 starts with the date");
+        Entry { date, item, shared: Arc::clone(&shared.0) }
+    }
+
+    /// The record's members, without braces, in two parts (the item's, the request's).
+    pub fn members(&self) -> (&[u8], &[u8]) {
+        (&self.item[1..self.item.len() - 1], self.shared.as_bytes())
+    }
+
+    /// An entry from a ready JSON object (tests of the writer).
+    #[cfg(test)]
+    pub fn raw(date: &str, object: &str) -> Entry {
+        Entry {
+            date: date.as_bytes().try_into().unwrap(),
+            item: object.as_bytes().to_vec(),
+            shared: "".into(),
         }
-        Entry { date: time.as_str()[..10].to_owned(), members }
     }
 
     /// An event of the daemon itself (lease, audit): no caller, no key.
@@ -217,12 +235,10 @@ pub fn code_name(code: Code) -> &'static str {
 }
 
 /// A struct's JSON object without its braces, to be spliced into a record.
-fn members<T: Serialize>(v: &T) -> String {
-    let mut s = serde_json::to_string(v).expect("audit views always serialise");
+fn members<T: Serialize>(v: &T) -> Arc<str> {
+    let s = serde_json::to_string(v).expect("audit views always serialise");
     debug_assert!(s.starts_with('{') && s.ends_with('}'));
-    s.pop();
-    s.remove(0);
-    s
+    Arc::from(&s[1..s.len() - 1])
 }
 
 #[cfg(test)]
@@ -250,9 +266,12 @@ mod tests {
             Item { item: Some(1), access: &access, outcome: Err(&err), detail: None },
             &shared,
         );
-        assert_eq!(e.date, t.as_str()[..10]);
-        let v: serde_json::Value = serde_json::from_str(&format!("{{{}}}", e.members)).unwrap();
-        assert!(e.members.starts_with("\"time\":"), "{}", e.members);
+        assert_eq!(e.date, t.as_str().as_bytes()[..10]);
+        let (item, shared) = e.members();
+        let members =
+            format!("{},{}", std::str::from_utf8(item).unwrap(), std::str::from_utf8(shared).unwrap());
+        let v: serde_json::Value = serde_json::from_str(&format!("{{{members}}}")).unwrap();
+        assert!(members.starts_with("\"time\":"), "{members}");
         assert_eq!(v["event"], "unwrap");
         assert_eq!(v["item"], 1);
         assert_eq!(v["key"], "billing");
@@ -266,6 +285,6 @@ mod tests {
         assert_eq!(v["meta"]["principal"], "billing-svc");
         assert_eq!(v["meta"]["fields"]["ticket"], "CHG-1\n\"x\"");
         assert!(v["meta"].get("data_label").is_none(), "empty metadata is left out");
-        assert!(!e.members.contains('\n'), "one record, one line");
+        assert!(!members.contains('\n'), "one record, one line");
     }
 }

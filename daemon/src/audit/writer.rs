@@ -9,6 +9,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use aws_lc_rs::digest;
 
@@ -42,7 +43,8 @@ pub struct Recovered {
 struct DayFile {
     date: String,
     path: PathBuf,
-    file: File,
+    /// Shared with the interval fsync, which runs outside the writers' lock.
+    file: Arc<File>,
     len: u64,
     id: (u64, u64),
 }
@@ -50,14 +52,18 @@ struct DayFile {
 pub struct Writer {
     dir: PathBuf,
     head: Head,
+    /// `head.hash` in hex: the next record's `prev`.
+    head_hex: [u8; 64],
     day: Option<DayFile>,
     policy: FsyncPolicy,
     /// The user new files are given to (the worker's), while the writer may still be root.
     owner: Option<(u32, u32)>,
     /// Written but not yet fsynced.
     dirty: bool,
-    /// Chained lines of the last successful write, for forwarding.
-    pub written: Vec<String>,
+    /// The lines of the last write, newline-terminated, one after the other; reused.
+    buf: Vec<u8>,
+    /// Where each line of `buf` ends.
+    ends: Vec<usize>,
 }
 
 impl Writer {
@@ -92,8 +98,17 @@ impl Writer {
                 break;
             }
         }
-        let w =
-            Writer { dir: dir.to_owned(), head, day: None, policy, owner, dirty: false, written: Vec::new() };
+        let w = Writer {
+            dir: dir.to_owned(),
+            head,
+            head_hex: to_hex(&head.hash),
+            day: None,
+            policy,
+            owner,
+            dirty: false,
+            buf: Vec::new(),
+            ends: Vec::new(),
+        };
         Ok((w, recovered))
     }
 
@@ -101,48 +116,66 @@ impl Writer {
         self.head
     }
 
+    /// The lines of the last successful write, without their newlines.
+    pub fn written(&self) -> impl Iterator<Item = &str> + '_ {
+        let mut start = 0;
+        self.ends.iter().map(move |&end| {
+            let line = std::str::from_utf8(&self.buf[start..end - 1]).expect("records are UTF-8");
+            start = end;
+            line
+        })
+    }
+
     /// Chains and writes `entries`, all or nothing. In `Record` mode each record is
     /// fsynced on its own; in `Batch` mode once, after the last.
     pub fn append(&mut self, entries: &[Entry]) -> io::Result<()> {
-        self.written.clear();
-        let Some(date) = entries.iter().map(|e| e.date.as_str()).max() else { return Ok(()) };
+        self.buf.clear();
+        self.ends.clear();
+        let Some(date) = entries.iter().map(|e| e.date).max() else { return Ok(()) };
+        let date = std::str::from_utf8(&date).unwrap_or("0000-00-00").to_owned();
         // A record stamped just before midnight and queued behind one stamped after it
         // stays in the newer file: files never go back in time.
         let date = match &self.day {
-            Some(d) if d.date.as_str() > date => d.date.clone(),
-            _ => date.to_owned(),
+            Some(d) if d.date > date => d.date.clone(),
+            _ => date,
         };
         self.ensure_file(&date)?;
-        let mut head = self.head;
-        let mut buf = Vec::with_capacity(entries.iter().map(|e| e.members.len() + 180).sum());
-        let mut lines = Vec::with_capacity(entries.len());
+        let (mut head, mut head_hex) = (self.head, self.head_hex);
         for e in entries {
-            let line = chain(&mut head, &e.members);
-            buf.extend_from_slice(line.as_bytes());
-            buf.push(b'\n');
-            lines.push(line);
+            chain_into(&mut self.buf, &mut head, &mut head_hex, e);
+            self.ends.push(self.buf.len());
         }
         let day = self.day.as_mut().expect("opened above");
         let start = day.len;
         let res = match self.policy {
-            FsyncPolicy::Record => write_each(day, &lines),
-            FsyncPolicy::Batch => day.file.write_all(&buf).and_then(|()| day.file.sync_data()),
-            FsyncPolicy::Interval => day.file.write_all(&buf),
+            FsyncPolicy::Record => write_each(day, &self.buf, &self.ends),
+            FsyncPolicy::Batch => (&*day.file).write_all(&self.buf).and_then(|()| day.file.sync_data()),
+            FsyncPolicy::Interval => (&*day.file).write_all(&self.buf),
         };
         if let Err(e) = res {
             // Cut a partial write back off, so the next record chains onto a whole line.
             let _ = day.file.set_len(start);
             self.day = None;
+            self.ends.clear();
             return Err(e);
         }
-        day.len = start + buf.len() as u64;
+        day.len = start + self.buf.len() as u64;
         self.head = head;
+        self.head_hex = head_hex;
         self.dirty = self.policy == FsyncPolicy::Interval;
-        self.written = lines;
         Ok(())
     }
 
-    /// The periodic fsync of `FsyncPolicy::Interval`, and the last one at shutdown.
+    /// The file to fsync, if anything was written since the last fsync; the caller fsyncs
+    /// it outside the writers' lock.
+    pub fn take_dirty(&mut self) -> Option<Arc<File>> {
+        if !std::mem::take(&mut self.dirty) {
+            return None;
+        }
+        self.day.as_ref().map(|d| Arc::clone(&d.file))
+    }
+
+    /// The last fsync at shutdown.
     pub fn sync(&mut self) -> io::Result<()> {
         if !self.dirty {
             return Ok(());
@@ -181,47 +214,59 @@ impl Writer {
             // The new name must survive a crash as well as the records in it.
             File::open(&self.dir)?.sync_all()?;
         }
-        self.day = Some(DayFile {
-            date: date.to_owned(),
-            path,
-            len: meta.len(),
-            id: (meta.dev(), meta.ino()),
-            file,
-        });
+        let (len, id) = (meta.len(), (meta.dev(), meta.ino()));
+        self.day = Some(DayFile { date: date.to_owned(), path, len, id, file: Arc::new(file) });
         Ok(())
     }
 }
 
-fn write_each(day: &mut DayFile, lines: &[String]) -> io::Result<()> {
-    for line in lines {
-        let mut rec = Vec::with_capacity(line.len() + 1);
-        rec.extend_from_slice(line.as_bytes());
-        rec.push(b'\n');
-        day.file.write_all(&rec)?;
+fn write_each(day: &mut DayFile, buf: &[u8], ends: &[usize]) -> io::Result<()> {
+    let mut start = 0;
+    for &end in ends {
+        (&*day.file).write_all(&buf[start..end])?;
         day.file.sync_data()?;
+        start = end;
     }
     Ok(())
 }
 
-/// The record after `head`, as its line (without the newline); advances `head`.
-pub fn chain(head: &mut Head, members: &str) -> String {
+/// Appends the record after `head` to `out`, newline-terminated, and advances `head`.
+/// Written in place: the body is hashed where it lies, then its closing brace becomes the
+/// `hash` member.
+pub fn chain_into(out: &mut Vec<u8>, head: &mut Head, head_hex: &mut [u8; 64], e: &Entry) {
     let seq = head.seq + 1;
-    let mut body = String::with_capacity(members.len() + 100 + HASH_SUFFIX_LEN);
-    body.push_str("{\"seq\":");
-    body.push_str(&seq.to_string());
-    body.push_str(",\"prev\":\"");
-    body.push_str(&hex::encode(head.hash));
-    body.push_str("\",");
-    body.push_str(members);
-    body.push('}');
-    let hash = digest::digest(&digest::SHA256, body.as_bytes());
+    let start = out.len();
+    out.extend_from_slice(b"{\"seq\":");
+    write!(out, "{seq}").expect("writing to a Vec does not fail");
+    out.extend_from_slice(b",\"prev\":\"");
+    out.extend_from_slice(head_hex);
+    out.extend_from_slice(b"\",");
+    let (item, shared) = e.members();
+    out.extend_from_slice(item);
+    if !shared.is_empty() {
+        out.push(b',');
+        out.extend_from_slice(shared);
+    }
+    out.push(b'}');
+    let hash = digest::digest(&digest::SHA256, &out[start..]);
     let hash: [u8; 32] = hash.as_ref().try_into().expect("SHA-256 is 32 bytes");
-    body.pop();
-    body.push_str(",\"hash\":\"");
-    body.push_str(&hex::encode(hash));
-    body.push_str("\"}");
+    *head_hex = to_hex(&hash);
+    out.pop();
+    out.extend_from_slice(b",\"hash\":\"");
+    out.extend_from_slice(head_hex);
+    out.extend_from_slice(b"\"}\n");
     *head = Head { seq, hash };
-    body
+}
+
+/// Lowercase hex, without the allocation and per-character pushes of a `String`.
+fn to_hex(bytes: &[u8; 32]) -> [u8; 64] {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = [0u8; 64];
+    for (i, b) in bytes.iter().enumerate() {
+        out[2 * i] = DIGITS[usize::from(b >> 4)];
+        out[2 * i + 1] = DIGITS[usize::from(b & 0xf)];
+    }
+    out
 }
 
 /// `seq` and `hash` of a record line; None when it is not one.
@@ -302,10 +347,7 @@ mod tests {
     use crate::audit::record::Entry;
 
     fn entry(n: usize) -> Entry {
-        Entry {
-            date: "2026-11-23".into(),
-            members: format!("\"time\":\"2026-11-23T10:00:00.000Z\",\"n\":{n}"),
-        }
+        Entry::raw("2026-11-23", &format!("{{\"time\":\"2026-11-23T10:00:00.000Z\",\"n\":{n}}}"))
     }
 
     fn lines(path: &Path) -> Vec<String> {
@@ -350,8 +392,7 @@ mod tests {
         assert_eq!(rec.dropped_bytes, 19);
         assert_eq!(w.head(), head);
         assert_eq!(lines(&day1).len(), 1);
-        let mut next = entry(2);
-        next.date = "2026-11-24".into();
+        let next = Entry::raw("2026-11-24", "{\"time\":\"2026-11-24T00:00:00.000Z\",\"n\":2}");
         w.append(&[next]).unwrap();
         let day2 = lines(&dir.path().join("2026-11-24.jsonl"));
         let v: serde_json::Value = serde_json::from_str(&day2[0]).unwrap();
