@@ -9,7 +9,7 @@ use kekd_proto::{encode_response, pb, Code, ErrorStatus, FrameError, FrameReader
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixListener;
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::{mpsc, watch};
 use tracing::Instrument as _;
 use zeroize::{Zeroize, Zeroizing};
 
@@ -72,7 +72,6 @@ pub async fn serve(
 ) {
     let (tx, rx) = mpsc::channel::<Response>(MAX_IN_FLIGHT);
     let writer = tokio::spawn(write_responses(write, rx).in_current_span());
-    let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     loop {
         let next = tokio::select! {
             biased;
@@ -88,13 +87,16 @@ pub async fn serve(
                 }
             }
             Ok(Some(Ok(req))) => {
-                let permit = Arc::clone(&in_flight).acquire_owned().await.expect("semaphore is never closed");
-                let (service, tx, caller) = (Arc::clone(&service), tx.clone(), Arc::clone(&caller));
+                // A slot in the answer channel, reserved before the request starts: at most
+                // MAX_IN_FLIGHT requests run or wait to be written out per connection, and
+                // an answer can always be sent without waiting, from any task or thread.
+                let Ok(slot) = tx.clone().reserve_owned().await else { break };
+                let (service, caller) = (Arc::clone(&service), Arc::clone(&caller));
                 tokio::spawn(
                     async move {
-                        let resp = service.handle(&caller, req).await;
-                        let _ = tx.send(resp).await;
-                        drop(permit);
+                        // The answer goes out as soon as its audit record is written, from
+                        // whichever request wrote it.
+                        service.handle_then(&caller, req, move |resp| drop(slot.send(resp))).await;
                     }
                     .in_current_span(),
                 );

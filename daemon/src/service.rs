@@ -322,29 +322,51 @@ impl TenantService {
         self.cache.flush();
     }
 
-    /// Serves one request and writes its audit records (one per batch item) before the
-    /// answer leaves: in `fail_closed` mode an answer whose records could not be written
-    /// becomes UNAVAILABLE, and the key material in it is wiped unsent.
-    pub async fn handle(&self, caller: &Caller, req: Request) -> Response {
+    /// Serves one request and writes its audit records (one per batch item); `deliver`
+    /// gets the answer once they are written, on whichever task wrote them. In
+    /// `fail_closed` mode an answer whose records could not be written becomes
+    /// UNAVAILABLE, and the key material in it is wiped unsent.
+    pub async fn handle_then(
+        &self,
+        caller: &Caller,
+        req: Request,
+        deliver: impl FnOnce(Response) + Send + 'static,
+    ) {
+        let id = req.id;
         if cfg!(feature = "bench-no-audit") {
             let (result, _) = self.dispatch(caller, req.op).await;
-            return Response { id: req.id, result };
+            return deliver(Response { id, result });
         }
         let time = Stamp::now();
         let event = req.op.name();
-        let shared = RequestPart::new(Some(caller), Some(req.id), Some(&req.metadata));
+        let shared = RequestPart::new(Some(caller), Some(id), Some(&req.metadata));
         let (result, audited) = self.dispatch(caller, req.op).await;
         if let Err(e) = &result {
             tracing::debug!(tenant = %self.tenant, op = event, uid = caller.peer.uid, code = e.code.as_str_name(), "request failed");
         }
         let entries = self.entries(&time, event, &result, audited, &shared);
-        if let Err(e) = self.audit.commit(entries).await {
-            if self.audit.mode() == AuditMode::FailClosed {
-                tracing::debug!(tenant = %self.tenant, op = event, error = %e, "answer withheld: its audit record was not written");
-                return Response { id: req.id, result: Err(Error::AuditUnavailable.status()) };
+        let fail_closed = self.audit.mode() == AuditMode::FailClosed;
+        let tenant = self.tenant.clone();
+        let then: crate::audit::Then = Box::new(move |written| match written {
+            Err(e) if fail_closed => {
+                tracing::debug!(%tenant, op = event, error = %e, "answer withheld: its audit record was not written");
+                drop(result);
+                deliver(Response { id, result: Err(Error::AuditUnavailable.status()) })
             }
-        }
-        Response { id: req.id, result }
+            _ => deliver(Response { id, result }),
+        });
+        self.audit.commit_then(entries, then).await;
+    }
+
+    /// [`Self::handle_then`], waiting for the answer.
+    #[cfg(test)]
+    pub async fn handle(&self, caller: &Caller, req: Request) -> Response {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.handle_then(caller, req, move |resp| {
+            let _ = tx.send(resp);
+        })
+        .await;
+        rx.await.expect("every request is answered, by its writer if not by itself")
     }
 
     /// Records a request that was refused before it could be served: a frame that does not

@@ -228,6 +228,8 @@ fn an_unwritable_trail_withholds_keys_unless_best_effort() {
         // Rotated away, and no new file can be created in its place.
         fs::rename(&today, kekd.dir().join("rotated.jsonl")).unwrap();
         fs::set_permissions(&trail, fs::Permissions::from_mode(0o500)).unwrap();
+        // kekd notices the move within 200 ms; until then records go on into the moved file.
+        std::thread::sleep(Duration::from_millis(300));
         let unwrap = kekd.unwrap(&edek, &[]);
         let generate = kekd.kekctl().args(["generate", "--key", "default"]).run();
         if best_effort {

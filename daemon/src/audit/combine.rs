@@ -1,120 +1,73 @@
 //! Group commit on the requests' own tasks, for `fsync = "interval"`.
 //!
-//! Each request adds its records to a pending group. One of the waiting requests at a
-//! time leads: it lets the other requests that are ready run first (one yield), so their
-//! records join the group, then chains and writes the whole group with one write and
-//! wakes everyone in it. A request answers once its group was written, as with a writer
-//! thread, but without two thread hand-offs per request, and one write serves many.
+//! Each request adds its records, and what to do once they are written (send its answer),
+//! to the pending group, and moves on. When nobody is writing, the request that found it
+//! so leads: it lets the other requests that are ready run first (one yield, when requests
+//! have been coming in company), then chains and writes the whole group with one write
+//! and runs every member's continuation; it goes on while groups keep forming behind it.
+//! Nobody waits to be woken: the answer is sent by whoever wrote the record, as soon as it
+//! is written.
 
-use std::collections::VecDeque;
-use std::sync::{Arc, Mutex, PoisonError};
-
-use tokio::sync::Notify;
+use std::sync::{Mutex, PoisonError};
 
 use super::record::Entry;
 
-/// Failed groups remembered, for the requests still to collect their result.
-const KEEP_FAILURES: u64 = 1 << 20;
+/// What a request does once its records were written, or could not be.
+pub type Then = Box<dyn FnOnce(Result<(), String>) + Send>;
 
 #[derive(Default)]
 pub struct Combiner {
     state: Mutex<State>,
-    written: Notify,
 }
 
 #[derive(Default)]
 struct State {
     pending: Vec<Entry>,
-    /// The number the pending group will be written as; groups count from 0.
-    open: u64,
+    waiting: Vec<Then>,
     /// Requests in the pending group.
     joined: u32,
     /// Requests in the last group written: with one, nobody else is around to wait for.
     last_joined: u32,
-    /// A request is writing a group (or about to).
+    /// A request is writing groups.
     leading: bool,
-    /// Groups `0..done` are written (or failed).
-    done: u64,
-    /// Runs of failed groups `[from, to)`, with the error, newest last.
-    failed: VecDeque<(u64, u64, Arc<str>)>,
-}
-
-impl State {
-    fn result(&self, group: u64) -> Option<Result<(), String>> {
-        if group >= self.done {
-            return None;
-        }
-        let failed = self.failed.iter().rev().find(|(from, to, _)| (*from..*to).contains(&group));
-        Some(match failed {
-            Some((_, _, e)) => Err(e.to_string()),
-            None => Ok(()),
-        })
-    }
-
-    fn record(&mut self, group: u64, result: &Result<(), String>) {
-        self.done = group + 1;
-        if let Err(e) = result {
-            match self.failed.back_mut() {
-                Some((_, to, last)) if *to == group && **last == **e => *to = group + 1,
-                _ => self.failed.push_back((group, group + 1, e.as_str().into())),
-            }
-        }
-        while self.failed.front().is_some_and(|(_, to, _)| to + KEEP_FAILURES < self.done) {
-            self.failed.pop_front();
-        }
-    }
 }
 
 impl Combiner {
-    /// Adds `entries` to the pending group and returns once that group was written by
-    /// `write` (called by whichever request leads; never two at once).
-    pub async fn commit(
+    /// Adds `entries` to the pending group; `then` runs once the group is written by
+    /// `write` (which is never called twice at once).
+    pub async fn commit_then(
         &self,
         entries: Vec<Entry>,
+        then: Then,
         write: impl Fn(Vec<Entry>) -> Result<(), String>,
-    ) -> Result<(), String> {
-        let group = {
+    ) {
+        {
             let mut s = self.lock();
             s.pending.extend(entries);
+            s.waiting.push(then);
             s.joined += 1;
-            s.open
-        };
+            if std::mem::replace(&mut s.leading, true) {
+                return;
+            }
+        }
+        // Whatever happens to this task (it may be dropped at a yield, in a shutdown),
+        // what it took on is written and answered.
+        let mut lead = Lead { combiner: self, write: &write, armed: true };
         loop {
-            let written = self.written.notified();
-            let lead = {
-                let mut s = self.lock();
-                if let Some(r) = s.result(group) {
-                    return r;
-                }
-                !std::mem::replace(&mut s.leading, true)
-            };
-            if lead {
-                self.lead(&write).await;
-            } else {
-                written.await;
+            if self.lock().last_joined > 1 {
+                tokio::task::yield_now().await;
+            }
+            if !lead.write_group() {
+                lead.armed = false;
+                return;
             }
         }
     }
 
-    async fn lead(&self, write: &impl Fn(Vec<Entry>) -> Result<(), String>) {
-        // Whatever happens to this request (it may be dropped at the yield, in a shutdown),
-        // the lead passes on and the waiters look again.
-        let _release = Release(self);
-        // When requests came in company last time, the ones ready to run now add their
-        // records before the write; a lone request (one connection, one at a time) does not
-        // wait for company that is not coming.
-        if self.lock().last_joined > 1 {
-            tokio::task::yield_now().await;
-        }
-        let (group, entries) = {
-            let mut s = self.lock();
-            let group = s.open;
-            s.open += 1;
-            s.last_joined = std::mem::take(&mut s.joined);
-            (group, std::mem::take(&mut s.pending))
-        };
-        let result = write(entries);
-        self.lock().record(group, &result);
+    /// Writes what is pending now, outside any task (shutdown).
+    pub fn flush(&self, write: impl Fn(Vec<Entry>) -> Result<(), String>) {
+        let lead = Lead { combiner: self, write: &write, armed: false };
+        while !self.lock().leading && lead.write_group() {}
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -122,18 +75,45 @@ impl Combiner {
     }
 }
 
-struct Release<'a>(&'a Combiner);
+struct Lead<'a, W: Fn(Vec<Entry>) -> Result<(), String>> {
+    combiner: &'a Combiner,
+    write: &'a W,
+    armed: bool,
+}
 
-impl Drop for Release<'_> {
+impl<W: Fn(Vec<Entry>) -> Result<(), String>> Lead<'_, W> {
+    /// Writes the pending group and answers its members; false (and the lead given up, in
+    /// the same critical section a newcomer checks it in) when there is none.
+    fn write_group(&self) -> bool {
+        let (entries, waiting) = {
+            let mut s = self.combiner.lock();
+            if s.waiting.is_empty() {
+                s.leading = false;
+                return false;
+            }
+            s.last_joined = std::mem::take(&mut s.joined);
+            (std::mem::take(&mut s.pending), std::mem::take(&mut s.waiting))
+        };
+        let result = (self.write)(entries);
+        for then in waiting {
+            then(result.clone());
+        }
+        true
+    }
+}
+
+impl<W: Fn(Vec<Entry>) -> Result<(), String>> Drop for Lead<'_, W> {
     fn drop(&mut self) {
-        self.0.lock().leading = false;
-        self.0.written.notify_waiters();
+        if self.armed {
+            while self.write_group() {}
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
 
     use super::*;
 
@@ -141,8 +121,21 @@ mod tests {
         Entry::raw("2026-11-23", "{\"time\":\"t\"}")
     }
 
+    async fn commit(
+        c: &Combiner,
+        n: usize,
+        write: impl Fn(Vec<Entry>) -> Result<(), String>,
+    ) -> Result<(), String> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let then: Then = Box::new(move |r| {
+            let _ = tx.send(r);
+        });
+        c.commit_then((0..n).map(|_| entry()).collect(), then, write).await;
+        rx.await.expect("every request is answered")
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn concurrent_requests_share_writes_and_each_gets_its_groups_result() {
+    async fn concurrent_requests_share_writes_and_every_one_is_answered() {
         let c = Arc::new(Combiner::default());
         let writes = Arc::new(AtomicUsize::new(0));
         let records = Arc::new(AtomicUsize::new(0));
@@ -151,7 +144,7 @@ mod tests {
             let (c, writes, records) = (Arc::clone(&c), Arc::clone(&writes), Arc::clone(&records));
             tasks.push(tokio::spawn(async move {
                 let n = 1 + i % 3;
-                c.commit((0..n).map(|_| entry()).collect(), |batch| {
+                commit(&c, n, |batch| {
                     writes.fetch_add(1, Ordering::SeqCst);
                     records.fetch_add(batch.len(), Ordering::SeqCst);
                     // As slow as a write: the requests arriving meanwhile join the next one.
@@ -168,21 +161,40 @@ mod tests {
         }
         assert_eq!(records.load(Ordering::SeqCst), sent, "every record written once");
         assert!(writes.load(Ordering::SeqCst) < 200, "some writes were shared");
+        assert!(!c.lock().leading && c.lock().waiting.is_empty());
     }
 
     #[tokio::test]
-    async fn a_failed_group_fails_its_requests_and_only_them() {
+    async fn a_failed_group_fails_its_requests_and_the_next_one_may_succeed() {
         let c = Combiner::default();
         let fail = |_: Vec<Entry>| Err("disk full".to_string());
-        assert_eq!(c.commit(vec![entry()], fail).await, Err("disk full".into()));
-        assert_eq!(c.commit(vec![entry()], fail).await, Err("disk full".into()));
-        assert_eq!(c.commit(vec![entry()], |_| Ok(())).await, Ok(()));
-        let s = c.lock();
-        assert_eq!(s.failed.len(), 1, "consecutive failures are one run");
-        assert_eq!(
-            (s.result(0), s.result(1), s.result(2)),
-            (Some(Err("disk full".into())), Some(Err("disk full".into())), Some(Ok(())))
-        );
-        assert_eq!(s.result(3), None);
+        assert_eq!(commit(&c, 1, fail).await, Err("disk full".into()));
+        assert_eq!(commit(&c, 2, fail).await, Err("disk full".into()));
+        assert_eq!(commit(&c, 1, |_| Ok(())).await, Ok(()));
+    }
+
+    #[tokio::test]
+    async fn a_lead_dropped_mid_way_still_writes_and_answers_what_it_took_on() {
+        let c = Combiner::default();
+        let answered = Arc::new(AtomicUsize::new(0));
+        // Company last time, so the next lead yields; drop it at that yield.
+        c.lock().last_joined = 2;
+        let a = Arc::clone(&answered);
+        let then: Then = Box::new(move |r| {
+            assert_eq!(r, Ok(()));
+            a.fetch_add(1, Ordering::SeqCst);
+        });
+        let fut = c.commit_then(vec![entry()], then, |_| Ok(()));
+        let mut fut = Box::pin(fut);
+        // First poll: it takes the lead and yields.
+        assert!(futures_poll_once(fut.as_mut()).is_pending());
+        drop(fut);
+        assert_eq!(answered.load(Ordering::SeqCst), 1);
+        assert!(!c.lock().leading, "the lead is free again");
+    }
+
+    fn futures_poll_once<F: std::future::Future>(f: std::pin::Pin<&mut F>) -> std::task::Poll<F::Output> {
+        let waker = std::task::Waker::noop();
+        f.poll(&mut std::task::Context::from_waker(waker))
     }
 }

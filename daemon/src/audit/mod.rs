@@ -28,9 +28,10 @@ use crate::sandbox::RunAs;
 const MAX_GROUP: usize = 8192;
 
 type Done = oneshot::Sender<Result<(), String>>;
+pub use combine::Then;
 
 enum Msg {
-    Write(Vec<Entry>, Option<Done>),
+    Write(Vec<Entry>, Option<Then>),
     /// Write what is queued, fsync, and stop.
     Close(Done),
 }
@@ -120,19 +121,31 @@ impl Audit {
         self.mode
     }
 
-    /// Writes `entries` and waits until they are written (by policy, on disk).
-    pub async fn commit(&self, entries: Vec<Entry>) -> Result<(), AuditError> {
+    /// Writes `entries`; `then` runs once they are written (by policy, on disk), or could
+    /// not be: on whichever task or thread wrote them, so it must be quick (send an answer).
+    pub async fn commit_then(&self, entries: Vec<Entry>, then: Then) {
         match &self.sink {
             Sink::Inline { core, groups, .. } => {
-                groups.commit(entries, |group| lock(core).write_and_forward(group)).await.map_err(AuditError)
+                groups.commit_then(entries, then, |group| lock(core).write_and_forward(group)).await
             }
             Sink::Thread(tx) => {
-                let (done, wait) = oneshot::channel();
-                tx.send(Msg::Write(entries, Some(done)))
-                    .map_err(|_| AuditError("the audit writer has stopped".into()))?;
-                wait.await.map_err(|_| AuditError("the audit writer has stopped".into()))?.map_err(AuditError)
+                if let Err(mpsc::SendError(Msg::Write(_, Some(then)))) =
+                    tx.send(Msg::Write(entries, Some(then)))
+                {
+                    then(Err("the audit writer has stopped".into()));
+                }
             }
         }
+    }
+
+    /// Writes `entries` and waits until they are written (by policy, on disk).
+    pub async fn commit(&self, entries: Vec<Entry>) -> Result<(), AuditError> {
+        let (done, wait) = oneshot::channel();
+        let then: Then = Box::new(move |r| {
+            let _ = done.send(r);
+        });
+        self.commit_then(entries, then).await;
+        wait.await.map_err(|_| AuditError("the audit writer has stopped".into()))?.map_err(AuditError)
     }
 
     /// Writes an event nobody waits on (a lease change).
@@ -150,11 +163,12 @@ impl Audit {
     /// Writes what is queued, fsyncs, and stops the writer (shutdown).
     pub async fn close(&self) {
         match &self.sink {
-            Sink::Inline { core, stop, syncer, .. } => {
+            Sink::Inline { core, groups, stop, syncer } => {
                 stop.store(true, Ordering::SeqCst);
                 if let Some(t) = syncer {
                     t.unpark();
                 }
+                groups.flush(|group| lock(core).write_and_forward(group));
                 lock(core).sync();
             }
             Sink::Thread(tx) => {
@@ -229,8 +243,8 @@ fn group_commit(mut core: Core, rx: mpsc::Receiver<Msg>) {
             }
         }
         let result = core.write(entries);
-        for done in waiting {
-            let _ = done.send(result.clone());
+        for then in waiting {
+            then(result.clone());
         }
         // The copy for syslog goes after the answers: it is no part of their latency.
         if result.is_ok() {

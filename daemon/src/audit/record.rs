@@ -5,6 +5,7 @@
 //! is serialised once per request, so a batch of 256 items costs 256 small serialisations,
 //! not 256 copies of the caller's metadata.
 
+use std::io::Write as _;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -14,8 +15,7 @@ use serde::Serialize;
 use crate::service::{Peer, Role};
 
 /// Where the KEK of an operation came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KekFrom {
     Cache,
     /// A root-key call (HSM or TPM).
@@ -32,6 +32,17 @@ pub struct Access {
     pub key: Option<KeyName>,
     pub version: Option<u32>,
     pub kek: Option<KekFrom>,
+}
+
+impl KekFrom {
+    pub fn name(self) -> &'static str {
+        match self {
+            KekFrom::Cache => "cache",
+            KekFrom::Root => "root",
+            KekFrom::Parent => "parent",
+            KekFrom::Grace => "grace",
+        }
+    }
 }
 
 impl Access {
@@ -139,28 +150,6 @@ impl RequestPart {
     }
 }
 
-#[derive(Serialize)]
-struct ItemView<'a> {
-    time: &'a str,
-    tenant: &'a str,
-    event: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    item: Option<usize>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    key: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    version: Option<u32>,
-    outcome: &'static str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    code: Option<&'static str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    error: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    kek: Option<KekFrom>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    detail: Option<&'a serde_json::Value>,
-}
-
 /// The time of a record, as written: RFC 3339 UTC with milliseconds.
 pub struct Stamp(String);
 
@@ -182,24 +171,46 @@ pub struct Item<'a> {
 }
 
 impl Entry {
+    /// Written by hand, not through serde: this runs once per batch item, and every
+    /// string but the error message and the detail is of a charset that needs no JSON
+    /// escaping (tenant and key names are validated, times and event names are ours).
     pub fn new(time: &Stamp, tenant: &str, event: &str, it: Item<'_>, shared: &RequestPart) -> Entry {
-        let view = ItemView {
-            time: time.as_str(),
-            tenant,
-            event,
-            item: it.item,
-            key: it.access.key.as_ref().map(|k| k.as_str()),
-            version: it.access.version,
-            outcome: if it.outcome.is_ok() { "ok" } else { "error" },
-            code: it.outcome.err().map(|e| code_name(e.code)),
-            error: it.outcome.err().map(|e| e.message.as_str()),
-            kek: it.access.kek,
-            detail: it.detail,
-        };
-        let mut item = Vec::with_capacity(192);
-        serde_json::to_writer(&mut item, &view).expect("audit views always serialise");
+        debug_assert!([tenant, event].iter().all(|s| s.bytes().all(plain)), "{tenant} {event}");
+        let mut out = Vec::with_capacity(192);
+        out.extend_from_slice(b"{\"time\":\"");
+        out.extend_from_slice(time.as_str().as_bytes());
+        out.push(b'"');
+        text(&mut out, "tenant", tenant);
+        text(&mut out, "event", event);
+        if let Some(i) = it.item {
+            number(&mut out, "item", i as u64);
+        }
+        if let Some(k) = &it.access.key {
+            debug_assert!(k.as_str().bytes().all(plain));
+            text(&mut out, "key", k.as_str());
+        }
+        if let Some(v) = it.access.version {
+            number(&mut out, "version", u64::from(v));
+        }
+        match it.outcome {
+            Ok(()) => text(&mut out, "outcome", "ok"),
+            Err(e) => {
+                text(&mut out, "outcome", "error");
+                text(&mut out, "code", code_name(e.code));
+                out.extend_from_slice(b",\"error\":");
+                serde_json::to_writer(&mut out, &e.message).expect("a string always serialises");
+            }
+        }
+        if let Some(k) = it.access.kek {
+            text(&mut out, "kek", k.name());
+        }
+        if let Some(d) = it.detail {
+            out.extend_from_slice(b",\"detail\":");
+            serde_json::to_writer(&mut out, d).expect("a JSON value always serialises");
+        }
+        out.push(b'}');
         let date = time.as_str().as_bytes()[..10].try_into().expect("RFC 3339 starts with the date");
-        Entry { date, item, shared: Arc::clone(&shared.0) }
+        Entry { date, item: out, shared: Arc::clone(&shared.0) }
     }
 
     /// The record's members, without braces, in two parts (the item's, the request's).
@@ -232,6 +243,28 @@ impl Entry {
 
 pub fn code_name(code: Code) -> &'static str {
     code.as_str_name()
+}
+
+/// `,"name":"value"`, for a value that needs no escaping.
+fn text(out: &mut Vec<u8>, name: &str, value: &str) {
+    out.extend_from_slice(b",\"");
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b"\":\"");
+    out.extend_from_slice(value.as_bytes());
+    out.push(b'"');
+}
+
+/// `,"name":n`.
+fn number(out: &mut Vec<u8>, name: &str, n: u64) {
+    out.extend_from_slice(b",\"");
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b"\":");
+    write!(out, "{n}").expect("writing to a Vec does not fail");
+}
+
+/// A byte that needs no escaping inside a JSON string.
+fn plain(b: u8) -> bool {
+    b >= 0x20 && b != b'"' && b != b'\\'
 }
 
 /// A struct's JSON object without its braces, to be spliced into a record.

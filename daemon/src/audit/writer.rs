@@ -10,11 +10,16 @@ use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use aws_lc_rs::digest;
 
 use super::record::Entry;
 use crate::config::FsyncPolicy;
+
+/// How often the path is checked to still name the open file (a stat): a trail moved away
+/// is continued in a new file within this long.
+const RECHECK: Duration = Duration::from_millis(200);
 
 /// `,"hash":"` + 64 hex + `"}`.
 pub const HASH_SUFFIX_LEN: usize = 75;
@@ -46,6 +51,8 @@ struct DayFile {
     /// Shared with the interval fsync, which runs outside the writers' lock.
     file: Arc<File>,
     len: u64,
+    /// When the path was last checked to still name this file.
+    checked: Instant,
     id: (u64, u64),
 }
 
@@ -191,10 +198,14 @@ impl Writer {
     /// moved away (log rotation, an operator) is continued in a new file, and a directory
     /// that cannot take one fails the write instead of writing into a file nobody sees.
     fn ensure_file(&mut self, date: &str) -> io::Result<()> {
-        if let Some(d) = &self.day {
+        if let Some(d) = &mut self.day {
+            if d.date == date && d.checked.elapsed() < RECHECK {
+                return Ok(());
+            }
             let same = d.date == date
                 && std::fs::metadata(&d.path).map(|m| (m.dev(), m.ino()) == d.id).unwrap_or(false);
             if same {
+                d.checked = Instant::now();
                 return Ok(());
             }
             if self.dirty {
@@ -215,7 +226,14 @@ impl Writer {
             File::open(&self.dir)?.sync_all()?;
         }
         let (len, id) = (meta.len(), (meta.dev(), meta.ino()));
-        self.day = Some(DayFile { date: date.to_owned(), path, len, id, file: Arc::new(file) });
+        self.day = Some(DayFile {
+            date: date.to_owned(),
+            path,
+            len,
+            id,
+            file: Arc::new(file),
+            checked: Instant::now(),
+        });
         Ok(())
     }
 }
@@ -416,6 +434,7 @@ mod tests {
         w.append(&[entry(1)]).unwrap();
         let day = dir.path().join("2026-11-23.jsonl");
         std::fs::rename(&day, dir.path().join("rotated")).unwrap();
+        std::thread::sleep(RECHECK);
         w.append(&[entry(2)]).unwrap();
         assert_eq!(lines(&day).len(), 1, "a new file at the path");
         let head = w.head();
@@ -423,6 +442,7 @@ mod tests {
         // A failed write (here: no file can be created) leaves the chain where it was.
         std::fs::rename(&day, dir.path().join("rotated2")).unwrap();
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o500)).unwrap();
+        std::thread::sleep(RECHECK);
         let failed = w.append(&[entry(3)]);
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
         if nix::unistd::geteuid().is_root() {
