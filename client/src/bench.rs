@@ -17,7 +17,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::hash::{BuildHasher, RandomState};
 use std::io::Write as _;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,7 +30,7 @@ use serde::Serialize;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use crate::{Client, ClientError, ClientOptions};
+use crate::{Client, ClientError, ClientOptions, Endpoint};
 
 /// Upper bounds on the command line, far above what one machine can use, so a typo
 /// cannot open a million sockets.
@@ -139,7 +138,7 @@ impl BenchArgs {
     /// given. The error is a usage message naming the option.
     pub fn config(
         self,
-        socket: PathBuf,
+        socket: Endpoint,
         tenant: Option<&TenantName>,
         context: Context,
         metadata: Metadata,
@@ -184,7 +183,8 @@ impl BenchArgs {
 /// Everything a run needs.
 #[derive(Debug, Clone)]
 pub struct BenchConfig {
-    pub socket: PathBuf,
+    /// The daemon's socket, or its vsock address.
+    pub socket: Endpoint,
     /// Distinct, at most `connections` of them.
     pub tenants: Vec<TenantName>,
     pub op: BenchOp,

@@ -8,7 +8,6 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
@@ -19,12 +18,11 @@ use kekd_proto::{
     TenantName, DEFAULT_MAX_FRAME, PROTOCOL_VERSION,
 };
 use tokio::io::AsyncWriteExt;
-use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::UnixStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::AbortHandle;
 use zeroize::{Zeroize, Zeroizing};
 
+use crate::endpoint::{self, Endpoint, ReadHalf, WriteHalf};
 use crate::ClientError;
 
 /// Frames waiting for the writer. Bounded, so a caller pipelining faster than the socket
@@ -164,29 +162,29 @@ impl fmt::Debug for Client {
 impl Client {
     /// Connects with the default [`ClientOptions`].
     pub async fn connect(
-        socket: impl AsRef<Path>,
+        endpoint: impl Into<Endpoint>,
         tenant: &TenantName,
         client_name: &str,
     ) -> Result<Client, ClientError> {
-        Self::connect_with(socket, tenant, client_name, ClientOptions::default()).await
+        Self::connect_with(endpoint, tenant, client_name, ClientOptions::default()).await
     }
 
     /// Connects and performs the `Hello` exchange; an error status from the daemon (for
     /// instance an unknown tenant) is returned as [`ClientError::Status`].
     pub async fn connect_with(
-        socket: impl AsRef<Path>,
+        endpoint: impl Into<Endpoint>,
         tenant: &TenantName,
         client_name: &str,
         options: ClientOptions,
     ) -> Result<Client, ClientError> {
-        let handshake = handshake(socket.as_ref(), tenant, client_name, options.max_response_frame);
-        let (stream, hello) = match options.connect_timeout {
+        let endpoint = endpoint.into();
+        let handshake = handshake(&endpoint, tenant, client_name, options.max_response_frame);
+        let ((read, write), hello) = match options.connect_timeout {
             None => handshake.await?,
             Some(limit) => tokio::time::timeout(limit, handshake)
                 .await
                 .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??,
         };
-        let (read, write) = stream.into_split();
         let shared =
             Arc::new(Shared { table: Mutex::new(Table::Open(HashMap::new())), reader: OnceLock::new() });
         let (queue, rx) = mpsc::channel(QUEUE_DEPTH);
@@ -240,20 +238,20 @@ const HELLO_ID: u64 = 1;
 const FIRST_CALL_ID: u64 = 2;
 
 async fn handshake(
-    socket: &Path,
+    endpoint: &Endpoint,
     tenant: &TenantName,
     client_name: &str,
     max_frame: usize,
-) -> Result<(UnixStream, HelloOk), ClientError> {
-    let mut stream = UnixStream::connect(socket).await?;
+) -> Result<((ReadHalf, WriteHalf), HelloOk), ClientError> {
+    let (mut read, mut write) = endpoint::connect(endpoint).await?;
     let hello =
         Hello { protocol_version: PROTOCOL_VERSION, tenant: tenant.clone(), client_name: client_name.into() };
     let request = Request { id: HELLO_ID, metadata: Metadata::default(), op: Op::Hello(hello) };
-    write_frame(&mut stream, &pb::Request::from(request)).await?;
-    let answer = FrameReader::new(&mut stream, max_frame).read::<pb::Response>().await?;
+    write_frame(&mut write, &pb::Request::from(request)).await?;
+    let answer = FrameReader::new(&mut read, max_frame).read::<pb::Response>().await?;
     let answer = Response::try_from(answer.ok_or(ClientError::Closed)?)?;
     match answer.result? {
-        Reply::Hello(ok) if answer.id == HELLO_ID && ok.tenant == *tenant => Ok((stream, ok)),
+        Reply::Hello(ok) if answer.id == HELLO_ID && ok.tenant == *tenant => Ok(((read, write), ok)),
         Reply::Hello(ok) if answer.id == HELLO_ID => {
             Err(MalformedResponse(format!("Hello for tenant {} answered for tenant {}", tenant, ok.tenant))
                 .into())
@@ -281,7 +279,7 @@ impl Drop for CloseOnDrop<'_> {
     }
 }
 
-async fn read_loop(shared: Arc<Shared>, mut reader: FrameReader<OwnedReadHalf>) {
+async fn read_loop(shared: Arc<Shared>, mut reader: FrameReader<ReadHalf>) {
     let _guard = CloseOnDrop(&shared);
     let cause = loop {
         match reader.read::<pb::Response>().await {
@@ -309,7 +307,7 @@ async fn read_loop(shared: Arc<Shared>, mut reader: FrameReader<OwnedReadHalf>) 
 
 /// Coalesces queued frames into few writes. The batch buffer never grows (a frame that
 /// does not fit is written on its own) so no reallocation leaves plaintext behind.
-async fn write_loop(shared: Arc<Shared>, mut rx: mpsc::Receiver<Zeroizing<Vec<u8>>>, mut w: OwnedWriteHalf) {
+async fn write_loop(shared: Arc<Shared>, mut rx: mpsc::Receiver<Zeroizing<Vec<u8>>>, mut w: WriteHalf) {
     let _guard = CloseOnDrop(&shared);
     let mut batch = Zeroizing::new(Vec::with_capacity(WRITE_BATCH_BYTES));
     let result = async {
@@ -338,7 +336,7 @@ async fn write_loop(shared: Arc<Shared>, mut rx: mpsc::Receiver<Zeroizing<Vec<u8
     }
 }
 
-async fn flush(w: &mut OwnedWriteHalf, batch: &mut Vec<u8>) -> std::io::Result<()> {
+async fn flush(w: &mut WriteHalf, batch: &mut Vec<u8>) -> std::io::Result<()> {
     if batch.is_empty() {
         return Ok(());
     }

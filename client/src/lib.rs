@@ -13,16 +13,18 @@
 pub mod audit;
 pub mod bench;
 mod conn;
+mod endpoint;
 mod error;
 mod ops;
 mod pool;
 
 pub use conn::{Client, ClientOptions};
+pub use endpoint::{BadVsockAddress, Endpoint};
 pub use error::ClientError;
 pub use kekd_proto::{
-    code_name, Code, Context, EdekItem, ErrorStatus, FrameError, HelloOk, ItemOk, ItemResult, KeyInfo,
-    KeyName, MalformedResponse, Metadata, Op, Reply, Secret, StatusInfo, TargetState, TenantName,
-    VersionInfo, VersionState, WrapItem,
+    code_name, Code, Context, EdekItem, ErrorCount, ErrorStatus, FrameError, HelloOk, ItemOk, ItemResult,
+    KeyInfo, KeyName, MalformedResponse, Metadata, Op, OpCount, Reply, Secret, StatusInfo, TargetState,
+    TenantName, VersionInfo, VersionState, WrapItem,
 };
 pub use pool::{Pool, PooledClient, RetryPolicy};
 

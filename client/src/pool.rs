@@ -10,13 +10,12 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::hash::{BuildHasher, RandomState};
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kekd_proto::{Code, HelloOk, Metadata, Op, Reply, Secret, TenantName, WrapItem};
 
-use crate::{Client, ClientError, ClientOptions};
+use crate::{Client, ClientError, ClientOptions, Endpoint};
 
 /// How often and how patiently a pooled call is retried after an `UNAVAILABLE` failure.
 ///
@@ -66,7 +65,7 @@ pub struct Pool {
 
 #[derive(Debug)]
 struct Shared {
-    socket: PathBuf,
+    endpoint: Endpoint,
     client_name: String,
     options: ClientOptions,
     retry: RetryPolicy,
@@ -82,16 +81,16 @@ struct Slot {
 }
 
 impl Pool {
-    /// A pool for the daemon at `socket`; `client_name` goes into each `Hello`. Connects
-    /// nothing yet.
+    /// A pool for the daemon at `endpoint` (a socket path, or vsock); `client_name` goes
+    /// into each `Hello`. Connects nothing yet.
     pub fn new(
-        socket: impl Into<PathBuf>,
+        endpoint: impl Into<Endpoint>,
         client_name: impl Into<String>,
         options: ClientOptions,
         retry: RetryPolicy,
     ) -> Pool {
         let shared = Shared {
-            socket: socket.into(),
+            endpoint: endpoint.into(),
             client_name: client_name.into(),
             options,
             retry,
@@ -210,7 +209,7 @@ impl PooledClient {
         *slot = None;
         let pool = &*self.pool;
         let conn =
-            Client::connect_with(&pool.socket, &self.slot.tenant, &pool.client_name, pool.options.clone())
+            Client::connect_with(&pool.endpoint, &self.slot.tenant, &pool.client_name, pool.options.clone())
                 .await?;
         Ok(slot.insert(conn).clone())
     }

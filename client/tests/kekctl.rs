@@ -182,6 +182,9 @@ fn handle(op: Op, keys: &Keys) -> Result<Reply, ErrorStatus> {
             memory_locked: true,
             worker_pid: 4242,
             lease: "online".into(),
+            key_versions: Vec::new(),
+            operations: Vec::new(),
+            errors: Vec::new(),
         }),
         Op::CreateKey(k) if keys.contains_key(&k) => {
             return Err(ErrorStatus::new(Code::FailedPrecondition, format!("key {k} exists")))
@@ -406,6 +409,32 @@ fn status_text_and_json() {
     let v = json(&toy.kekctl(&["status", "--tenant", TENANT, "--json"], b""));
     assert_eq!((v["tenant"].as_str(), v["backend_healthy"].as_bool()), (Some(TENANT), Some(true)));
     assert_eq!(v["uptime_seconds"], 61);
+}
+
+/// `status --tenants`: one connection per tenant, each shown in the order given; one that
+/// cannot be asked is shown with its error, and the exit status is that error's.
+#[test]
+fn status_of_several_tenants() {
+    let toy = Toy::start();
+    let v = json(&toy.kekctl(&["status", "--tenants", TENANT, "--json"], b""));
+    assert_eq!(v.as_array().map(Vec::len), Some(1), "--tenants gives an array, even of one: {v}");
+    assert_eq!(v[0]["tenant"], TENANT);
+
+    let out = toy.kekctl(&["status", "--tenants", &format!("{TENANT},other"), "--json"], b"");
+    assert_eq!(out.status.code(), Some(4), "PERMISSION_DENIED for other");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((&v[0]["tenant"], &v[0]["worker_pid"]), (&TENANT.into(), &4242.into()));
+    assert_eq!((&v[1]["tenant"], &v[1]["error"]["code"]), (&"other".into(), &"PERMISSION_DENIED".into()));
+    assert!(String::from_utf8_lossy(&out.stderr).starts_with("kekctl: PERMISSION_DENIED: "));
+
+    let out = toy.kekctl(&["status", "--tenants", &format!("other,{TENANT}")], b"");
+    assert_eq!(out.status.code(), Some(4));
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.starts_with("tenant: other\nerror: PERMISSION_DENIED: "), "{text}");
+    assert!(text.contains("\n\ntenant: acme\nworker pid: 4242\n"), "{text}");
+
+    let out = toy.kekctl(&["status", "--tenants", &format!("{TENANT},{TENANT}")], b"");
+    assert_eq!(out.status.code(), Some(2), "a tenant given twice is a usage error");
 }
 
 #[test]

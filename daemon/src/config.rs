@@ -42,6 +42,10 @@ pub struct Config {
     /// connection from SO_PEERCRED, so the file itself may be world-connectable.
     #[serde(default = "default_socket_mode")]
     pub socket_mode: String,
+    /// A vsock port to listen on as well, on every CID of this machine, for virtual
+    /// machines and enclaves. Guests are admitted per tenant by `allow_cids`.
+    #[serde(default)]
+    pub vsock_port: Option<u32>,
     /// Root of the key store (`<state_dir>/tenants/<tenant>/…`) and of the token lock files.
     #[serde(default = "default_state_dir")]
     pub state_dir: PathBuf,
@@ -51,7 +55,7 @@ pub struct Config {
     /// Serve even when KEK memory cannot be locked (mlock). Never in production.
     #[serde(default)]
     pub allow_unlocked_memory: bool,
-    /// Log filter, e.g. `info` or `kekd=debug`.
+    /// Log filter: levels and `TARGET=LEVEL` directives, e.g. `info` or `info,kekd=debug`.
     #[serde(default = "default_log_level")]
     pub log_level: String,
     /// On SIGTERM, how long workers may take to finish the requests they are serving.
@@ -184,6 +188,12 @@ pub struct TenantConfig {
     /// Peers whose uid is listed here may connect and run admin operations.
     #[serde(default)]
     pub admin_uids: Vec<u32>,
+    /// Guests whose vsock context id is listed here may connect over `vsock_port` (as
+    /// users, never as admins). The hypervisor assigns a guest its CID, so a guest cannot
+    /// claim another's. CID 2 is the host; CID 1 is this machine's own vsock loopback,
+    /// which any local process can use whatever its uid: list it only on purpose.
+    #[serde(default)]
+    pub allow_cids: Vec<u32>,
     /// The user (name or uid) the tenant's worker process runs as once its root key is
     /// open; its groups come from the user database. Unset: the daemon's own user.
     #[serde(default)]
@@ -417,6 +427,10 @@ impl Config {
 
     fn validate(&self) -> Result<(), ConfigError> {
         self.socket_mode()?;
+        crate::logging::check_filter(&self.log_level).map_err(|p| ConfigError::new("log_level", p))?;
+        if self.vsock_port == Some(u32::MAX) {
+            return Err(ConfigError::new("vsock_port", "4294967295 means any port; name one"));
+        }
         self.audit.validate()?;
         if self.max_frame_bytes < 1024 || self.max_frame_bytes > 64 << 20 {
             return Err(ConfigError::new("max_frame_bytes", "must be between 1024 and 67108864"));
@@ -430,10 +444,20 @@ impl Config {
         for (name, t) in &self.tenants {
             let field = |f: &str| format!("tenants.{name}.{f}");
             TenantName::parse(name).map_err(|p| ConfigError::new(format!("tenants.{name}"), p))?;
-            if t.allow_uids.is_empty() && t.allow_gids.is_empty() && t.admin_uids.is_empty() {
+            if t.allow_uids.is_empty()
+                && t.allow_gids.is_empty()
+                && t.admin_uids.is_empty()
+                && t.allow_cids.is_empty()
+            {
                 return Err(ConfigError::new(
                     field("allow_uids"),
-                    "no caller is allowed: set allow_uids, allow_gids or admin_uids",
+                    "no caller is allowed: set allow_uids, allow_gids, admin_uids or allow_cids",
+                ));
+            }
+            if let Some(cid) = t.allow_cids.iter().find(|c| [0, u32::MAX].contains(*c)) {
+                return Err(ConfigError::new(
+                    field("allow_cids"),
+                    format!("{cid} is not a peer's CID (0 is the hypervisor, 4294967295 means any)"),
                 ));
             }
             for (f, d) in
@@ -620,6 +644,26 @@ pin_file = "{}"
 
     fn with_tpm(table: &str) -> String {
         format!("[tenants.acme]\nallow_uids = [1000]\n[tenants.acme.tpm]\n{table}\n")
+    }
+
+    #[test]
+    fn vsock_settings_are_checked_by_name() {
+        let guests = |cids: &str| {
+            with_tpm("tcti = \"device:/dev/null\"")
+                .replace("allow_uids = [1000]", &format!("allow_cids = [{cids}]"))
+        };
+        let cfg = Config::parse(&format!("vsock_port = 7000\n{}", guests("3, 5"))).unwrap();
+        assert_eq!(cfg.vsock_port, Some(7000));
+        assert_eq!(cfg.tenants["acme"].allow_cids, [3, 5], "guests alone are enough callers");
+        for bad in ["0", "4294967295"] {
+            let e = Config::parse(&guests(bad)).unwrap_err();
+            assert_eq!(e.field, "tenants.acme.allow_cids", "{e}");
+            assert!(e.to_string().contains(bad), "{e}");
+        }
+        let e = Config::parse(&format!("vsock_port = 4294967295\n{}", guests("3"))).unwrap_err();
+        assert_eq!(e.field, "vsock_port", "{e}");
+        let e = Config::parse(&format!("vsock_prot = 7000\n{}", guests("3"))).unwrap_err();
+        assert!(e.to_string().contains("vsock_prot"), "a typo is named: {e}");
     }
 
     #[test]

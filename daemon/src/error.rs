@@ -25,8 +25,8 @@ pub enum Error {
     VersionDisabled { key: KeyName, version: u32 },
     #[error("the KEK record of version {version} of key \"{key}\" does not unseal under the root key")]
     KekRecordInvalid { key: KeyName, version: u32 },
-    #[error("this operation needs an admin of tenant {tenant:?} (caller uid {uid})")]
-    NotAdmin { tenant: String, uid: u32 },
+    #[error("this operation needs an admin of tenant {tenant:?} (caller {peer})")]
+    NotAdmin { tenant: String, peer: String },
     #[error("version {version} of key \"{key}\" is unusable: {why}")]
     ParentUnusable { key: KeyName, version: u32, why: String },
     #[error(

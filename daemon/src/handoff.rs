@@ -216,7 +216,7 @@ mod tests {
         let (sup, work) = (Channel::new(a).unwrap(), Channel::new(b).unwrap());
         let (mut client, server) = UnixStream::pair().unwrap();
         let caller = Caller {
-            peer: Peer { uid: 7, gid: 8, pid: 9 },
+            peer: Peer::Unix { uid: 7, gid: 8, pid: 9 },
             exe: Some("/usr/bin/app".into()),
             role: Role::Admin,
         };

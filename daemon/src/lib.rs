@@ -6,6 +6,11 @@
 //! into [`backend::tpm`]; the linker (`--as-needed`) leaves libtss2 out of `kekd`.
 #![deny(unsafe_code)]
 
+// First, so that its `limited_*!` macros are in scope in every module below.
+#[macro_use]
+mod ratelimit;
+
+mod activation;
 mod audit;
 pub mod backend;
 mod cache;
@@ -16,11 +21,14 @@ mod envelope;
 mod error;
 mod handoff;
 mod keystore;
+mod logging;
+mod notify;
 mod sandbox;
 mod secret;
 mod server;
 mod service;
 mod softhsm;
+mod stats;
 mod supervisor;
 mod swtpm;
 pub mod worker;
@@ -129,19 +137,8 @@ pub fn main() -> ExitCode {
     }
 }
 
-/// Logs to stderr, coloured only on a terminal (journald and files get plain text).
-/// Idempotent: `dev` starts logging early, then `run` calls it again.
+/// Logs to stderr, as suits where it goes (see [`logging`]). Idempotent: `dev` starts
+/// logging early, then `run` calls it again.
 pub(crate) fn init_logging(filter: &str) {
-    use std::io::IsTerminal;
-    // tss-esapi logs every handle it flushes at info and every TPM error it returns at
-    // error, including the ones kekd expects and reports itself; unless asked for by name,
-    // it stays quiet.
-    let filter =
-        if filter.contains("tss_esapi") { filter.to_owned() } else { format!("{filter},tss_esapi=off") };
-    let filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| "info".into());
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .try_init();
+    logging::init(filter)
 }

@@ -6,8 +6,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use kekd_proto::{encode_response, pb, Code, ErrorStatus, FrameError, FrameReader, Request, Response};
-use tokio::io::{AsyncWrite, AsyncWriteExt};
-use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::UnixListener;
 use tokio::sync::{mpsc, watch};
 use tracing::Instrument as _;
@@ -43,8 +42,8 @@ pub fn bind(path: &Path, mode: u32) -> std::io::Result<UnixListener> {
 /// Next request: `Ok(None)` at a clean close; `Ok(Some(Err))` for a request that was framed
 /// fine but is invalid (answer it, keep serving); `Err` for a broken stream (answer if
 /// there is something to say, then close).
-async fn read_request(
-    reader: &mut FrameReader<OwnedReadHalf>,
+async fn read_request<R: AsyncRead + Unpin>(
+    reader: &mut FrameReader<R>,
 ) -> Result<Option<Result<Request, Response>>, Option<Response>> {
     let close_with = |code, msg: String| Some(Response { id: 0, result: Err(ErrorStatus::new(code, msg)) });
     match reader.read::<pb::Request>().await {
@@ -63,13 +62,17 @@ async fn read_request(
 ///
 /// Once `stop` turns true no further request is read; the requests already read are
 /// answered, then the connection closes.
-pub async fn serve(
+/// Any transport: the read and write halves of a Unix or a vsock stream.
+pub async fn serve<R, W>(
     service: Arc<TenantService>,
     caller: Arc<Caller>,
-    mut reader: FrameReader<OwnedReadHalf>,
-    write: OwnedWriteHalf,
+    mut reader: FrameReader<R>,
+    write: W,
     mut stop: watch::Receiver<bool>,
-) {
+) where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
     let (tx, rx) = mpsc::channel::<Response>(MAX_IN_FLIGHT);
     let writer = tokio::spawn(write_responses(write, rx).in_current_span());
     loop {
@@ -103,7 +106,7 @@ pub async fn serve(
             }
             Err(resp) => {
                 if let Some(resp) = resp {
-                    tracing::info!(tenant = %service.tenant(), uid = caller.peer.uid, pid = caller.peer.pid, "closing connection after a bad frame");
+                    limited_info!(tenant = %service.tenant(), peer = %caller.peer, "closing connection after a bad frame");
                     service.audit_refusal(&caller, "invalid_frame", None, &resp).await;
                     let _ = tx.send(resp).await;
                 }
@@ -119,7 +122,7 @@ pub async fn serve(
 /// keys, so every buffer is wiped after use, and the batch buffer never grows: a
 /// reallocation would free a copy of its contents unwiped (a frame that does not fit is
 /// written on its own).
-async fn write_responses(mut write: OwnedWriteHalf, mut rx: mpsc::Receiver<Response>) {
+async fn write_responses<W: AsyncWrite + Unpin>(mut write: W, mut rx: mpsc::Receiver<Response>) {
     let mut batch = Zeroizing::new(Vec::with_capacity(WRITE_BATCH_BYTES));
     let mut frame = Zeroizing::new(Vec::new());
     let result = async {
@@ -147,11 +150,11 @@ async fn write_responses(mut write: OwnedWriteHalf, mut rx: mpsc::Receiver<Respo
     }
     .await;
     if let Err(e) = result {
-        tracing::debug!(error = %e, "writing responses failed; closing the connection");
+        limited_debug!(error = %e, "writing responses failed; closing the connection");
     }
 }
 
-async fn flush(write: &mut OwnedWriteHalf, batch: &mut Vec<u8>) -> std::io::Result<()> {
+async fn flush<W: AsyncWrite + Unpin>(write: &mut W, batch: &mut Vec<u8>) -> std::io::Result<()> {
     if batch.is_empty() {
         return Ok(());
     }

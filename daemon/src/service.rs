@@ -24,6 +24,7 @@ use crate::error::Error;
 use crate::handoff::Refusal;
 use crate::keystore::{unix_now, KeyStore, RootState, SealedBy, StoredState, VersionView};
 use crate::secret::KeySlot;
+use crate::stats::{Served, Stats};
 
 /// A boxed future, for the recursion through a key chain.
 type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
@@ -34,12 +35,35 @@ type Loader = Box<dyn FnOnce(&mut KeySlot) -> Result<(), BackendError> + Send>;
 /// The key every new tenant gets, so a client can start without an admin step.
 pub const DEFAULT_KEY: &str = "default";
 
-/// Who is calling, from the kernel (SO_PEERCRED), never from the client's own word.
+/// Who is calling, from the kernel, never from the client's own word.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Peer {
-    pub uid: u32,
-    pub gid: u32,
-    pub pid: i32,
+#[serde(tag = "transport", rename_all = "snake_case")]
+pub enum Peer {
+    /// A local process: SO_PEERCRED at connect.
+    Unix { uid: u32, gid: u32, pid: i32 },
+    /// A virtual machine or enclave: the context id the hypervisor gives the connection,
+    /// which the guest cannot choose, and the guest's port.
+    Vsock { cid: u32, port: u32 },
+}
+
+impl Peer {
+    /// The local process id, for reading its executable; none over vsock.
+    pub fn pid(&self) -> Option<i32> {
+        match *self {
+            Peer::Unix { pid, .. } if pid > 0 => Some(pid),
+            _ => None,
+        }
+    }
+}
+
+/// For logs and error messages: `uid 1000 gid 1000 pid 42`, `vsock cid 5 port 1024`.
+impl std::fmt::Display for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Peer::Unix { uid, gid, pid } => write!(f, "uid {uid} gid {gid} pid {pid}"),
+            Peer::Vsock { cid, port } => write!(f, "vsock cid {cid} port {port}"),
+        }
+    }
 }
 
 /// What a connection may do, decided once at Hello (by the supervisor).
@@ -79,6 +103,8 @@ pub struct TenantService {
     audit: Audit,
     /// The lease state last written to the audit trail, so each change is recorded once.
     lease_recorded: std::sync::Mutex<LeaseState>,
+    /// What was served since the start, for `status`.
+    stats: Arc<Stats>,
 }
 
 /// The status a lease past its offline grace gives every cold request.
@@ -128,6 +154,7 @@ impl TenantService {
             max_key_depth: DEFAULT_MAX_KEY_DEPTH,
             audit,
             lease_recorded: std::sync::Mutex::new(LeaseState::Online),
+            stats: Arc::default(),
         };
         let default = KeyName::parse(DEFAULT_KEY).expect("valid name");
         if let Some(when) = svc.store.destroyed() {
@@ -333,8 +360,10 @@ impl TenantService {
         deliver: impl FnOnce(Response) + Send + 'static,
     ) {
         let id = req.id;
+        let served = Served::of(&req.op);
         if cfg!(feature = "bench-no-audit") {
             let (result, _) = self.dispatch(caller, req.op).await;
+            self.stats.served(served, &result);
             return deliver(Response { id, result });
         }
         let time = Stamp::now();
@@ -342,18 +371,25 @@ impl TenantService {
         let shared = RequestPart::new(Some(caller), Some(id), Some(&req.metadata));
         let (result, audited) = self.dispatch(caller, req.op).await;
         if let Err(e) = &result {
-            tracing::debug!(tenant = %self.tenant, op = event, uid = caller.peer.uid, code = e.code.as_str_name(), "request failed");
+            limited_debug!(tenant = %self.tenant, op = event, peer = %caller.peer, code = e.code.as_str_name(), "request failed");
         }
         let entries = self.entries(&time, event, &result, audited, &shared);
         let fail_closed = self.audit.mode() == AuditMode::FailClosed;
         let tenant = self.tenant.clone();
+        let stats = Arc::clone(&self.stats);
+        // Counted as answered: a withheld answer is the UNAVAILABLE the client gets.
         let then: crate::audit::Then = Box::new(move |written| match written {
             Err(e) if fail_closed => {
-                tracing::debug!(%tenant, op = event, error = %e, "answer withheld: its audit record was not written");
+                limited_debug!(%tenant, op = event, error = %e, "answer withheld: its audit record was not written");
                 drop(result);
-                deliver(Response { id, result: Err(Error::AuditUnavailable.status()) })
+                let result = Err(Error::AuditUnavailable.status());
+                stats.served(served, &result);
+                deliver(Response { id, result })
             }
-            _ => deliver(Response { id, result }),
+            _ => {
+                stats.served(served, &result);
+                deliver(Response { id, result })
+            }
         });
         self.audit.commit_then(entries, then).await;
     }
@@ -378,6 +414,9 @@ impl TenantService {
         meta: Option<&Metadata>,
         resp: &Response,
     ) {
+        if let Err(e) = &resp.result {
+            self.stats.refused(e.code);
+        }
         let shared = RequestPart::new(Some(caller), Some(resp.id), meta);
         let outcome = resp.result.as_ref().map(|_| ());
         let access = Access::default();
@@ -391,6 +430,7 @@ impl TenantService {
     pub async fn audit_supervisor_refusal(&self, r: Refusal) {
         let shared = RequestPart::refused(&r.peer, r.exe.as_deref(), r.hello_id);
         let code = Code::from_str_name(&r.code).unwrap_or(Code::PermissionDenied);
+        self.stats.refused(code);
         let error = ErrorStatus::new(code, r.message);
         let access = Access::default();
         let it = Item { item: None, access: &access, outcome: Err(&error), detail: None };
@@ -471,7 +511,7 @@ impl TenantService {
             _ => whole(None, None),
         };
         if op.is_admin() && caller.role != Role::Admin {
-            let e = Error::NotAdmin { tenant: self.tenant.to_string(), uid: caller.peer.uid };
+            let e = Error::NotAdmin { tenant: self.tenant.to_string(), peer: caller.peer.to_string() };
             return (Err(e.status()), target);
         }
         if self.store.destroyed().is_some() && !matches!(op, Op::Status) {
@@ -489,7 +529,7 @@ impl TenantService {
             Op::Wrap { key, items } => return self.wrap(&key, items).await,
             Op::Unwrap(items) => return self.unwrap_batch(items).await,
             Op::Rewrap(items) => return self.rewrap_batch(items).await,
-            Op::Status => Ok(Reply::Status(self.status().await)),
+            Op::Status => Ok(Reply::Status(self.status(caller.role).await)),
             Op::CreateKey(key) => status(self.create_key(&key).await),
             Op::RotateKey(key) => status(self.rotate_key(&key).await),
             Op::SetVersionState { key, version, state } => status(self.set_state(&key, version, state).await),
@@ -680,7 +720,7 @@ impl TenantService {
         let (sealed, by) = self.seal_new(key, next).await?;
         tokio::task::block_in_place(|| self.store.add_version_under(key, next, sealed, by))?;
         self.prune(key)?;
-        tracing::info!(
+        limited_info!(
             tenant = %self.tenant, key = %key, version, next,
             budget = self.encryption_budget,
             "encryption budget of the active version reached: rotated"
@@ -773,13 +813,13 @@ impl TenantService {
             Ok((kek, source)) => {
                 let from = match source {
                     Source::Root => {
-                        tracing::debug!(tenant = %self.tenant, key = %key, version, "unsealed KEK");
+                        limited_debug!(tenant = %self.tenant, key = %key, version, "unsealed KEK");
                         // A root-key call that worked ends an outage.
                         self.record_lease(None);
                         loads_from
                     }
                     Source::Grace => {
-                        tracing::debug!(tenant = %self.tenant, key = %key, version, "root key unreachable: KEK served in its offline grace");
+                        limited_debug!(tenant = %self.tenant, key = %key, version, "root key unreachable: KEK served in its offline grace");
                         KekFrom::Grace
                     }
                     Source::Cache => KekFrom::Cache,
@@ -788,23 +828,25 @@ impl TenantService {
             }
             Err(LoadError::Memory(e)) => Err(e.into()),
             Err(LoadError::Load(BackendError::DataInvalid)) => {
-                tracing::error!(tenant = %self.tenant, key = %key, version, "KEK record does not unseal under the root key");
+                limited_error!(tenant = %self.tenant, key = %key, version, "KEK record does not unseal under the root key");
                 Err(Error::KekRecordInvalid { key: key.clone(), version })
             }
             Err(LoadError::Load(e)) => {
                 // A definitive refusal from the root key: nothing cached may outlive it. An
                 // outage already known is not logged again for every request.
                 if self.root_failed(&e) {
-                    tracing::warn!(tenant = %self.tenant, error = %e, "root-key unseal failed");
+                    limited_warn!(tenant = %self.tenant, error = %e, "root-key unseal failed");
                 } else {
-                    tracing::debug!(tenant = %self.tenant, error = %e, "root-key unseal failed");
+                    limited_debug!(tenant = %self.tenant, error = %e, "root-key unseal failed");
                 }
                 Err(e.into())
             }
         }
     }
 
-    async fn status(&self) -> StatusInfo {
+    /// The tenant's health and what it served; its keys and their versions only for an
+    /// admin, who may list them anyway.
+    async fn status(&self, role: Role) -> StatusInfo {
         let backend = self.active_root();
         let describe = backend.describe();
         let health =
@@ -834,6 +876,9 @@ impl TenantService {
                 LeaseState::Expired => "expired",
             }
             .to_owned(),
+            key_versions: if role == Role::Admin { self.store.list() } else { Vec::new() },
+            operations: self.stats.operations(),
+            errors: self.stats.errors(),
         }
     }
 
@@ -907,7 +952,7 @@ impl TenantService {
             SealedBy::Root(_) => None,
         };
         let info = tokio::task::block_in_place(|| self.store.create_key_under(key, sealed, by))?;
-        tracing::info!(tenant = %self.tenant, key = %key, parent = ?under, "created key");
+        limited_info!(tenant = %self.tenant, key = %key, parent = ?under, "created key");
         Ok(info)
     }
 
@@ -919,7 +964,7 @@ impl TenantService {
         let version = self.store.next_version(key);
         let (sealed, by) = self.seal_new(key, version).await?;
         tokio::task::block_in_place(|| self.store.add_version_under(key, version, sealed, by))?;
-        tracing::info!(tenant = %self.tenant, key = %key, version, "rotated key");
+        limited_info!(tenant = %self.tenant, key = %key, version, "rotated key");
         self.prune(key)?;
         Ok(self.store.info(key)?)
     }
@@ -931,7 +976,7 @@ impl TenantService {
             self.cache.evict(key, v);
         }
         if !destroyed.is_empty() {
-            tracing::info!(tenant = %self.tenant, key = %key, versions = ?destroyed, "keep_versions: destroyed old versions");
+            limited_info!(tenant = %self.tenant, key = %key, versions = ?destroyed, "keep_versions: destroyed old versions");
         }
         Ok(())
     }
@@ -939,7 +984,7 @@ impl TenantService {
     async fn set_policy(&self, key: &KeyName, min: Option<u32>, keep: Option<u32>) -> Result<KeyInfo, Error> {
         let _admin = self.admin.lock().await;
         tokio::task::block_in_place(|| self.store.set_policy(key, min, keep))?;
-        tracing::info!(tenant = %self.tenant, key = %key, min_decrypt_version = ?min, keep_versions = ?keep, "changed key policy");
+        limited_info!(tenant = %self.tenant, key = %key, min_decrypt_version = ?min, keep_versions = ?keep, "changed key policy");
         self.prune(key)?;
         Ok(self.store.info(key)?)
     }
@@ -985,11 +1030,11 @@ impl TenantService {
             r.active = Arc::clone(&new);
             r.active_label = Some(label.clone());
         }
-        tracing::info!(tenant = %self.tenant, root = %label, "root key rotation started");
+        limited_info!(tenant = %self.tenant, root = %label, "root key rotation started");
         let rewrapped = self.rewrap_under(&label, &new).await?;
         state.rotating = false;
         tokio::task::block_in_place(|| self.store.set_root_state(&state, new.describe()))?;
-        tracing::info!(tenant = %self.tenant, root = %label, rewrapped, "root key rotation complete: earlier root keys are no longer needed");
+        limited_info!(tenant = %self.tenant, root = %label, rewrapped, "root key rotation complete: earlier root keys are no longer needed");
         Ok(Reply::RootRotated { active: label, rewrapped })
     }
 
@@ -999,7 +1044,7 @@ impl TenantService {
         let _admin = self.admin.lock().await;
         let root = self.active_root();
         let t = tokio::task::block_in_place(|| root.transport_key(label))?;
-        tracing::info!(tenant = %self.tenant, root = %label, transport = %t.label, created = t.created, sha256 = %t.sha256, "transport key handed out");
+        limited_info!(tenant = %self.tenant, root = %label, transport = %t.label, created = t.created, sha256 = %t.sha256, "transport key handed out");
         Ok(Reply::TransportKey {
             label: t.label,
             pem: t.pem,
@@ -1020,7 +1065,7 @@ impl TenantService {
             let _admin = self.admin.lock().await;
             let root = self.active_root();
             tokio::task::block_in_place(|| root.import_root_key(&label, algorithm, wrapped))?;
-            tracing::info!(tenant = %self.tenant, root = %label, %algorithm, "imported a root key");
+            limited_info!(tenant = %self.tenant, root = %label, %algorithm, "imported a root key");
         }
         self.rotate_root(Some(label)).await
     }
@@ -1068,7 +1113,7 @@ impl TenantService {
         let _admin = self.admin.lock().await;
         let (keys, versions_shredded) = tokio::task::block_in_place(|| self.store.destroy_tenant())?;
         self.cache.flush();
-        tracing::warn!(tenant = %self.tenant, keys, versions_shredded, "tenant destroyed: every KEK record shredded");
+        limited_warn!(tenant = %self.tenant, keys, versions_shredded, "tenant destroyed: every KEK record shredded");
         Ok(Reply::TenantDestroyed { keys, versions_shredded })
     }
 
@@ -1085,7 +1130,7 @@ impl TenantService {
             // KEKs chained under it were unsealed with it: none may outlive it.
             self.cache.evict_descendants(key);
         }
-        tracing::info!(tenant = %self.tenant, key = %key, version, state = ?state, "changed key version state");
+        limited_info!(tenant = %self.tenant, key = %key, version, state = ?state, "changed key version state");
         Ok(info)
     }
 }
@@ -1282,13 +1327,13 @@ pub(crate) mod testing {
 
     /// A caller with the user role.
     pub(crate) fn user() -> Caller {
-        Caller { peer: Peer { uid: 1000, gid: 1000, pid: 1 }, exe: None, role: Role::User }
+        Caller { peer: Peer::Unix { uid: 1000, gid: 1000, pid: 1 }, exe: None, role: Role::User }
     }
 
     /// A caller with the admin role.
     pub(crate) fn admin() -> Caller {
         Caller {
-            peer: Peer { uid: 0, gid: 0, pid: 1 },
+            peer: Peer::Unix { uid: 0, gid: 0, pid: 1 },
             exe: Some("/usr/bin/kekctl".into()),
             role: Role::Admin,
         }
@@ -1605,5 +1650,56 @@ mod tests {
         }
         // 62 + 938 = 1000: counted from the reservation, not from what was used.
         assert_eq!(versions(call(&s, generate(1)).await), [2]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn status_counts_what_was_served_and_shows_keys_to_admins() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, _) = service(dir.path(), "acme");
+        versions(call(&s, generate(4)).await);
+        let nope = Op::Wrap { key: key("nope"), items: Vec::new() };
+        assert_eq!(call(&s, nope).await.unwrap_err().code, Code::NotFound);
+        let r = items(
+            call(&s, Op::Unwrap(vec![EdekItem { edek: b"garbage".to_vec(), context: Context::default() }]))
+                .await,
+        );
+        assert_eq!(r[0].as_ref().unwrap_err().code, Code::DataInvalid);
+        let refused = Response { id: 3, result: Err(ErrorStatus::new(Code::InvalidArgument, "bad")) };
+        s.audit_refusal(&testing::user(), "invalid_request", None, &refused).await;
+
+        let status = |caller: Caller| {
+            let s = &s;
+            async move {
+                match s
+                    .handle(&caller, Request { id: 9, metadata: Default::default(), op: Op::Status })
+                    .await
+                    .result
+                {
+                    Ok(Reply::Status(info)) => info,
+                    other => panic!("expected a status, got {other:?}"),
+                }
+            }
+        };
+        let seen = status(testing::admin()).await;
+        let ops: Vec<(&str, u64, u64)> =
+            seen.operations.iter().map(|o| (o.operation.as_str(), o.requests, o.items)).collect();
+        assert_eq!(ops, [("generate", 1, 4), ("wrap", 1, 0), ("unwrap", 1, 1)]);
+        let errors: Vec<(Code, u64, u64)> =
+            seen.errors.iter().map(|e| (e.code, e.requests, e.items)).collect();
+        assert_eq!(
+            errors,
+            [(Code::InvalidArgument, 1, 0), (Code::NotFound, 1, 0), (Code::DataInvalid, 0, 1)]
+        );
+        assert_eq!(seen.key_versions.len(), 1);
+        assert_eq!((seen.key_versions[0].name.as_str(), seen.key_versions[0].active_version), ("default", 1));
+
+        let seen = status(testing::user()).await;
+        assert!(seen.key_versions.is_empty(), "key versions are for admins, like list_keys");
+        assert_eq!(seen.keys, 1);
+        assert!(
+            seen.operations.iter().any(|o| o.operation == "status" && o.requests == 1),
+            "{:?}",
+            seen.operations
+        );
     }
 }

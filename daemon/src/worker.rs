@@ -20,13 +20,14 @@ use std::time::Duration;
 
 use kekd_proto::{Reply, Response, TenantName};
 use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::UnixStream;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::Instrument as _;
 use zeroize::Zeroizing;
 
-use crate::audit::Audit;
+use crate::audit::{Audit, Caller};
 use crate::backend::pkcs11::Pkcs11RootKey;
 use crate::backend::{BackendError, RootKey};
 use crate::cache::{KekCache, Lease};
@@ -37,7 +38,7 @@ use crate::keystore::KeyStore;
 use crate::sandbox::{self, RunAs};
 use crate::secret::LockedArena;
 use crate::server;
-use crate::service::TenantService;
+use crate::service::{Peer, TenantService};
 
 /// Everything a worker needs to open and serve its tenant, sent as its first control
 /// message. Two equal specs mean a running worker can keep running across a config
@@ -61,6 +62,7 @@ impl WorkerSpec {
         tenant_config.allow_uids.clear();
         tenant_config.allow_gids.clear();
         tenant_config.admin_uids.clear();
+        tenant_config.allow_cids.clear();
         Self {
             tenant: tenant.name.to_string(),
             tenant_config,
@@ -391,18 +393,46 @@ async fn connection(
     max_frame: usize,
     stop: watch::Receiver<bool>,
 ) {
-    let stream = std::os::unix::net::UnixStream::from(fd);
-    let stream = match stream.set_nonblocking(true).and_then(|()| UnixStream::from_std(stream)) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot take over a connection");
-            return;
-        }
-    };
-    let (read, mut write) = stream.into_split();
+    // The supervisor read the peer from this very socket, so its kind says the transport.
     let caller = Arc::new(handoff.caller);
-    service.audit_hello(&caller, handoff.hello_id).await;
-    let hello = Response { id: handoff.hello_id, result: Ok(Reply::Hello(service.hello(caller.role))) };
+    let id = handoff.hello_id;
+    let taken = match caller.peer {
+        Peer::Unix { .. } => {
+            let stream = std::os::unix::net::UnixStream::from(fd);
+            match stream.set_nonblocking(true).and_then(|()| UnixStream::from_std(stream)) {
+                Ok(s) => {
+                    let (read, write) = s.into_split();
+                    return greet_and_serve(service, caller, id, read, write, max_frame, stop).await;
+                }
+                Err(e) => e,
+            }
+        }
+        Peer::Vsock { .. } => match tokio_vsock::VsockStream::new(vsock::VsockStream::from(fd)) {
+            Ok(s) => {
+                let (read, write) = s.into_split();
+                return greet_and_serve(service, caller, id, read, write, max_frame, stop).await;
+            }
+            Err(e) => e,
+        },
+    };
+    limited_warn!(error = %taken, peer = %caller.peer, "cannot take over a connection");
+}
+
+/// Answers the Hello the supervisor read, then serves the connection.
+async fn greet_and_serve<R, W>(
+    service: Arc<TenantService>,
+    caller: Arc<Caller>,
+    hello_id: u64,
+    read: R,
+    mut write: W,
+    max_frame: usize,
+    stop: watch::Receiver<bool>,
+) where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    service.audit_hello(&caller, hello_id).await;
+    let hello = Response { id: hello_id, result: Ok(Reply::Hello(service.hello(caller.role))) };
     if server::send(&mut write, hello).await.is_err() {
         return;
     }
@@ -426,5 +456,70 @@ async fn poll_root(service: Arc<TenantService>, every: Duration) {
     loop {
         tick.tick().await;
         service.poll_root().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use kekd_proto::{encode_request, pb, Code, Context, FrameReader, KeyName, Metadata, Op, Request};
+    use tokio::io::AsyncWriteExt;
+
+    use super::*;
+    use crate::service::Role;
+
+    /// The worker's half of a guest's connection. Its socket arrives as a bare descriptor
+    /// labelled with the peer the supervisor read; any stream socket works underneath (here
+    /// a Unix pair, since these machines cannot make a vsock connection), so this is the
+    /// vsock path minus the kernel's transport: greeted, served, audited by CID.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_guest_connection_is_greeted_served_and_audited_by_its_cid() {
+        let dir = tempfile::tempdir().unwrap();
+        let (svc, _root) = crate::service::testing::service(dir.path(), "acme");
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        let caller = Caller { peer: Peer::Vsock { cid: 7, port: 1024 }, exe: None, role: Role::User };
+        let (_stop_tx, stop) = watch::channel(false);
+        let served = tokio::spawn(connection(
+            Arc::new(svc),
+            Handoff { caller, hello_id: 1 },
+            theirs.into(),
+            1 << 20,
+            stop,
+        ));
+
+        ours.set_nonblocking(true).unwrap();
+        let (read, mut write) = UnixStream::from_std(ours).unwrap().into_split();
+        let mut answers = FrameReader::new(read, 1 << 20);
+        let hello = answers.read::<pb::Response>().await.unwrap().expect("the Hello is answered");
+        assert_eq!((hello.request_id, hello.status.map_or(0, |s| s.code)), (1, Code::Ok as i32));
+
+        let op = Op::Generate {
+            key: KeyName::parse("default").unwrap(),
+            edek_only: true,
+            contexts: vec![Context::default()],
+        };
+        let mut frame = Vec::new();
+        encode_request(Request { id: 2, metadata: Metadata::default(), op }, &mut frame);
+        write.write_all(&frame).await.unwrap();
+        let generated = answers.read::<pb::Response>().await.unwrap().expect("the request is answered");
+        assert_eq!((generated.request_id, generated.status.map_or(0, |s| s.code)), (2, Code::Ok as i32));
+        drop(write);
+        served.await.unwrap();
+
+        let trail = std::fs::read_dir(dir.path().join("audit/acme")).unwrap();
+        let records: Vec<serde_json::Value> = trail
+            .flat_map(|f| {
+                std::fs::read_to_string(f.unwrap().path())
+                    .unwrap()
+                    .lines()
+                    .map(String::from)
+                    .collect::<Vec<_>>()
+            })
+            .map(|l| serde_json::from_str(&l).unwrap())
+            .collect();
+        for event in ["hello", "generate"] {
+            let r =
+                records.iter().find(|r| r["event"] == event).unwrap_or_else(|| panic!("no {event} record"));
+            assert_eq!(r["peer"], serde_json::json!({ "cid": 7, "port": 1024 }), "{r}");
+        }
     }
 }

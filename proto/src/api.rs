@@ -262,6 +262,56 @@ pub enum Op {
 }
 
 impl Op {
+    /// Every operation's [`Op::name`], in a fixed order: [`Op::index`] is a position in it.
+    pub const NAMES: [&'static str; 15] = [
+        "hello",
+        "generate",
+        "wrap",
+        "unwrap",
+        "rewrap",
+        "status",
+        "create_key",
+        "rotate_key",
+        "set_key_version_state",
+        "list_keys",
+        "set_key_policy",
+        "destroy_tenant",
+        "rotate_root",
+        "root_import_key",
+        "root_import",
+    ];
+
+    /// This operation's position in [`Op::NAMES`], e.g. to count operations in an array.
+    pub fn index(&self) -> usize {
+        match self {
+            Op::Hello(_) => 0,
+            Op::Generate { .. } => 1,
+            Op::Wrap { .. } => 2,
+            Op::Unwrap(_) => 3,
+            Op::Rewrap(_) => 4,
+            Op::Status => 5,
+            Op::CreateKey(_) => 6,
+            Op::RotateKey(_) => 7,
+            Op::SetVersionState { .. } => 8,
+            Op::ListKeys => 9,
+            Op::SetKeyPolicy { .. } => 10,
+            Op::DestroyTenant { .. } => 11,
+            Op::RotateRoot { .. } => 12,
+            Op::RootImportKey { .. } => 13,
+            Op::RootImport { .. } => 14,
+        }
+    }
+
+    /// Items of a batch operation (generate, wrap, unwrap, rewrap); 0 for the others.
+    pub fn batch_len(&self) -> usize {
+        match self {
+            Op::Generate { contexts, .. } => contexts.len(),
+            Op::Wrap { items, .. } => items.len(),
+            Op::Unwrap(items) | Op::Rewrap(items) => items.len(),
+            _ => 0,
+        }
+    }
+
     /// Operation name as used in logs and audit records.
     pub fn name(&self) -> &'static str {
         match self {
@@ -684,6 +734,30 @@ pub struct StatusInfo {
     pub worker_pid: u32,
     /// `online`, `grace` or `expired`: the root key as the KEK cache sees it.
     pub lease: String,
+    /// Every key and its versions; empty unless the caller is an admin.
+    pub key_versions: Vec<KeyInfo>,
+    /// Requests served since the worker started, per operation (those with any).
+    pub operations: Vec<OpCount>,
+    /// Error answers since the worker started, per code (those that occurred).
+    pub errors: Vec<ErrorCount>,
+}
+
+/// The requests of one operation a worker served, failed ones included.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpCount {
+    /// [`Op::name`].
+    pub operation: String,
+    pub requests: u64,
+    /// Batch items in those requests; 0 for operations without items.
+    pub items: u64,
+}
+
+/// The answers with one error code: whole requests, and items of batches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ErrorCount {
+    pub code: Code,
+    pub requests: u64,
+    pub items: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -803,6 +877,25 @@ impl From<Response> for pb::Response {
                         memory_locked: s.memory_locked,
                         worker_pid: s.worker_pid,
                         lease: s.lease,
+                        key_versions: s.key_versions.into_iter().map(Into::into).collect(),
+                        operations: s
+                            .operations
+                            .into_iter()
+                            .map(|o| pb::OperationCount {
+                                operation: o.operation,
+                                requests: o.requests,
+                                items: o.items,
+                            })
+                            .collect(),
+                        errors: s
+                            .errors
+                            .into_iter()
+                            .map(|e| pb::ErrorCount {
+                                code: e.code as i32,
+                                requests: e.requests,
+                                items: e.items,
+                            })
+                            .collect(),
                     }),
                     Reply::Key(k) => R::Key(k.into()),
                     Reply::TenantDestroyed { keys, versions_shredded } => {
@@ -941,6 +1034,21 @@ impl TryFrom<pb::Response> for Response {
                 memory_locked: s.memory_locked,
                 worker_pid: s.worker_pid,
                 lease: s.lease,
+                key_versions: s.key_versions.into_iter().map(key_info_from).collect::<Result<_, _>>()?,
+                operations: s
+                    .operations
+                    .into_iter()
+                    .map(|o| OpCount { operation: o.operation, requests: o.requests, items: o.items })
+                    .collect(),
+                errors: s
+                    .errors
+                    .into_iter()
+                    .map(|e| {
+                        let code = Code::try_from(e.code)
+                            .map_err(|_| MalformedResponse(format!("error count for code {}", e.code)))?;
+                        Ok(ErrorCount { code, requests: e.requests, items: e.items })
+                    })
+                    .collect::<Result<_, MalformedResponse>>()?,
             }),
             Some(R::Key(k)) => Reply::Key(key_info_from(k)?),
             Some(R::TransportKey(t)) => Reply::TransportKey {
@@ -1090,5 +1198,76 @@ mod tests {
         assert_eq!(first.plaintext.as_ref().unwrap().expose(), &[7; 32]);
         assert_eq!(first.version, 2);
         assert_eq!(items[1].as_ref().unwrap_err().code, Code::DataInvalid);
+    }
+
+    #[test]
+    fn every_operation_has_its_place_in_names() {
+        let key = || KeyName::parse("k").unwrap();
+        let hello =
+            Hello { protocol_version: 1, tenant: TenantName::parse("t").unwrap(), client_name: "c".into() };
+        let ops = [
+            Op::Hello(hello),
+            Op::Generate { key: key(), edek_only: true, contexts: vec![Context::default(); 3] },
+            Op::Wrap { key: key(), items: Vec::new() },
+            Op::Unwrap(Vec::new()),
+            Op::Rewrap(Vec::new()),
+            Op::Status,
+            Op::CreateKey(key()),
+            Op::RotateKey(key()),
+            Op::SetVersionState { key: key(), version: 1, state: TargetState::Disabled },
+            Op::ListKeys,
+            Op::SetKeyPolicy { key: key(), min_decrypt_version: None, keep_versions: None },
+            Op::DestroyTenant { confirm: TenantName::parse("t").unwrap() },
+            Op::RotateRoot { label: None },
+            Op::RootImportKey { label: "l".into() },
+            Op::RootImport { label: "l".into(), algorithm: "a".into(), wrapped: Vec::new() },
+        ];
+        assert_eq!(ops.len(), Op::NAMES.len());
+        for (i, op) in ops.iter().enumerate() {
+            assert_eq!((op.index(), Op::NAMES[op.index()]), (i, op.name()));
+        }
+        assert_eq!(ops[1].batch_len(), 3);
+        assert_eq!(ops[5].batch_len(), 0);
+    }
+
+    #[test]
+    fn status_round_trip() {
+        let info = StatusInfo {
+            tenant: TenantName::parse("acme").unwrap(),
+            backend: "pkcs11".into(),
+            backend_healthy: true,
+            backend_error: String::new(),
+            cached_keks: 1,
+            keys: 1,
+            uptime_seconds: 42,
+            memory_locked: true,
+            worker_pid: 1234,
+            lease: "online".into(),
+            key_versions: vec![KeyInfo {
+                name: KeyName::parse("default").unwrap(),
+                active_version: 2,
+                versions: vec![
+                    VersionInfo { version: 1, state: VersionState::Disabled, created_unix: 10 },
+                    VersionInfo { version: 2, state: VersionState::Active, created_unix: 20 },
+                ],
+                min_decrypt_version: 0,
+                keep_versions: 3,
+            }],
+            operations: vec![OpCount { operation: "unwrap".into(), requests: 5, items: 700 }],
+            errors: vec![
+                ErrorCount { code: Code::DataInvalid, requests: 0, items: 3 },
+                ErrorCount { code: Code::NotFound, requests: 2, items: 0 },
+            ],
+        };
+        let resp = Response { id: 8, result: Ok(Reply::Status(info.clone())) };
+        let back = Response::try_from(pb::Response::from(resp)).unwrap();
+        let Ok(Reply::Status(got)) = back.result else { panic!("expected a status") };
+        assert_eq!(got, info);
+
+        let mut wire = pb::Response::from(Response { id: 8, result: Ok(Reply::Status(info)) });
+        let Some(pb::response::Result::StatusInfo(s)) = &mut wire.result else { panic!("a status") };
+        s.errors[0].code = 99;
+        let e = Response::try_from(wire).unwrap_err();
+        assert!(e.0.contains("code 99"), "{e}");
     }
 }

@@ -75,6 +75,7 @@ pub use kekd_proto::Code;
 pub use kryoptic::{kryoptic_module, Kryoptic};
 pub use swtpm::Swtpm;
 
+pub mod activation;
 mod kryoptic;
 mod swtpm;
 
@@ -1041,6 +1042,7 @@ impl KekdBuilder {
             starts: 0,
             log: None,
             envs: Vec::new(),
+            journal: false,
             wrapper: Vec::new(),
             homes,
             dir,
@@ -1095,6 +1097,8 @@ pub struct Kekd {
     starts: u32,
     log: Option<PathBuf>,
     envs: Vec<(OsString, OsString)>,
+    /// Tell kekd its stderr is the journal (`JOURNAL_STREAM`), as systemd does.
+    journal: bool,
     /// A command kekd runs under (e.g. `setpriv ... prlimit ...`), to start it with fewer
     /// privileges or lower limits than the test has.
     wrapper: Vec<OsString>,
@@ -1156,6 +1160,7 @@ impl Kekd {
             starts: 0,
             log: None,
             envs: vec![("HOME".into(), home.into()), ("TMPDIR".into(), tmp.into())],
+            journal: false,
             wrapper: Vec::new(),
             homes: Vec::new(),
             dir,
@@ -1397,6 +1402,18 @@ impl Kekd {
         self.log.as_ref().and_then(|p| fs::read_to_string(p).ok()).unwrap_or_default()
     }
 
+    /// Sets an environment variable of kekd from its next start on.
+    pub fn env(&mut self, key: &str, value: impl AsRef<OsStr>) {
+        self.envs.push((key.into(), value.as_ref().into()));
+    }
+
+    /// From the next start on, kekd's stderr (still the log file [`Kekd::stderr`] reads) is
+    /// presented as the journal, the way systemd does it: `JOURNAL_STREAM` holds the
+    /// device and inode numbers of that file.
+    pub fn stderr_as_journal(&mut self) {
+        self.journal = true;
+    }
+
     /// Runs kekd under `argv` (the kekd command line is appended to it) from now on.
     pub fn wrap_with<I, S>(&mut self, argv: I)
     where
@@ -1440,6 +1457,11 @@ impl Kekd {
         self.log = Some(log);
 
         let mut cmd = self.command();
+        if self.journal {
+            use std::os::unix::fs::MetadataExt;
+            let meta = stderr.metadata().expect("stat the daemon's stderr log");
+            cmd.env("JOURNAL_STREAM", format!("{}:{}", meta.dev(), meta.ino()));
+        }
         cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(stderr).process_group(0);
         die_with_parent(&mut cmd);
         let mut child = cmd.spawn().expect("spawn kekd");

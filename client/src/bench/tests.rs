@@ -25,7 +25,12 @@ fn tenant(s: &str) -> TenantName {
 
 fn config_for(args: &[&str], global: Option<&str>) -> Result<BenchConfig, String> {
     let global = global.map(tenant);
-    parse(args).unwrap().config("/nope".into(), global.as_ref(), Context::default(), Metadata::default())
+    parse(args).unwrap().config(
+        std::path::PathBuf::from("/nope").into(),
+        global.as_ref(),
+        Context::default(),
+        Metadata::default(),
+    )
 }
 
 #[test]
@@ -312,7 +317,7 @@ struct Stats {
 
 struct Fake {
     _dir: tempfile::TempDir,
-    path: PathBuf,
+    path: std::path::PathBuf,
     stats: Arc<Mutex<Stats>>,
 }
 
@@ -334,7 +339,7 @@ impl Fake {
 
     fn config(&self, op: BenchOp, tenants: &[&str], connections: usize) -> BenchConfig {
         BenchConfig {
-            socket: self.path.clone(),
+            socket: self.path.clone().into(),
             tenants: tenants.iter().map(|t| tenant(t)).collect(),
             op,
             connections,
@@ -485,7 +490,7 @@ async fn setup_failure_is_an_error() {
     assert_eq!(err.code(), Code::NotFound, "{err}");
     let dir = tempfile::tempdir().unwrap();
     let mut config = fake.config(BenchOp::Wrap, &["a"], 1);
-    config.socket = dir.path().join("absent.sock");
+    config.socket = dir.path().join("absent.sock").into();
     assert_eq!(bench(&config).await.unwrap_err().code(), Code::Unavailable);
 }
 

@@ -126,6 +126,9 @@ fn ok(req: &Request) -> Result<Reply, ErrorStatus> {
             memory_locked: true,
             worker_pid: 1,
             lease: "online".into(),
+            key_versions: Vec::new(),
+            operations: Vec::new(),
+            errors: Vec::new(),
         }),
         Op::CreateKey(k) | Op::RotateKey(k) => Reply::Key(key_info(k.clone())),
         Op::Unwrap(items) => {

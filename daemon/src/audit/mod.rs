@@ -197,10 +197,16 @@ fn lock(core: &Mutex<Core>) -> std::sync::MutexGuard<'_, Core> {
     core.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// Creates `path` with exactly `mode`: the umask (0077 under kekd.service) would otherwise
+/// take the traverse bit the tenants' `run_as` users need on the shared directory. A
+/// directory that exists is left as the operator made it.
 fn create_dir(path: &Path, mode: u32) -> std::io::Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    if path.is_dir() {
+        return Ok(());
+    }
     match std::fs::DirBuilder::new().recursive(true).mode(mode).create(path) {
-        Ok(()) => Ok(()),
+        Ok(()) => std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)),
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && path.is_dir() => Ok(()),
         Err(e) => Err(e),
     }
@@ -213,8 +219,9 @@ fn sync_every(core: &Mutex<Core>, stop: &AtomicBool, every: Duration) {
         std::thread::park_timeout(every);
         let file = lock(core).w.take_dirty();
         if let Some(f) = file {
-            if let Err(e) = f.sync_data() {
-                tracing::error!(error = %e, "cannot fsync the audit trail");
+            match f.sync_data() {
+                Ok(()) => writer::release_cache(&f),
+                Err(e) => tracing::error!(error = %e, "cannot fsync the audit trail"),
             }
         }
     }

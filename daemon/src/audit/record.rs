@@ -75,13 +75,30 @@ pub struct Entry {
 /// The half of a record shared by every item of one request.
 pub struct RequestPart(Arc<str>);
 
+/// `{"uid","gid","pid","exe"}` for a local process, `{"cid","port"}` over vsock.
 #[derive(Serialize)]
-struct PeerView<'a> {
-    uid: u32,
-    gid: u32,
-    pid: i32,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    exe: Option<&'a str>,
+#[serde(untagged)]
+enum PeerView<'a> {
+    Unix {
+        uid: u32,
+        gid: u32,
+        pid: i32,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        exe: Option<&'a str>,
+    },
+    Vsock {
+        cid: u32,
+        port: u32,
+    },
+}
+
+impl<'a> PeerView<'a> {
+    fn of(peer: &Peer, exe: Option<&'a str>) -> Self {
+        match *peer {
+            Peer::Unix { uid, gid, pid } => PeerView::Unix { uid, gid, pid, exe },
+            Peer::Vsock { cid, port } => PeerView::Vsock { cid, port },
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -120,12 +137,7 @@ impl RequestPart {
             fields: &m.fields,
         });
         let view = RequestView {
-            peer: caller.map(|c| PeerView {
-                uid: c.peer.uid,
-                gid: c.peer.gid,
-                pid: c.peer.pid,
-                exe: c.exe.as_deref(),
-            }),
+            peer: caller.map(|c| PeerView::of(&c.peer, c.exe.as_deref())),
             role: caller.map(|c| c.role),
             request_id,
             meta,
@@ -136,7 +148,7 @@ impl RequestPart {
     /// A caller turned away before it had a role (a Hello the ACL refused).
     pub fn refused(peer: &Peer, exe: Option<&str>, request_id: u64) -> Self {
         let view = RequestView {
-            peer: Some(PeerView { uid: peer.uid, gid: peer.gid, pid: peer.pid, exe }),
+            peer: Some(PeerView::of(peer, exe)),
             role: None,
             request_id: Some(request_id),
             meta: None,
@@ -281,7 +293,7 @@ mod tests {
     #[test]
     fn a_record_carries_item_caller_and_metadata() {
         let caller = Caller {
-            peer: Peer { uid: 1000, gid: 100, pid: 42 },
+            peer: Peer::Unix { uid: 1000, gid: 100, pid: 42 },
             exe: Some("/usr/bin/app".into()),
             role: Role::User,
         };
@@ -319,5 +331,10 @@ mod tests {
         assert_eq!(v["meta"]["fields"]["ticket"], "CHG-1\n\"x\"");
         assert!(v["meta"].get("data_label").is_none(), "empty metadata is left out");
         assert!(!members.contains('\n'), "one record, one line");
+
+        let guest = Caller { peer: Peer::Vsock { cid: 5, port: 1024 }, exe: None, role: Role::User };
+        let part = RequestPart::new(Some(&guest), Some(8), None);
+        let v: serde_json::Value = serde_json::from_str(&format!("{{{}}}", part.0)).unwrap();
+        assert_eq!(v["peer"], serde_json::json!({ "cid": 5, "port": 1024 }), "a guest is named by its CID");
     }
 }

@@ -231,7 +231,7 @@ impl Pkcs11RootKey {
             match classify(&err) {
                 class @ (Class::DeadSession | Class::Unreachable) if !reopened => {
                     reopened = true;
-                    tracing::debug!(tenant = %self.tenant, error = %describe(&err), ?class, "replacing PKCS#11 sessions");
+                    limited_debug!(tenant = %self.tenant, error = %describe(&err), ?class, "replacing PKCS#11 sessions");
                     drop(session);
                     // Whatever killed this session (token reset, re-plug, library reset)
                     // killed its siblings, and object handles need not survive it either: a
@@ -364,7 +364,7 @@ impl Pkcs11RootKey {
             Class::NotLoggedIn | Class::Refused => BackendError::Refused(detail()),
             Class::StaleKey => self.key_gone(),
             Class::DataInvalid => {
-                tracing::debug!(tenant = %self.tenant, error = %describe(e), "sealed KEK did not decrypt");
+                limited_debug!(tenant = %self.tenant, error = %describe(e), "sealed KEK did not decrypt");
                 BackendError::DataInvalid
             }
             Class::Other => BackendError::Internal(detail()),

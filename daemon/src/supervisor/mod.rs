@@ -11,6 +11,7 @@
 
 mod handshake;
 mod process;
+mod vsock;
 
 use std::collections::BTreeMap;
 use std::io::Write as _;
@@ -19,12 +20,15 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 
 use kekd_proto::TenantName;
+use tokio::net::UnixListener;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
 pub use handshake::Acl;
 use process::WorkerProcess;
 
+use crate::activation::{self, Activated, Family};
 use crate::config::Config;
+use crate::notify::Systemd;
 use crate::worker::WorkerSpec;
 use crate::StartError;
 
@@ -48,42 +52,75 @@ impl State {
 /// Serves `cfg` until SIGTERM or SIGINT. `config_path` is what SIGHUP re-reads.
 pub fn run(cfg: Config, config_path: PathBuf) -> Result<(), StartError> {
     crate::init_logging(&cfg.log_level);
+    // Both read, and then clear, parts of the environment: before the runtime starts a thread.
+    let systemd = Arc::new(Systemd::from_env());
+    let activated = activation::take().map_err(|e| StartError::Io {
+        what: "socket activation".into(),
+        source: std::io::Error::other(e.to_string()),
+    })?;
     // Light work (handshakes, process bookkeeping): one thread is plenty, and keeps the
     // supervisor's footprint small.
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|source| StartError::Io { what: "cannot start the runtime".into(), source })?;
-    rt.block_on(serve(cfg, config_path))
+    let served = rt.block_on(serve(cfg, config_path, Arc::clone(&systemd), activated));
+    if let Err(e) = &served {
+        systemd.notify(&format!("STATUS=cannot start: {e}"));
+    }
+    served
 }
 
-async fn serve(cfg: Config, config_path: PathBuf) -> Result<(), StartError> {
+async fn serve(
+    cfg: Config,
+    config_path: PathBuf,
+    systemd: Arc<Systemd>,
+    mut activated: Vec<Activated>,
+) -> Result<(), StartError> {
     let io = |what: String| move |source| StartError::Io { what, source };
     let mut term = signal(SignalKind::terminate()).map_err(io("cannot handle SIGTERM".into()))?;
     let mut int = signal(SignalKind::interrupt()).map_err(io("cannot handle SIGINT".into()))?;
     let hup = signal(SignalKind::hangup()).map_err(io("cannot handle SIGHUP".into()))?;
-    let listener = crate::server::bind(&cfg.socket, cfg.socket_mode()?)
-        .map_err(io(format!("cannot listen on {}", cfg.socket.display())))?;
+    // Before the Unix socket, so that a failure here leaves no socket file behind.
+    let guests = vsock::listeners(cfg.vsock_port, activation::take_vsock(&mut activated)).map_err(
+        |(port, source)| StartError::Io { what: format!("cannot listen on vsock port {port}"), source },
+    )?;
+    let (listener, shown, own_socket) = unix_listener(&cfg, &mut activated)?;
+    for a in &activated {
+        tracing::warn!(address = %a.address, name = a.name, "systemd passed a socket kekd does not serve; ignoring it");
+    }
 
     let tenants = match start_all(&cfg).await {
         Ok(tenants) => tenants,
         Err(e) => {
             drop(listener);
-            let _ = std::fs::remove_file(&cfg.socket);
+            if let Some(path) = &own_socket {
+                let _ = std::fs::remove_file(path);
+            }
             return Err(e);
         }
     };
     let count = tenants.len();
     let state =
         Arc::new(State { tenants: RwLock::new(tenants), max_frame: AtomicUsize::new(cfg.max_frame_bytes) });
-    tracing::info!(socket = %cfg.socket.display(), tenants = count, "serving");
-    println!("kekd ready socket={}", cfg.socket.display());
+    let guests: Vec<_> =
+        guests.into_iter().map(|l| tokio::spawn(vsock::accept(l, Arc::clone(&state)))).collect();
+    tracing::info!(socket = %shown, vsock_port = cfg.vsock_port, tenants = count, "serving");
+    println!("kekd ready socket={shown}");
     let _ = std::io::stdout().flush();
+    systemd.ready(&serving_status(count, &shown));
+    let watchdog = systemd.spawn_watchdog();
 
     // Reloads run beside the accept loop: stopping a changed tenant's worker may take its
     // whole drain bound, and nobody else's connections should wait for that.
-    let socket = cfg.socket.clone();
-    let reloader = tokio::spawn(reload_on_hangup(hup, Arc::clone(&state), cfg, config_path));
+    let reloader = tokio::spawn(reload_on_hangup(
+        hup,
+        Arc::clone(&state),
+        cfg,
+        config_path,
+        Arc::clone(&systemd),
+        shown.clone(),
+    ));
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -93,7 +130,7 @@ async fn serve(cfg: Config, config_path: PathBuf) -> Result<(), StartError> {
                 }
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
+                    limited_warn!(error = %e, "accept failed");
                     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                 }
             },
@@ -102,13 +139,68 @@ async fn serve(cfg: Config, config_path: PathBuf) -> Result<(), StartError> {
         }
     }
     tracing::info!("shutting down: no new connections; workers finish what they are serving");
+    systemd.stopping("stopping: workers finish what they are serving");
     reloader.abort();
+    for task in guests {
+        task.abort();
+    }
     drop(listener);
-    let _ = std::fs::remove_file(&socket);
+    // An activated socket's file is systemd's: it keeps listening for the next start.
+    if let Some(path) = &own_socket {
+        let _ = std::fs::remove_file(path);
+    }
     let workers = std::mem::take(&mut *state.tenants.write().unwrap_or_else(PoisonError::into_inner));
     futures_join(workers.into_values().map(|(_, w)| w.stop())).await;
+    if let Some(task) = watchdog {
+        task.abort();
+    }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The Unix listener: the one systemd passed (`kekd.socket`), or else `socket`, bound
+/// here. Returns it, its address for the ready line, and the socket file to remove at exit
+/// (none for an activated socket: systemd owns its file).
+fn unix_listener(
+    cfg: &Config,
+    activated: &mut Vec<Activated>,
+) -> Result<(UnixListener, String, Option<PathBuf>), StartError> {
+    let io = |what: String| move |source| StartError::Io { what, source };
+    let mut unix = activation::take_family(activated, Family::Unix);
+    if unix.len() > 1 {
+        let addresses: Vec<_> = unix.iter().map(|a| a.address.as_str()).collect();
+        return Err(StartError::Io {
+            what: "socket activation".into(),
+            source: std::io::Error::other(format!(
+                "systemd passed {} Unix sockets ({}); kekd serves one",
+                unix.len(),
+                addresses.join(", ")
+            )),
+        });
+    }
+    match unix.pop() {
+        Some(a) => {
+            let shown = a.address.clone();
+            if a.path().as_deref() == Some(cfg.socket.as_path()) {
+                tracing::info!(socket = %shown, name = a.name, "serving the socket systemd passed");
+            } else {
+                let configured = cfg.socket.display();
+                tracing::info!(socket = %shown, name = a.name, %configured, "serving the socket systemd passed instead of the configured one");
+            }
+            let listener = a.into_unix_listener().map_err(io(format!("cannot listen on {shown}")))?;
+            Ok((listener, shown, None))
+        }
+        None => {
+            let listener = crate::server::bind(&cfg.socket, cfg.socket_mode()?)
+                .map_err(io(format!("cannot listen on {}", cfg.socket.display())))?;
+            Ok((listener, cfg.socket.display().to_string(), Some(cfg.socket.clone())))
+        }
+    }
+}
+
+/// The `STATUS=` line of a serving supervisor, for `systemctl status`.
+fn serving_status(tenants: usize, socket: &str) -> String {
+    format!("serving {tenants} tenant(s) on {socket}")
 }
 
 /// Starts every tenant's worker at once and waits until all serve. One failure stops the
@@ -137,9 +229,19 @@ async fn start_all(cfg: &Config) -> Result<BTreeMap<TenantName, (Acl, WorkerProc
     }
 }
 
-async fn reload_on_hangup(mut hup: Signal, state: Arc<State>, mut running: Config, path: PathBuf) {
+async fn reload_on_hangup(
+    mut hup: Signal,
+    state: Arc<State>,
+    mut running: Config,
+    path: PathBuf,
+    systemd: Arc<Systemd>,
+    socket: String,
+) {
     while hup.recv().await.is_some() {
+        systemd.reloading();
         running = reload(&state, running, &path).await;
+        let count = state.tenants.read().unwrap_or_else(PoisonError::into_inner).len();
+        systemd.ready(&serving_status(count, &socket));
     }
 }
 
@@ -152,8 +254,11 @@ async fn reload(state: &State, running: Config, path: &Path) -> Config {
             return running;
         }
     };
-    if new.socket != running.socket || new.socket_mode != running.socket_mode {
-        tracing::warn!("SIGHUP: socket and socket_mode changes take effect at the next restart");
+    if new.socket != running.socket
+        || new.socket_mode != running.socket_mode
+        || new.vsock_port != running.vsock_port
+    {
+        tracing::warn!("SIGHUP: socket, socket_mode and vsock_port changes take effect at the next restart");
     }
     state.max_frame.store(new.max_frame_bytes, Ordering::Relaxed);
 

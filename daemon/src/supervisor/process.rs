@@ -71,6 +71,15 @@ impl WorkerProcess {
         &self.spec
     }
 
+    /// A worker that is the test's own end of `channel`: the supervisor side of a hand-off
+    /// without a process behind it.
+    #[cfg(test)]
+    pub fn attached(spec: WorkerSpec, channel: Arc<Channel>) -> WorkerProcess {
+        let (stop, _) = watch::channel(false);
+        let link = Arc::new(Mutex::new(Some(channel)));
+        WorkerProcess { spec, link, stop, task: tokio::spawn(async {}) }
+    }
+
     /// The control channel of the serving worker, if one is serving.
     pub fn link(&self) -> Option<Arc<Channel>> {
         self.link.lock().unwrap_or_else(PoisonError::into_inner).clone()
@@ -191,7 +200,7 @@ impl Keeper {
 
 /// Spawns the tenant's worker (`kekd worker`, or `kekd-tpm-worker` for a TPM tenant)
 /// with the control channel as its stdin and an environment holding nothing but the PIN
-/// variable, if the tenant uses one, and sends it its setup.
+/// variable, if the tenant uses one, and `JOURNAL_STREAM`, if set, and sends it its setup.
 async fn spawn(spec: &WorkerSpec) -> std::io::Result<(Child, Channel)> {
     let (ours, theirs) = handoff::pair()?;
     let mut cmd = match spec.tenant_config.backend() {
@@ -211,6 +220,11 @@ async fn spawn(spec: &WorkerSpec) -> std::io::Result<(Child, Channel)> {
         if let Some(value) = std::env::var_os(var) {
             cmd.env(var, value);
         }
+    }
+    // The worker writes to the same stderr: if that is the journal, its lines must say so
+    // the same way (crate::logging), and it reads this before it clears its environment.
+    if let Some(value) = std::env::var_os(crate::logging::JOURNAL_STREAM) {
+        cmd.env(crate::logging::JOURNAL_STREAM, value);
     }
     let mut cmd = tokio::process::Command::from(cmd);
     cmd.kill_on_drop(true);

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 
 use clap::error::ErrorKind;
 use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
-use kekd_client::{Context, KeyName, Metadata, TenantName};
+use kekd_client::{Context, Endpoint, KeyName, Metadata, TenantName};
 use kekd_proto::MAX_BATCH;
 
 use crate::exit;
@@ -69,10 +69,11 @@ impl FromArgMatches for Global {
     }
 }
 
-/// `bench --tenants A,B` acts for those tenants, so it needs no `--tenant`: the first of
-/// them stands in for it.
+/// `bench --tenants A,B` and `status --tenants A,B` act for those tenants, so they need no
+/// `--tenant`: the first of them stands in for it.
 fn bench_tenant(matches: &ArgMatches) -> Option<TenantName> {
-    let tenants = matches.subcommand_matches("bench")?.try_get_many::<TenantName>("tenants").ok()??;
+    let (_, sub) = matches.subcommand().filter(|(name, _)| ["bench", "status"].contains(name))?;
+    let tenants = sub.try_get_many::<TenantName>("tenants").ok()??;
     tenants.into_iter().next().cloned()
 }
 
@@ -103,6 +104,10 @@ pub struct GlobalArgs {
         default_value = "/run/kekd/kekd.sock"
     )]
     pub socket: PathBuf,
+    /// Connect over vsock to CID:PORT instead of the Unix socket (from a virtual machine
+    /// or enclave: the host is CID 2)
+    #[arg(long, global = true, env = "KEKD_VSOCK", value_name = "CID:PORT", value_parser = parse_vsock)]
+    pub vsock: Option<Endpoint>,
     /// Tenant to act for (required)
     #[arg(long, global = true, env = "KEKD_TENANT", value_name = "NAME", value_parser = parse_tenant)]
     pub tenant: Option<TenantName>,
@@ -132,8 +137,20 @@ pub struct GlobalArgs {
 
 #[derive(Subcommand)]
 pub enum Command {
-    /// Show the tenant worker's health
-    Status,
+    /// Show the tenant's worker: pid, uptime, backend health, lease, cached KEKs, keys and
+    /// their versions (admins only), operations served and errors by code
+    #[command(long_about = "Show the tenant's worker: its pid and uptime, the root key's health \
+            and lease (online, grace, expired), cached KEKs, each key with its versions and \
+            their states (to admins only, like `keys list`), the requests and batch items it \
+            served per operation, and its error answers per status code, all since the worker \
+            started. With --tenants, each tenant listed in turn (with --json, an array); a \
+            tenant that cannot be asked is shown with its error, and the exit status is that \
+            of the first such error.")]
+    Status {
+        /// Tenants to show, comma-separated (default: --tenant)
+        #[arg(long, value_name = "NAME,...", value_delimiter = ',', value_parser = parse_tenant)]
+        tenants: Vec<TenantName>,
+    },
     /// Generate fresh 32-byte data keys
     Generate {
         /// KEK to wrap the data keys with
@@ -287,6 +304,10 @@ fn parse_key(s: &str) -> Result<KeyName, String> {
     KeyName::parse(s)
 }
 
+fn parse_vsock(s: &str) -> Result<Endpoint, String> {
+    Endpoint::parse_vsock(s).map_err(|e| e.to_string())
+}
+
 fn parse_pair(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
         Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
@@ -296,7 +317,8 @@ fn parse_pair(s: &str) -> Result<(String, String), String> {
 
 /// What every command needs besides its own arguments.
 pub struct Settings {
-    pub socket: PathBuf,
+    /// The Unix socket, or the vsock address when `--vsock` is given.
+    pub socket: Endpoint,
     /// Always set for a command that connects; `None` only for an offline one.
     pub tenant: Option<TenantName>,
     pub json: bool,
@@ -342,7 +364,8 @@ impl Global {
             source_address: args.source_address.unwrap_or_default(),
             fields,
         };
-        Ok(Settings { socket: args.socket, tenant, json: args.json, context, metadata })
+        let socket = args.vsock.unwrap_or(Endpoint::Unix(args.socket));
+        Ok(Settings { socket, tenant, json: args.json, context, metadata })
     }
 }
 
@@ -428,6 +451,20 @@ mod tests {
         let err = parse(&["bench", "--tenant", "t", "--batch", "0"]).err().unwrap();
         assert_eq!(err.exit_code(), 2);
         assert!(err.to_string().contains("--batch"), "{err}");
+    }
+
+    #[test]
+    fn status_takes_a_list_of_tenants_instead_of_one() {
+        let cli = parse(&["status", "--tenants", "a,b", "--tenants", "c", "--json"]).unwrap();
+        let Command::Status { tenants } = &cli.command else { panic!("not status") };
+        let names: Vec<&str> = tenants.iter().map(TenantName::as_str).collect();
+        assert_eq!(names, ["a", "b", "c"]);
+        // Without KEKD_TENANT in the environment, the first of them stands in for --tenant.
+        let cli = parse(&["status", "--tenants", "a,b"]).unwrap();
+        assert!(cli.global.settings().is_ok(), "--tenants needs no --tenant");
+        let err = parse(&["status", "--tenants", "a,B"]).err().unwrap();
+        assert_eq!(err.exit_code(), 2);
+        assert!(err.to_string().contains("--tenants"), "{err}");
     }
 
     #[test]

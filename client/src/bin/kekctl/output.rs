@@ -4,6 +4,7 @@
 //! never reallocates and leaves copies behind) and written straight to the file
 //! descriptor, bypassing the standard library's stdout buffer, which is never wiped.
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::AsFd;
@@ -11,7 +12,7 @@ use std::os::fd::AsFd;
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use kekd_client::audit::{Broken, Summary};
-use kekd_client::{Code, ErrorStatus, ItemOk, KeyInfo, StatusInfo};
+use kekd_client::{code_name, Code, ErrorStatus, ItemOk, KeyInfo, StatusInfo, TenantName};
 use serde::Serialize;
 use zeroize::Zeroizing;
 
@@ -206,10 +207,22 @@ struct StatusView<'a> {
     memory_locked: bool,
     worker_pid: u32,
     lease: &'a str,
+    /// Empty unless the caller is an admin of the tenant.
+    key_versions: Vec<KeyView<'a>>,
+    /// By operation name; only operations served at least once.
+    operations: BTreeMap<&'a str, Counts>,
+    /// By code name; only codes answered at least once.
+    errors: BTreeMap<&'static str, Counts>,
 }
 
-pub fn status_json(s: &StatusInfo) -> String {
-    json_line(&StatusView {
+#[derive(Serialize)]
+struct Counts {
+    requests: u64,
+    items: u64,
+}
+
+fn status_view(s: &StatusInfo) -> StatusView<'_> {
+    StatusView {
         tenant: s.tenant.as_str(),
         backend: &s.backend,
         backend_healthy: s.backend_healthy,
@@ -220,9 +233,61 @@ pub fn status_json(s: &StatusInfo) -> String {
         memory_locked: s.memory_locked,
         worker_pid: s.worker_pid,
         lease: &s.lease,
-    })
+        key_versions: s.key_versions.iter().map(key_view).collect(),
+        operations: s
+            .operations
+            .iter()
+            .map(|o| (o.operation.as_str(), Counts { requests: o.requests, items: o.items }))
+            .collect(),
+        errors: s
+            .errors
+            .iter()
+            .map(|e| (code_name(e.code), Counts { requests: e.requests, items: e.items }))
+            .collect(),
+    }
 }
 
+/// One object: the fields of `StatusInfo`, with `operations` and `errors` as objects keyed
+/// by operation and code name, e.g. `"operations":{"unwrap":{"requests":3,"items":48}}`.
+pub fn status_json(s: &StatusInfo) -> String {
+    json_line(&status_view(s))
+}
+
+/// `status --tenants`: an array with one object per tenant, in the order given; a tenant
+/// that could not be asked is `{"tenant":…,"error":{"code":"NOT_FOUND","message":…}}`
+/// (`code` is null for a failure without a wire code).
+pub fn statuses_json(shown: &[(&TenantName, Result<StatusInfo, CliError>)]) -> String {
+    let values: Vec<serde_json::Value> = shown
+        .iter()
+        .map(|(tenant, r)| match r {
+            Ok(s) => serde_json::to_value(status_view(s)).expect("plain data always serialises"),
+            Err(e) => {
+                let (code, message) = match e {
+                    CliError::Status(st) => (Some(code_name(st.code)), st.message.clone()),
+                    other => (None, other.to_string()),
+                };
+                serde_json::json!({ "tenant": tenant.as_str(), "error": { "code": code, "message": message } })
+            }
+        })
+        .collect();
+    json_line(&values)
+}
+
+/// `status --tenants` as text: each tenant's [`status_text`] (or its error), separated by a
+/// blank line.
+pub fn statuses_text(shown: &[(&TenantName, Result<StatusInfo, CliError>)]) -> String {
+    let blocks: Vec<String> = shown
+        .iter()
+        .map(|(tenant, r)| match r {
+            Ok(s) => status_text(s),
+            Err(e) => format!("tenant: {tenant}\nerror: {e}\n"),
+        })
+        .collect();
+    blocks.join("\n")
+}
+
+/// `name: value` lines, then tables of the keys and their versions (when shown), the
+/// operations served and the error answers.
 pub fn status_text(s: &StatusInfo) -> String {
     let health = match (s.backend_healthy, s.backend_error.is_empty()) {
         (true, _) => "ok".to_string(),
@@ -230,7 +295,7 @@ pub fn status_text(s: &StatusInfo) -> String {
         (false, false) => format!("unhealthy: {}", s.backend_error),
     };
     let yes_no = |b| if b { "yes" } else { "no" };
-    format!(
+    let mut out = format!(
         "tenant: {}\nworker pid: {}\nbackend: {}\nhealth: {health}\nlease: {}\ncached KEKs: {}\nkeys: {}\nuptime: {}\nmemory locked: {}\n",
         s.tenant,
         s.worker_pid,
@@ -240,7 +305,46 @@ pub fn status_text(s: &StatusInfo) -> String {
         s.keys,
         uptime(s.uptime_seconds),
         yes_no(s.memory_locked),
-    )
+    );
+    if !s.key_versions.is_empty() {
+        out.push('\n');
+        out.push_str(&keys_table(&s.key_versions));
+    }
+    out.push('\n');
+    if s.operations.is_empty() {
+        out.push_str("operations: none served yet\n");
+    } else {
+        let rows =
+            s.operations.iter().map(|o| [o.operation.clone(), o.requests.to_string(), o.items.to_string()]);
+        out.push_str(&table(["OPERATION", "REQUESTS", "ITEMS"], rows));
+    }
+    out.push('\n');
+    if s.errors.is_empty() {
+        out.push_str("errors: none\n");
+    } else {
+        let rows = s
+            .errors
+            .iter()
+            .map(|e| [code_name(e.code).to_owned(), e.requests.to_string(), e.items.to_string()]);
+        out.push_str(&table(["ERROR", "REQUESTS", "ITEMS"], rows));
+    }
+    out
+}
+
+/// Left-aligned columns two spaces apart, the header first.
+fn table<const N: usize>(header: [&str; N], rows: impl Iterator<Item = [String; N]>) -> String {
+    let rows: Vec<[String; N]> = std::iter::once(header.map(str::to_owned)).chain(rows).collect();
+    let widths: Vec<usize> = (0..N).map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0)).collect();
+    let mut out = String::new();
+    for row in &rows {
+        let mut line = String::new();
+        for (cell, w) in row.iter().zip(&widths) {
+            line.push_str(&format!("{cell:<w$}  "));
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
 }
 
 /// `ok: 1234 records in 3 files, seq 1..1234, head <hash>`; without records just the counts.
@@ -310,7 +414,7 @@ fn uptime(secs: u64) -> String {
 
 #[cfg(test)]
 mod tests {
-    use kekd_client::{KeyName, Secret, TenantName, VersionInfo, VersionState};
+    use kekd_client::{ErrorCount, KeyName, OpCount, Secret, TenantName, VersionInfo, VersionState};
 
     use super::*;
 
@@ -385,27 +489,91 @@ mod tests {
         );
     }
 
-    #[test]
-    fn status_text_lines() {
-        let s = StatusInfo {
+    fn status_info() -> StatusInfo {
+        StatusInfo {
             tenant: TenantName::parse("demo").unwrap(),
             backend: "pkcs11".into(),
             backend_healthy: false,
             backend_error: "token absent".into(),
             cached_keks: 3,
-            keys: 2,
+            keys: 1,
             uptime_seconds: 3723,
             memory_locked: true,
             worker_pid: 4242,
             lease: "online".into(),
-        };
+            key_versions: vec![key_info()],
+            operations: vec![
+                OpCount { operation: "generate".into(), requests: 2, items: 20 },
+                OpCount { operation: "rotate_key".into(), requests: 1, items: 0 },
+            ],
+            errors: vec![ErrorCount { code: Code::DataInvalid, requests: 0, items: 2 }],
+        }
+    }
+
+    #[test]
+    fn status_text_lines() {
+        let s = status_info();
         let text = status_text(&s);
         assert!(text.contains("health: unhealthy: token absent\n"), "{text}");
         assert!(text.contains("uptime: 1h 2m 3s\n"), "{text}");
         assert!(text.contains("memory locked: yes\n"), "{text}");
-        let v: serde_json::Value = serde_json::from_str(&status_json(&s)).unwrap();
+        assert!(
+            text.ends_with(
+                "\nNAME     ACTIVE  VERSIONS\n\
+                 default  2       1:decrypt-only 2:active\n\
+                 \n\
+                 OPERATION   REQUESTS  ITEMS\n\
+                 generate    2         20\n\
+                 rotate_key  1         0\n\
+                 \n\
+                 ERROR         REQUESTS  ITEMS\n\
+                 DATA_INVALID  0         2\n"
+            ),
+            "{text}"
+        );
+        let idle = StatusInfo { key_versions: vec![], operations: vec![], errors: vec![], ..status_info() };
+        let text = status_text(&idle);
+        assert!(
+            text.ends_with("memory locked: yes\n\noperations: none served yet\n\nerrors: none\n"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn status_json_keys_counts_by_name() {
+        let v: serde_json::Value = serde_json::from_str(&status_json(&status_info())).unwrap();
         assert_eq!(v["cached_keks"], 3);
         assert_eq!(v["backend_healthy"], false);
+        assert_eq!(v["worker_pid"], 4242);
+        assert_eq!(
+            v["operations"],
+            serde_json::json!({
+                "generate": {"requests": 2, "items": 20}, "rotate_key": {"requests": 1, "items": 0},
+            })
+        );
+        assert_eq!(v["errors"], serde_json::json!({"DATA_INVALID": {"requests": 0, "items": 2}}));
+        assert_eq!(
+            v["key_versions"][0]["versions"][1],
+            serde_json::json!({"version": 2, "state": "active", "created_unix": 200})
+        );
+    }
+
+    #[test]
+    fn several_tenants_with_an_error_among_them() {
+        let (demo, ghost) = (TenantName::parse("demo").unwrap(), TenantName::parse("ghost").unwrap());
+        let missing =
+            || CliError::Status(ErrorStatus::new(Code::NotFound, "tenant \"ghost\" does not exist"));
+        let shown = [(&demo, Ok(status_info())), (&ghost, Err(missing()))];
+        let v: serde_json::Value = serde_json::from_str(&statuses_json(&shown)).unwrap();
+        assert_eq!(v[0]["tenant"], "demo");
+        assert_eq!(v[0]["worker_pid"], 4242);
+        assert_eq!(
+            v[1],
+            serde_json::json!({"tenant": "ghost", "error": {"code": "NOT_FOUND", "message": "tenant \"ghost\" does not exist"}})
+        );
+        let text = statuses_text(&shown);
+        assert!(text.starts_with("tenant: demo\n"), "{text}");
+        assert!(text.ends_with("DATA_INVALID  0         2\n\ntenant: ghost\nerror: NOT_FOUND: tenant \"ghost\" does not exist\n"), "{text}");
     }
 
     #[test]

@@ -3,7 +3,7 @@
 use kekd_client::bench::BenchArgs;
 use kekd_client::{
     ClientError, ClientOptions, Code, EdekItem, ErrorStatus, ItemOk, ItemResult, KeyInfo, KeyName,
-    MalformedResponse, Pool, PooledClient, RetryPolicy, Secret, TargetState, WrapItem,
+    MalformedResponse, Pool, PooledClient, RetryPolicy, Secret, TargetState, TenantName, WrapItem,
 };
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -18,11 +18,12 @@ const CLIENT_NAME: &str = "kekctl";
 
 pub async fn run(command: Command, s: Settings) -> Result<(), CliError> {
     match command {
-        Command::Status => {
-            let status = connect(&s).await?.status(s.metadata).await?;
+        Command::Status { tenants } if tenants.is_empty() => {
+            let status = connect(&s).await?.status(s.metadata.clone()).await?;
             let text = if s.json { output::status_json(&status) } else { output::status_text(&status) };
             write_stdout(text.as_bytes())
         }
+        Command::Status { tenants } => statuses(&s, &tenants).await,
         Command::Generate { key, count, edek_only } => generate(&s, &key, count as usize, edek_only).await,
         Command::Wrap { key } => {
             let plaintext = output::read_stdin(MAX_SECRET_LEN, "the secret")?;
@@ -112,6 +113,25 @@ pub async fn run(command: Command, s: Settings) -> Result<(), CliError> {
     }
 }
 
+/// `status --tenants A,B`: each tenant's status in turn, one connection each (a connection
+/// serves one tenant). A tenant that cannot be asked is shown with its error and the
+/// others still are; the command then fails with the first such error.
+async fn statuses(s: &Settings, tenants: &[TenantName]) -> Result<(), CliError> {
+    for (i, t) in tenants.iter().enumerate() {
+        if tenants[..i].contains(t) {
+            return Err(CliError::Usage(format!("--tenants: {t} given twice")));
+        }
+    }
+    let mut shown = Vec::with_capacity(tenants.len());
+    for t in tenants {
+        let one = async { Ok::<_, CliError>(connect_to(s, t).await?.status(s.metadata.clone()).await?) };
+        shown.push((t, one.await));
+    }
+    let text = if s.json { output::statuses_json(&shown) } else { output::statuses_text(&shown) };
+    write_stdout(text.as_bytes())?;
+    shown.into_iter().find_map(|(_, r)| r.err()).map_or(Ok(()), Err)
+}
+
 /// Runs the load generator and prints its report. Setup failing (connecting, generating
 /// the EDEK pool) is an error; so is a run in which every request failed, after the report
 /// is printed. Ctrl-C ends the run early and still prints the report.
@@ -127,7 +147,7 @@ async fn bench(s: &Settings, args: BenchArgs) -> Result<(), CliError> {
     };
     let report = kekd_client::bench::run(&config, interrupt).await.map_err(|e| {
         let msg = match &e {
-            ClientError::Io(io) => format!("bench setup: cannot connect to {}: {io}", s.socket.display()),
+            ClientError::Io(io) => format!("bench setup: cannot connect to {}: {io}", s.socket),
             ClientError::Status(status) => format!("bench setup: {}", status.message),
             other => format!("bench setup: {other}"),
         };
@@ -164,11 +184,16 @@ async fn connect(s: &Settings) -> Result<PooledClient, CliError> {
     let tenant = s.tenant.as_ref().ok_or_else(|| {
         CliError::from(ErrorStatus::new(Code::InvalidArgument, "--tenant NAME (or KEKD_TENANT) is required"))
     })?;
+    connect_to(s, tenant).await
+}
+
+/// [`connect`], for `tenant` rather than the one of the command line.
+async fn connect_to(s: &Settings, tenant: &TenantName) -> Result<PooledClient, CliError> {
     let pool = Pool::new(&s.socket, CLIENT_NAME, ClientOptions::default(), RetryPolicy::default());
     let client = pool.tenant(tenant);
     client.hello().await.map(|_| client).map_err(|e| match e {
         ClientError::Io(io) => {
-            let msg = format!("cannot connect to {}: {io}", s.socket.display());
+            let msg = format!("cannot connect to {}: {io}", s.socket);
             ErrorStatus::new(Code::Unavailable, msg).into()
         }
         other => other.into(),

@@ -797,7 +797,7 @@ impl Importer {
                 | R::DataInvalid
                 | R::DataLenRange,
             ) => {
-                tracing::debug!(tenant = %self.tenant, token = %token, error = %describe(e), ?step,
+                limited_debug!(tenant = %self.tenant, token = %token, error = %describe(e), ?step,
                     "key material did not unwrap");
                 let what = match step {
                     Step::Oaep => format!(
