@@ -64,8 +64,103 @@ pub struct Config {
     /// The audit trail (docs/FORMATS.md §5).
     #[serde(default)]
     pub audit: AuditConfig,
+    /// What clients may hold of the daemon: connections, requests in flight, time.
+    #[serde(default)]
+    pub limits: LimitsConfig,
     #[serde(default)]
     pub tenants: BTreeMap<String, TenantConfig>,
+}
+
+/// `[limits]`: what clients may hold of the daemon. The supervisor applies the connection
+/// counts when it greets a connection (it counts each one until the worker serving it
+/// closes it); each worker applies the rest to every connection it serves
+/// ([`ConnectionLimits`]).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Connections open at once, all tenants together, counting those still being greeted.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Connections one tenant may have open at once.
+    #[serde(default = "default_max_connections_per_tenant")]
+    pub max_connections_per_tenant: usize,
+    /// Requests one connection may have in flight (running, or answered and waiting to be
+    /// written out); further frames are not read until one finishes.
+    #[serde(default = "default_max_in_flight")]
+    pub max_in_flight_per_connection: usize,
+    /// A frame whose first byte has arrived must be complete within this; also how long a
+    /// new connection may take to send its Hello. Between frames a connection may be idle.
+    #[serde(default = "default_frame_read_timeout", with = "humantime_serde")]
+    pub frame_read_timeout: Duration,
+    /// Items one batch request may carry.
+    #[serde(default = "default_max_batch_items")]
+    pub max_batch_items: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_connections: default_max_connections(),
+            max_connections_per_tenant: default_max_connections_per_tenant(),
+            max_in_flight_per_connection: default_max_in_flight(),
+            frame_read_timeout: default_frame_read_timeout(),
+            max_batch_items: default_max_batch_items(),
+        }
+    }
+}
+
+impl LimitsConfig {
+    /// Highest connection counts accepted: far beyond what one process's descriptors allow
+    /// by default, low enough to catch a stray digit.
+    pub const MAX_CONNECTIONS: usize = 1 << 20;
+    /// Highest `max_in_flight_per_connection`.
+    pub const MAX_IN_FLIGHT: usize = 65536;
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let field = |f: &str| format!("limits.{f}");
+        for (f, n, max) in [
+            ("max_connections", self.max_connections, Self::MAX_CONNECTIONS),
+            ("max_connections_per_tenant", self.max_connections_per_tenant, Self::MAX_CONNECTIONS),
+            ("max_in_flight_per_connection", self.max_in_flight_per_connection, Self::MAX_IN_FLIGHT),
+            ("max_batch_items", self.max_batch_items, kekd_proto::MAX_BATCH),
+        ] {
+            if !(1..=max).contains(&n) {
+                return Err(ConfigError::new(field(f), format!("must be between 1 and {max}")));
+            }
+        }
+        if self.max_connections_per_tenant > self.max_connections {
+            return Err(ConfigError::new(
+                field("max_connections_per_tenant"),
+                format!(
+                    "{} exceeds max_connections ({})",
+                    self.max_connections_per_tenant, self.max_connections
+                ),
+            ));
+        }
+        if self.frame_read_timeout < Duration::from_millis(100)
+            || self.frame_read_timeout > Duration::from_secs(3600)
+        {
+            return Err(ConfigError::new(field("frame_read_timeout"), "must be between 100ms and 1h"));
+        }
+        Ok(())
+    }
+}
+
+/// What a worker allows each connection it serves: `max_frame_bytes` and its part of
+/// `[limits]`. Travels in the worker's setup, so changing one restarts the workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConnectionLimits {
+    pub max_frame_bytes: usize,
+    pub max_in_flight: usize,
+    #[serde(with = "humantime_serde")]
+    pub frame_read_timeout: Duration,
+    pub max_batch_items: usize,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        Config::connection_limits_of(default_max_frame(), &LimitsConfig::default())
+    }
 }
 
 /// `[audit]`: where each tenant's audit trail goes and what a write failure means.
@@ -219,8 +314,28 @@ pub struct TenantConfig {
     /// `billing/invoices` sealed under `billing` (customer root, tenant, service, DEK).
     #[serde(default = "default_max_key_depth")]
     pub max_key_depth: u32,
+    /// What the worker's system-call filter does with a call its policy does not list
+    /// (daemon/seccomp/, installed once the root key is open).
+    #[serde(default)]
+    pub seccomp: SeccompMode,
     pub pkcs11: Option<Pkcs11Config>,
     pub tpm: Option<TpmConfig>,
+}
+
+/// `seccomp` of a tenant: the worker's system-call filter (README, "The system-call
+/// filter").
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SeccompMode {
+    /// A call the policy does not list kills the worker (SIGSYS); the supervisor logs it
+    /// and restarts the worker.
+    #[default]
+    Enforce,
+    /// A call the policy does not list is allowed, and the kernel logs it (audit log or
+    /// `dmesg`, `type=1326`): to find what a PKCS#11 module needs beyond the policy.
+    Log,
+    /// No filter.
+    Off,
 }
 
 /// Where a tenant's root key lives: exactly one of the backend tables is set.
@@ -372,6 +487,21 @@ fn default_syslog_facility() -> String {
 fn default_max_frame() -> usize {
     kekd_proto::DEFAULT_MAX_FRAME
 }
+fn default_max_connections() -> usize {
+    512
+}
+fn default_max_connections_per_tenant() -> usize {
+    256
+}
+fn default_max_in_flight() -> usize {
+    256
+}
+fn default_frame_read_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_max_batch_items() -> usize {
+    kekd_proto::MAX_BATCH
+}
 fn default_log_level() -> String {
     "info".into()
 }
@@ -418,6 +548,20 @@ impl Config {
         Ok(cfg)
     }
 
+    /// The limits each connection a worker serves is held to.
+    pub fn connection_limits(&self) -> ConnectionLimits {
+        Self::connection_limits_of(self.max_frame_bytes, &self.limits)
+    }
+
+    fn connection_limits_of(max_frame_bytes: usize, l: &LimitsConfig) -> ConnectionLimits {
+        ConnectionLimits {
+            max_frame_bytes,
+            max_in_flight: l.max_in_flight_per_connection,
+            frame_read_timeout: l.frame_read_timeout,
+            max_batch_items: l.max_batch_items,
+        }
+    }
+
     pub fn socket_mode(&self) -> Result<u32, ConfigError> {
         u32::from_str_radix(self.socket_mode.trim_start_matches("0o"), 8)
             .ok()
@@ -432,6 +576,7 @@ impl Config {
             return Err(ConfigError::new("vsock_port", "4294967295 means any port; name one"));
         }
         self.audit.validate()?;
+        self.limits.validate()?;
         if self.max_frame_bytes < 1024 || self.max_frame_bytes > 64 << 20 {
             return Err(ConfigError::new("max_frame_bytes", "must be between 1024 and 67108864"));
         }
@@ -781,5 +926,63 @@ pin_file = "{}"
         let neither = "[tenants.acme]\nallow_uids = [1000]\n";
         let e = Config::parse(neither).unwrap_err();
         assert!(e.problem.contains("[tenants.acme.tpm]"), "{e}");
+    }
+
+    #[test]
+    fn limits_their_defaults_and_their_errors() {
+        let cfg = Config::parse(&with_module("")).unwrap();
+        assert_eq!(cfg.limits, LimitsConfig::default());
+        assert_eq!(
+            (cfg.limits.max_connections, cfg.limits.max_connections_per_tenant),
+            (512, 256),
+            "room for both in the 1024 descriptors a service gets by default"
+        );
+        let conn = cfg.connection_limits();
+        assert_eq!(conn, ConnectionLimits::default());
+        assert_eq!(conn.max_in_flight, 256);
+        assert_eq!(conn.frame_read_timeout, Duration::from_secs(10));
+        assert_eq!(conn.max_batch_items, kekd_proto::MAX_BATCH);
+        assert_eq!(conn.max_frame_bytes, kekd_proto::DEFAULT_MAX_FRAME);
+
+        let limits = |table: &str| format!("{}\n[limits]\n{table}\n", with_module(""));
+        let cfg = Config::parse(&limits(
+            "max_connections = 10\nmax_connections_per_tenant = 3\nmax_in_flight_per_connection = 4\n\
+             frame_read_timeout = \"500ms\"\nmax_batch_items = 16",
+        ))
+        .unwrap();
+        assert_eq!(
+            cfg.connection_limits(),
+            ConnectionLimits {
+                max_frame_bytes: kekd_proto::DEFAULT_MAX_FRAME,
+                max_in_flight: 4,
+                frame_read_timeout: Duration::from_millis(500),
+                max_batch_items: 16,
+            }
+        );
+        assert_eq!((cfg.limits.max_connections, cfg.limits.max_connections_per_tenant), (10, 3));
+        for (table, field, says) in [
+            ("max_connections = 0", "limits.max_connections", "between 1 and"),
+            ("max_connections_per_tenant = 0", "limits.max_connections_per_tenant", "between 1 and"),
+            (
+                "max_connections = 10\nmax_connections_per_tenant = 11",
+                "limits.max_connections_per_tenant",
+                "11 exceeds max_connections (10)",
+            ),
+            (
+                "max_in_flight_per_connection = 0",
+                "limits.max_in_flight_per_connection",
+                "between 1 and 65536",
+            ),
+            ("max_batch_items = 4097", "limits.max_batch_items", "between 1 and 4096"),
+            ("frame_read_timeout = \"10ms\"", "limits.frame_read_timeout", "between 100ms and 1h"),
+            ("frame_read_timeout = \"2h\"", "limits.frame_read_timeout", "between 100ms and 1h"),
+            ("frame_read_timeout = \"soon\"", "limits.frame_read_timeout", ""),
+            ("max_conections = 5", "limits.max_conections", "unknown field"),
+            ("max_connections = -1", "limits.max_connections", ""),
+        ] {
+            let e = Config::parse(&limits(table)).unwrap_err();
+            assert_eq!(e.field, field, "{table}: {e}");
+            assert!(e.problem.contains(says), "{table}: {e}");
+        }
     }
 }

@@ -114,6 +114,19 @@ impl<'a> Edek<'a> {
     }
 }
 
+/// Fuzzing only: the parser's output written back in the layout [`Sealer::seal`] writes,
+/// header by the same code, so that parse and write can be checked against each other.
+#[cfg(feature = "fuzzing")]
+impl Edek<'_> {
+    pub(crate) fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.header.len() + NONCE_LEN + self.sealed.len());
+        header(&self.key, self.version, &mut out);
+        out.extend_from_slice(&self.nonce);
+        out.extend_from_slice(self.sealed);
+        out
+    }
+}
+
 fn split(b: &[u8], n: usize) -> Result<(&[u8], &[u8]), DataInvalid> {
     (b.len() >= n).then(|| b.split_at(n)).ok_or(DataInvalid)
 }

@@ -28,6 +28,8 @@ use crate::worker::WorkerSpec;
 
 /// Largest control message; a worker's setup is a few hundred bytes.
 const MAX_MESSAGE: usize = 64 * 1024;
+/// Most descriptors one message carries: a connection and its lease.
+const MAX_FDS: usize = 2;
 
 /// Supervisor to worker.
 #[derive(Debug, Serialize, Deserialize)]
@@ -35,7 +37,9 @@ const MAX_MESSAGE: usize = 64 * 1024;
 pub enum ToWorker {
     /// The first message: what to open and how to serve.
     Setup(Box<WorkerSpec>),
-    /// A greeted connection, passed as the message's descriptor.
+    /// A greeted connection, passed as the message's first descriptor. The second is its
+    /// lease: one end of a socket pair whose other end the supervisor watches, to count the
+    /// connection as open until the worker closes the lease with it.
     Connection(Handoff),
     /// A Hello for this tenant that the supervisor turned away, for the tenant's audit
     /// trail (the supervisor writes none of its own).
@@ -86,15 +90,10 @@ fn decode<T: DeserializeOwned>(bytes: &[u8]) -> io::Result<T> {
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("bad control message: {e}")))
 }
 
-fn send_raw(fd: RawFd, bytes: &[u8], pass: Option<BorrowedFd<'_>>) -> nix::Result<()> {
-    let fds;
-    let cmsgs: &[ControlMessage] = match &pass {
-        Some(p) => {
-            fds = [p.as_raw_fd()];
-            &[ControlMessage::ScmRights(&fds)]
-        }
-        None => &[],
-    };
+fn send_raw(fd: RawFd, bytes: &[u8], pass: &[BorrowedFd<'_>]) -> nix::Result<()> {
+    let fds: Vec<RawFd> = pass.iter().map(|p| p.as_raw_fd()).collect();
+    let rights = [ControlMessage::ScmRights(&fds)];
+    let cmsgs: &[ControlMessage] = if fds.is_empty() { &[] } else { &rights };
     let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL;
     let sent = sendmsg::<()>(fd, &[IoSlice::new(bytes)], cmsgs, flags, None)?;
     if sent != bytes.len() {
@@ -103,8 +102,9 @@ fn send_raw(fd: RawFd, bytes: &[u8], pass: Option<BorrowedFd<'_>>) -> nix::Resul
     Ok(())
 }
 
-/// One received message: `None` at end of stream (the other side is gone).
-fn recv_raw(fd: RawFd, flags: MsgFlags) -> io::Result<Option<(Vec<u8>, Option<OwnedFd>)>> {
+/// One received message and its descriptors: `None` at end of stream (the other side is
+/// gone).
+fn recv_raw(fd: RawFd, flags: MsgFlags) -> io::Result<Option<(Vec<u8>, Vec<OwnedFd>)>> {
     let mut buf = vec![0u8; MAX_MESSAGE];
     let mut space = nix::cmsg_space!([RawFd; 4]);
     let mut iov = [IoSliceMut::new(&mut buf)];
@@ -124,11 +124,19 @@ fn recv_raw(fd: RawFd, flags: MsgFlags) -> io::Result<Option<(Vec<u8>, Option<Ow
     if bytes == 0 && passed.is_empty() {
         return Ok(None);
     }
-    if truncated || passed.len() > 1 {
+    if truncated || passed.len() > MAX_FDS {
         return Err(io::Error::new(io::ErrorKind::InvalidData, "malformed control message"));
     }
     buf.truncate(bytes);
-    Ok(Some((buf, passed.pop())))
+    Ok(Some((buf, passed)))
+}
+
+/// At most one descriptor, for the messages that carry no more.
+fn single(mut fds: Vec<OwnedFd>) -> io::Result<Option<OwnedFd>> {
+    if fds.len() > 1 {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "unexpected descriptors"));
+    }
+    Ok(fds.pop())
 }
 
 /// Blocking use of a channel, while the worker is still single-threaded (before its
@@ -142,8 +150,8 @@ impl BlockingChannel {
 
     pub fn recv<T: DeserializeOwned>(&self) -> io::Result<T> {
         match recv_raw(self.0.as_raw_fd(), MsgFlags::empty())? {
-            Some((bytes, None)) => decode(&bytes),
-            Some((_, Some(_))) => Err(io::Error::new(io::ErrorKind::InvalidData, "unexpected descriptor")),
+            Some((bytes, fds)) if fds.is_empty() => decode(&bytes),
+            Some(_) => Err(io::Error::new(io::ErrorKind::InvalidData, "unexpected descriptor")),
             None => Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the supervisor closed the channel")),
         }
     }
@@ -151,7 +159,7 @@ impl BlockingChannel {
     pub fn send<T: Serialize>(&self, msg: &T) -> io::Result<()> {
         // MSG_DONTWAIT on a fresh channel fails only if the supervisor stopped reading,
         // and then waiting would not help either.
-        Ok(send_raw(self.0.as_raw_fd(), &encode(msg), None)?)
+        Ok(send_raw(self.0.as_raw_fd(), &encode(msg), &[])?)
     }
 
     pub fn into_inner(self) -> OwnedFd {
@@ -177,6 +185,11 @@ impl Channel {
     /// Sends one message, with `pass` as its descriptor if given. Concurrent senders are
     /// fine: each message is one atomic `sendmsg`.
     pub async fn send<T: Serialize>(&self, msg: &T, pass: Option<BorrowedFd<'_>>) -> io::Result<()> {
+        self.send_fds(msg, pass.as_slice()).await
+    }
+
+    /// [`Self::send`] with any number of descriptors, up to [`MAX_FDS`].
+    pub async fn send_fds<T: Serialize>(&self, msg: &T, pass: &[BorrowedFd<'_>]) -> io::Result<()> {
         let bytes = encode(msg);
         loop {
             let mut ready = self.fd.writable().await?;
@@ -189,6 +202,15 @@ impl Channel {
 
     /// Next message and its descriptor; `None` once the other side has closed.
     pub async fn recv<T: DeserializeOwned>(&self) -> io::Result<Option<(T, Option<OwnedFd>)>> {
+        match self.recv_fds().await? {
+            Some((msg, fds)) => Ok(Some((msg, single(fds)?))),
+            None => Ok(None),
+        }
+    }
+
+    /// Next message and its descriptors (a connection comes with two); `None` once the
+    /// other side has closed.
+    pub async fn recv_fds<T: DeserializeOwned>(&self) -> io::Result<Option<(T, Vec<OwnedFd>)>> {
         loop {
             let mut ready = self.fd.readable().await?;
             match ready.try_io(|fd| recv_raw(fd.as_raw_fd(), MsgFlags::MSG_DONTWAIT)) {

@@ -19,6 +19,8 @@ mod config;
 mod dev;
 mod envelope;
 mod error;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 mod handoff;
 mod keystore;
 mod logging;

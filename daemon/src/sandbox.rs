@@ -13,6 +13,9 @@
 //! 5. [`RunAs::enter`]: groups, then gid, then uid (the other order would leave the process
 //!    unable to change its groups), so the tenant's code runs without root's rights.
 //! 6. [`no_new_privs`]: nothing the worker could exec regains privileges.
+//! 7. [`seccomp`]: the system-call filter of its worker kind, on every thread of the
+//!    process, once the root key is open (opening it needs calls that serving does not:
+//!    loading the module, reading its configuration, logging in as root).
 #![allow(unsafe_code)]
 
 use std::ffi::CString;
@@ -21,6 +24,8 @@ use std::path::Path;
 
 use nix::sys::resource::{setrlimit, Resource};
 use nix::unistd::{Gid, Uid, User};
+
+use crate::config::SeccompMode;
 
 /// Closes every file descriptor above stderr except `keep`, which must be 0 (the control
 /// socket arrives as the worker's stdin). Call before anything in the process opens a file.
@@ -55,6 +60,57 @@ pub fn no_dumps() -> io::Result<()> {
 /// process and anything it runs.
 pub fn no_new_privs() -> io::Result<()> {
     nix::sys::prctl::set_no_new_privs().map_err(io::Error::from)
+}
+
+/// The seccomp policies of `daemon/seccomp/<arch>.json`, compiled by build.rs.
+mod policy {
+    use seccompiler::sock_filter;
+
+    /// One worker kind's filter, compiled both ways.
+    pub(crate) struct Compiled {
+        /// Distinct system calls the policy allows.
+        pub syscalls: usize,
+        /// Kills the process on a call the policy does not list.
+        pub enforce: &'static [sock_filter],
+        /// Lets such a call through and has the kernel log it.
+        pub log: &'static [sock_filter],
+    }
+
+    include!(concat!(env!("OUT_DIR"), "/seccomp.rs"));
+}
+
+/// Which filter of the policy a worker installs: what its backend needs differs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerKind {
+    /// `kekd worker`: a PKCS#11 module loaded in the process.
+    Pkcs11,
+    /// `kekd-tpm-worker`: libtss2 and a TCTI to the TPM.
+    Tpm,
+}
+
+/// Installs the worker's seccomp filter on every thread of the process (TSYNC), for good:
+/// from here on a call the policy does not list kills the whole process with SIGSYS (or,
+/// with [`SeccompMode::Log`], is logged by the kernel and allowed). Needs
+/// [`no_new_privs`] first, as an unprivileged process's filter does. Returns how many
+/// system calls the policy allows.
+pub fn seccomp(kind: WorkerKind, mode: SeccompMode) -> Result<usize, String> {
+    if mode == SeccompMode::Off {
+        return Ok(0);
+    }
+    let compiled = match kind {
+        WorkerKind::Pkcs11 => policy::PKCS11_WORKER,
+        WorkerKind::Tpm => policy::TPM_WORKER,
+    };
+    let Some(compiled) = compiled else {
+        return Err(format!(
+            "this build has no seccomp policy for {} (daemon/seccomp/{}.json): set seccomp = \"off\"",
+            std::env::consts::ARCH,
+            std::env::consts::ARCH
+        ));
+    };
+    let program = if mode == SeccompMode::Log { compiled.log } else { compiled.enforce };
+    seccompiler::apply_filter_all_threads(program).map_err(|e| e.to_string())?;
+    Ok(compiled.syscalls)
 }
 
 /// The user a tenant's worker runs as (`run_as` in the config), resolved from the user
@@ -113,6 +169,16 @@ impl RunAs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn each_worker_kind_has_a_compiled_policy() {
+        for compiled in [policy::PKCS11_WORKER, policy::TPM_WORKER] {
+            let compiled = compiled.expect("seccomp/x86_64.json is compiled in");
+            assert!(compiled.syscalls > 50, "{} system calls", compiled.syscalls);
+            assert!(!compiled.enforce.is_empty() && compiled.enforce != compiled.log);
+        }
+    }
 
     #[test]
     fn resolves_users_by_name_and_uid() {

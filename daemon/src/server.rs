@@ -1,24 +1,32 @@
 //! Connections: the Unix listener (the supervisor's) and pipelined serving of a greeted
 //! connection (a worker's).
 
+use std::future::Future;
+use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
 
 use kekd_proto::{encode_response, pb, Code, ErrorStatus, FrameError, FrameReader, Request, Response};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::UnixListener;
 use tokio::sync::{mpsc, watch};
+use tokio::time::{Instant, Sleep};
 use tracing::Instrument as _;
 use zeroize::{Zeroize, Zeroizing};
 
 use crate::audit::Caller;
+use crate::config::ConnectionLimits;
 use crate::service::TenantService;
 
-/// Requests one connection may have in flight; further frames wait to be read.
-const MAX_IN_FLIGHT: usize = 256;
 /// Responses ready at the same time are sent in one write of up to this size.
 const WRITE_BATCH_BYTES: usize = 256 * 1024;
+/// After a frame timed out, how long the answers already due may still take to go out
+/// before the connection is cut: a client that sends that slowly may not read either.
+const STALLED_WRITE_GRACE: Duration = Duration::from_secs(1);
 
 /// Binds the socket, replacing a stale socket file but never a live one.
 pub fn bind(path: &Path, mode: u32) -> std::io::Result<UnixListener> {
@@ -39,22 +47,49 @@ pub fn bind(path: &Path, mode: u32) -> std::io::Result<UnixListener> {
     Ok(listener)
 }
 
-/// Next request: `Ok(None)` at a clean close; `Ok(Some(Err))` for a request that was framed
-/// fine but is invalid (answer it, keep serving); `Err` for a broken stream (answer if
-/// there is something to say, then close).
-async fn read_request<R: AsyncRead + Unpin>(
-    reader: &mut FrameReader<R>,
-) -> Result<Option<Result<Request, Response>>, Option<Response>> {
-    let close_with = |code, msg: String| Some(Response { id: 0, result: Err(ErrorStatus::new(code, msg)) });
+/// What the next frame of a connection brought.
+enum Next {
+    Request(Request),
+    /// A request that was framed fine but is invalid: answer it, keep serving.
+    Invalid(Response),
+    /// The client closed between frames.
+    Closed,
+    /// A broken stream: answer if there is something to say, then close.
+    Broken(Option<Response>),
+    /// A frame that did not complete within `frame_read_timeout`: answer if the client
+    /// still reads, but close within [`STALLED_WRITE_GRACE`] whatever it does.
+    Stalled(Response),
+}
+
+async fn read_request<R: AsyncRead + Unpin>(reader: &mut FrameReader<FrameClock<R>>) -> Next {
+    let error = |code, msg: String| Response { id: 0, result: Err(ErrorStatus::new(code, msg)) };
     match reader.read::<pb::Request>().await {
-        Ok(None) => Ok(None),
-        Ok(Some(msg)) => Ok(Some(
-            Request::try_from(msg).map_err(|rej| Response { id: rej.id, result: Err(rej.error.into()) }),
-        )),
-        Err(e @ FrameError::TooLarge { .. }) => Err(close_with(Code::ResourceExhausted, e.to_string())),
-        Err(e @ FrameError::Decode(_)) => Err(close_with(Code::InvalidArgument, e.to_string())),
-        Err(FrameError::Truncated | FrameError::Io(_)) => Err(None),
+        Ok(None) => Next::Closed,
+        Ok(Some(msg)) => match Request::try_from(msg) {
+            Ok(req) => Next::Request(req),
+            Err(rej) => Next::Invalid(Response { id: rej.id, result: Err(rej.error.into()) }),
+        },
+        Err(e @ FrameError::TooLarge { .. }) => {
+            Next::Broken(Some(error(Code::ResourceExhausted, e.to_string())))
+        }
+        Err(e @ FrameError::Decode(_)) => Next::Broken(Some(error(Code::InvalidArgument, e.to_string()))),
+        Err(FrameError::Io(e)) if FrameTimedOut::is(&e) => {
+            Next::Stalled(error(Code::ResourceExhausted, e.to_string()))
+        }
+        Err(FrameError::Truncated | FrameError::Io(_)) => Next::Broken(None),
     }
+}
+
+/// The answer to a batch over `max_batch_items`: INVALID_ARGUMENT, as for one over the
+/// protocol's own limit, naming the setting.
+fn batch_refusal(req: &Request, limits: &ConnectionLimits) -> Option<Response> {
+    let n = req.op.batch_len();
+    if n <= limits.max_batch_items {
+        return None;
+    }
+    let msg =
+        format!("items: {n} items exceed the limit of {} (limits.max_batch_items)", limits.max_batch_items);
+    Some(Response { id: req.id, result: Err(ErrorStatus::new(Code::InvalidArgument, msg)) })
 }
 
 /// Serves a greeted connection: each request runs as its own task (so a slow root-key
@@ -63,18 +98,29 @@ async fn read_request<R: AsyncRead + Unpin>(
 /// Once `stop` turns true no further request is read; the requests already read are
 /// answered, then the connection closes.
 /// Any transport: the read and write halves of a Unix or a vsock stream.
+///
+/// Limits: frames up to `max_frame_bytes`; at most `max_in_flight` requests running or
+/// waiting to be written out, beyond which further frames are simply not read
+/// (backpressure: the client's writes block, nothing is refused); a frame that has begun
+/// must be complete within `frame_read_timeout` (RESOURCE_EXHAUSTED, then the connection
+/// closes), though the connection may be idle between frames for as long as it likes;
+/// batches up to `max_batch_items` (INVALID_ARGUMENT, the connection stays open).
 pub async fn serve<R, W>(
     service: Arc<TenantService>,
     caller: Arc<Caller>,
-    mut reader: FrameReader<R>,
+    read: R,
     write: W,
+    limits: ConnectionLimits,
     mut stop: watch::Receiver<bool>,
 ) where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    let (tx, rx) = mpsc::channel::<Response>(MAX_IN_FLIGHT);
-    let writer = tokio::spawn(write_responses(write, rx).in_current_span());
+    let mut reader =
+        FrameReader::new(FrameClock::new(read, limits.frame_read_timeout), limits.max_frame_bytes);
+    let (tx, rx) = mpsc::channel::<Response>(limits.max_in_flight);
+    let mut writer = tokio::spawn(write_responses(write, rx).in_current_span());
+    let mut stalled = false;
     loop {
         let next = tokio::select! {
             biased;
@@ -82,17 +128,26 @@ pub async fn serve<R, W>(
             next = read_request(&mut reader) => next,
         };
         match next {
-            Ok(None) => break,
-            Ok(Some(Err(resp))) => {
+            Next::Closed => break,
+            Next::Invalid(resp) => {
                 service.audit_refusal(&caller, "invalid_request", None, &resp).await;
                 if tx.send(resp).await.is_err() {
                     break;
                 }
             }
-            Ok(Some(Ok(req))) => {
+            Next::Request(req) => {
+                if let Some(resp) = batch_refusal(&req, &limits) {
+                    limited_debug!(tenant = %service.tenant(), peer = %caller.peer, op = req.op.name(), items = req.op.batch_len(), limit = limits.max_batch_items, "batch over max_batch_items refused");
+                    service.audit_refusal(&caller, "invalid_request", Some(&req.metadata), &resp).await;
+                    if tx.send(resp).await.is_err() {
+                        break;
+                    }
+                    continue;
+                }
                 // A slot in the answer channel, reserved before the request starts: at most
-                // MAX_IN_FLIGHT requests run or wait to be written out per connection, and
+                // max_in_flight requests run or wait to be written out per connection, and
                 // an answer can always be sent without waiting, from any task or thread.
+                // While none is free, no further frame is read.
                 let Ok(slot) = tx.clone().reserve_owned().await else { break };
                 let (service, caller) = (Arc::clone(&service), Arc::clone(&caller));
                 tokio::spawn(
@@ -104,7 +159,7 @@ pub async fn serve<R, W>(
                     .in_current_span(),
                 );
             }
-            Err(resp) => {
+            Next::Broken(resp) => {
                 if let Some(resp) = resp {
                     limited_info!(tenant = %service.tenant(), peer = %caller.peer, "closing connection after a bad frame");
                     service.audit_refusal(&caller, "invalid_frame", None, &resp).await;
@@ -112,10 +167,119 @@ pub async fn serve<R, W>(
                 }
                 break;
             }
+            Next::Stalled(resp) => {
+                limited_info!(tenant = %service.tenant(), peer = %caller.peer, timeout = ?limits.frame_read_timeout, "closing connection: a frame was not completed within frame_read_timeout");
+                service.audit_refusal(&caller, "invalid_frame", None, &resp).await;
+                // Never wait for room: a client this slow may not be reading either.
+                let _ = tx.try_send(resp);
+                stalled = true;
+                break;
+            }
         }
     }
     drop(tx);
-    let _ = writer.await;
+    if stalled {
+        if tokio::time::timeout(STALLED_WRITE_GRACE, &mut writer).await.is_err() {
+            // Dropping the write half with the task closes the connection.
+            writer.abort();
+        }
+    } else {
+        let _ = writer.await;
+    }
+}
+
+/// The read half of a connection, held to `frame_read_timeout`: once the first byte of a
+/// frame has arrived, the rest of it must arrive within the timeout, or reads fail with
+/// [`io::ErrorKind::TimedOut`]. Waiting for the first byte of a frame is not bounded: a
+/// connection may be idle between frames (a slowloris is a frame begun and never
+/// finished). It follows the framing (`u32` big-endian length ‖ body) in the bytes it
+/// passes on, so it needs no help from the reader above it.
+struct FrameClock<R> {
+    inner: R,
+    timeout: Duration,
+    framing: Framing,
+    /// Armed while a frame is partly received; reset, not reallocated, per frame.
+    deadline: Pin<Box<Sleep>>,
+    armed: bool,
+}
+
+/// The error a [`FrameClock`] fails a read with.
+#[derive(Debug, thiserror::Error)]
+#[error("frame not completed within {0:?} (limits.frame_read_timeout)")]
+struct FrameTimedOut(Duration);
+
+impl FrameTimedOut {
+    /// Whether a read failed because a frame took too long.
+    fn is(e: &io::Error) -> bool {
+        e.get_ref().is_some_and(|inner| inner.is::<FrameTimedOut>())
+    }
+}
+
+impl<R> FrameClock<R> {
+    fn new(inner: R, timeout: Duration) -> Self {
+        let deadline = Box::pin(tokio::time::sleep_until(Instant::now() + timeout));
+        Self { inner, timeout, framing: Framing::default(), deadline, armed: false }
+    }
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for FrameClock<R> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        // Checked before reading, so that a frame trickled in byte by byte fails too.
+        if this.armed && this.deadline.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, FrameTimedOut(this.timeout))));
+        }
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = polled {
+            let partial = this.framing.feed(&buf.filled()[before..]);
+            // Armed, the deadline is polled at the top of every later read, before the
+            // stream: any read that then waits has the timer to wake it.
+            if partial && !this.armed {
+                this.deadline.as_mut().reset(Instant::now() + this.timeout);
+            }
+            this.armed = partial;
+        }
+        polled
+    }
+}
+
+/// Where the byte stream stands in the framing: in a length prefix (`have` of its 4 bytes
+/// read), in a body (`body_left` bytes to go), or between frames.
+#[derive(Debug, Default)]
+struct Framing {
+    prefix: [u8; 4],
+    have: usize,
+    body_left: usize,
+}
+
+impl Framing {
+    /// Follows `bytes`, read next; returns whether a frame is partly received after them.
+    fn feed(&mut self, mut bytes: &[u8]) -> bool {
+        while !bytes.is_empty() {
+            if self.have < 4 {
+                let n = (4 - self.have).min(bytes.len());
+                self.prefix[self.have..self.have + n].copy_from_slice(&bytes[..n]);
+                self.have += n;
+                bytes = &bytes[n..];
+                if self.have == 4 {
+                    self.body_left = u32::from_be_bytes(self.prefix) as usize;
+                }
+            } else {
+                let n = self.body_left.min(bytes.len());
+                self.body_left -= n;
+                bytes = &bytes[n..];
+            }
+            if self.have == 4 && self.body_left == 0 {
+                self.have = 0;
+            }
+        }
+        self.have != 0
+    }
 }
 
 /// Writes responses, coalescing whatever is ready into one write. Frames carry plaintext
@@ -182,14 +346,111 @@ mod tests {
     use crate::service::testing::{service, user};
 
     fn generate(id: u64) -> Vec<u8> {
+        generate_batch(id, 1)
+    }
+
+    fn generate_batch(id: u64, items: usize) -> Vec<u8> {
         let op = Op::Generate {
             key: KeyName::parse("default").unwrap(),
             edek_only: true,
-            contexts: vec![kekd_proto::Context::default()],
+            contexts: vec![kekd_proto::Context::default(); items],
         };
         let mut frame = Vec::new();
         encode_request(Request { id, metadata: Metadata::default(), op }, &mut frame);
         frame
+    }
+
+    #[test]
+    fn framing_follows_prefixes_and_bodies_however_they_are_cut() {
+        let mut stream = Vec::new();
+        for body in [&b"abc"[..], b"", b"0123456789"] {
+            stream.extend_from_slice(&(body.len() as u32).to_be_bytes());
+            stream.extend_from_slice(body);
+        }
+        // Frame boundaries: after 7 bytes (4 + 3), 11 (an empty frame) and 25.
+        let ends = [7, 11, 25];
+        for cut in 1..=stream.len() {
+            let mut f = Framing::default();
+            let mut at = 0;
+            for chunk in stream.chunks(cut) {
+                at += chunk.len();
+                let partial = f.feed(chunk);
+                assert_eq!(partial, !ends.contains(&at), "chunks of {cut}, after {at} bytes");
+            }
+        }
+        let mut f = Framing::default();
+        assert!(!f.feed(&[]), "nothing read is no frame begun");
+        assert!(f.feed(&[0]), "one byte of a length prefix is a frame begun");
+    }
+
+    /// The slowloris bound: a frame begun must be finished within the timeout, even when
+    /// its bytes trickle in; an idle connection, between frames, is not bounded.
+    #[tokio::test]
+    async fn a_frame_begun_must_finish_in_time_but_idling_between_frames_is_fine() {
+        let timeout = Duration::from_millis(150);
+        let (mut client, server) = tokio::io::duplex(1024);
+        let mut reader = FrameReader::new(FrameClock::new(server, timeout), 1 << 20);
+
+        // Idle for twice the timeout, then a whole frame: read fine.
+        let read = tokio::spawn(async move {
+            let first = reader.read::<pb::Request>().await;
+            (reader, first)
+        });
+        tokio::time::sleep(2 * timeout).await;
+        client.write_all(&generate(1)).await.unwrap();
+        let (mut reader, first) = read.await.unwrap();
+        assert_eq!(first.unwrap().unwrap().request_id, 1);
+
+        // Idle again, then a frame trickled in a byte at a time, each well within the
+        // timeout but the whole far beyond it.
+        let frame = generate(2);
+        let trickle = tokio::spawn(async move {
+            tokio::time::sleep(2 * timeout).await;
+            for b in frame {
+                if client.write_all(&[b]).await.is_err() {
+                    break;
+                }
+                tokio::time::sleep(timeout / 5).await;
+            }
+            client
+        });
+        let started = tokio::time::Instant::now();
+        let e = reader.read::<pb::Request>().await.expect_err("too slow");
+        let took = started.elapsed();
+        assert!(matches!(&e, FrameError::Io(io) if FrameTimedOut::is(io)), "{e:?}");
+        assert!(e.to_string().contains("limits.frame_read_timeout"), "{e}");
+        assert!(took >= 3 * timeout - Duration::from_millis(20) && took < 6 * timeout, "{took:?}");
+        drop(trickle);
+    }
+
+    /// A batch over max_batch_items is refused with INVALID_ARGUMENT naming the setting,
+    /// and the connection goes on serving.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_batch_over_the_limit_is_refused_and_the_connection_serves_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let (svc, _root) = service(dir.path(), "acme");
+        let (client, server) = UnixStream::pair().unwrap();
+        let (read, write) = server.into_split();
+        let (_stop_tx, stop) = watch::channel(false);
+        let limits = ConnectionLimits { max_batch_items: 3, ..ConnectionLimits::default() };
+        let served = tokio::spawn(serve(Arc::new(svc), Arc::new(user()), read, write, limits, stop));
+
+        let (client_read, mut client_write) = client.into_split();
+        let mut responses = FrameReader::new(client_read, 1 << 20);
+        for (id, items, expected) in [(1, 4, Code::InvalidArgument), (2, 3, Code::Ok)] {
+            client_write.write_all(&generate_batch(id, items)).await.unwrap();
+            let resp = responses.read::<pb::Response>().await.unwrap().expect("a response");
+            let (code, message) = resp.status.map_or((0, String::new()), |s| (s.code, s.message));
+            assert_eq!((resp.request_id, code), (id, expected as i32), "{message}");
+            if expected != Code::Ok {
+                assert!(
+                    message.contains("4 items exceed the limit of 3 (limits.max_batch_items)"),
+                    "{message}"
+                );
+            }
+        }
+        drop(client_write);
+        tokio::time::timeout(Duration::from_secs(5), served).await.unwrap().unwrap();
     }
 
     /// The drain contract of SIGTERM, shown with a root key held slow on purpose: a request
@@ -207,8 +468,9 @@ mod tests {
         let served = tokio::spawn(serve(
             Arc::new(svc),
             Arc::new(user()),
-            FrameReader::new(read, 1 << 20),
+            read,
             write,
+            ConnectionLimits::default(),
             stop,
         ));
 

@@ -1210,8 +1210,8 @@ impl<'s> SealerSet<'s> {
 }
 
 /// A service over an in-memory root key, for unit tests of this module and of the
-/// connection code. Never built outside tests.
-#[cfg(test)]
+/// connection code, and for the fuzz targets (feature `fuzzing`). Never built otherwise.
+#[cfg(any(test, feature = "fuzzing"))]
 pub(crate) mod testing {
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     use std::time::Duration;

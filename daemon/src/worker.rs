@@ -31,11 +31,13 @@ use crate::audit::{Audit, Caller};
 use crate::backend::pkcs11::Pkcs11RootKey;
 use crate::backend::{BackendError, RootKey};
 use crate::cache::{KekCache, Lease};
-use crate::config::{AuditConfig, BackendConfig, Config, Tenant, TenantConfig, TpmConfig};
+use crate::config::{
+    AuditConfig, BackendConfig, Config, ConnectionLimits, SeccompMode, Tenant, TenantConfig, TpmConfig,
+};
 use crate::error::Error;
 use crate::handoff::{BlockingChannel, Channel, FromWorker, Handoff, ToWorker};
 use crate::keystore::KeyStore;
-use crate::sandbox::{self, RunAs};
+use crate::sandbox::{self, RunAs, WorkerKind};
 use crate::secret::LockedArena;
 use crate::server;
 use crate::service::{Peer, TenantService};
@@ -48,7 +50,9 @@ pub struct WorkerSpec {
     pub tenant: String,
     pub tenant_config: TenantConfig,
     pub state_dir: PathBuf,
-    pub max_frame_bytes: usize,
+    /// `max_frame_bytes` and the worker's part of `[limits]`; the connection counts are
+    /// the supervisor's alone, so changing them restarts no worker.
+    pub limits: ConnectionLimits,
     pub allow_unlocked_memory: bool,
     pub log_level: String,
     #[serde(with = "humantime_serde")]
@@ -67,7 +71,7 @@ impl WorkerSpec {
             tenant: tenant.name.to_string(),
             tenant_config,
             state_dir: cfg.state_dir.clone(),
-            max_frame_bytes: cfg.max_frame_bytes,
+            limits: cfg.connection_limits(),
             allow_unlocked_memory: cfg.allow_unlocked_memory,
             log_level: cfg.log_level.clone(),
             shutdown_timeout: cfg.shutdown_timeout,
@@ -195,15 +199,14 @@ pub fn main(backends: Backends, args: WorkerArgs) -> ExitCode {
         }
     };
     let shutdown_timeout = spec.shutdown_timeout;
-    let max_frame = spec.max_frame_bytes;
     let poll = spec.tenant_config.revocation_poll;
-    let code = rt.block_on(serve(service, control.into_inner(), max_frame, shutdown_timeout, poll));
+    let code = rt.block_on(serve(service, control.into_inner(), spec.limits, shutdown_timeout, poll));
     // In-flight tasks past the bound are abandoned here; nothing of theirs is written.
     rt.shutdown_timeout(Duration::from_millis(100));
     code
 }
 
-/// Steps 2–6 of the sandbox, with the tenant opened between no_dumps and the user switch.
+/// Steps 2–7 of the sandbox, with the tenant opened between no_dumps and the user switch.
 fn start(spec: &WorkerSpec, backends: Backends) -> Result<Arc<TenantService>, String> {
     let name = TenantName::parse(&spec.tenant).map_err(|e| format!("bad tenant name: {e}"))?;
     let backend = spec.tenant_config.backend().ok_or("no root-key backend is configured")?;
@@ -260,6 +263,21 @@ fn start(spec: &WorkerSpec, backends: Backends) -> Result<Arc<TenantService>, St
         tracing::warn!("runs as root: set run_as to give this tenant's worker its own user");
     }
     sandbox::no_new_privs().map_err(|e| format!("cannot set no_new_privs: {e}"))?;
+    let kind = match backend {
+        BackendConfig::Pkcs11(_) => WorkerKind::Pkcs11,
+        BackendConfig::Tpm(_) => WorkerKind::Tpm,
+    };
+    let mode = spec.tenant_config.seccomp;
+    let allowed =
+        sandbox::seccomp(kind, mode).map_err(|e| format!("cannot install the seccomp filter: {e}"))?;
+    match mode {
+        SeccompMode::Enforce => tracing::info!(syscalls = allowed, "seccomp filter installed"),
+        SeccompMode::Log => tracing::warn!(
+            syscalls = allowed,
+            "seccomp filter installed in log mode: calls outside the policy are logged by the kernel, not refused"
+        ),
+        SeccompMode::Off => tracing::warn!("no seccomp filter (seccomp = \"off\")"),
+    }
     Ok(Arc::new(service))
 }
 
@@ -312,7 +330,7 @@ fn give_state_to(state_dir: &Path, name: &TenantName, user: &RunAs) -> Result<()
 async fn serve(
     service: Arc<TenantService>,
     control: OwnedFd,
-    max_frame: usize,
+    limits: ConnectionLimits,
     bound: Duration,
     revocation_poll: Duration,
 ) -> ExitCode {
@@ -344,10 +362,24 @@ async fn serve(
     let mut connections = JoinSet::new();
     loop {
         tokio::select! {
-            msg = control.recv::<ToWorker>() => match msg {
-                Ok(Some((ToWorker::Connection(handoff), Some(fd)))) => {
+            msg = control.recv_fds::<ToWorker>() => match msg {
+                Ok(Some((ToWorker::Connection(handoff), fds))) => {
+                    // The connection, then its lease: the supervisor counts the connection
+                    // open until the lease closes, which it does when this task ends,
+                    // however it ends (and with the process, if that dies).
+                    let mut fds = fds.into_iter();
+                    let (Some(fd), Some(lease), None) = (fds.next(), fds.next(), fds.next()) else {
+                        tracing::warn!("a connection came without its lease; dropped");
+                        continue;
+                    };
                     let (service, stop) = (Arc::clone(&service), stop.clone());
-                    connections.spawn(connection(service, handoff, fd, max_frame, stop).in_current_span());
+                    connections.spawn(
+                        async move {
+                            connection(service, handoff, fd, limits, stop).await;
+                            drop(lease);
+                        }
+                        .in_current_span(),
+                    );
                 }
                 Ok(Some((ToWorker::Refused(refusal), _))) => {
                     let service = Arc::clone(&service);
@@ -390,7 +422,7 @@ async fn connection(
     service: Arc<TenantService>,
     handoff: Handoff,
     fd: OwnedFd,
-    max_frame: usize,
+    limits: ConnectionLimits,
     stop: watch::Receiver<bool>,
 ) {
     // The supervisor read the peer from this very socket, so its kind says the transport.
@@ -402,7 +434,7 @@ async fn connection(
             match stream.set_nonblocking(true).and_then(|()| UnixStream::from_std(stream)) {
                 Ok(s) => {
                     let (read, write) = s.into_split();
-                    return greet_and_serve(service, caller, id, read, write, max_frame, stop).await;
+                    return greet_and_serve(service, caller, id, read, write, limits, stop).await;
                 }
                 Err(e) => e,
             }
@@ -410,7 +442,7 @@ async fn connection(
         Peer::Vsock { .. } => match tokio_vsock::VsockStream::new(vsock::VsockStream::from(fd)) {
             Ok(s) => {
                 let (read, write) = s.into_split();
-                return greet_and_serve(service, caller, id, read, write, max_frame, stop).await;
+                return greet_and_serve(service, caller, id, read, write, limits, stop).await;
             }
             Err(e) => e,
         },
@@ -418,14 +450,15 @@ async fn connection(
     limited_warn!(error = %taken, peer = %caller.peer, "cannot take over a connection");
 }
 
-/// Answers the Hello the supervisor read, then serves the connection.
-async fn greet_and_serve<R, W>(
+/// Answers the Hello the supervisor read, then serves the connection. Crate-visible for
+/// the fuzz targets (`crate::fuzzing`).
+pub(crate) async fn greet_and_serve<R, W>(
     service: Arc<TenantService>,
     caller: Arc<Caller>,
     hello_id: u64,
     read: R,
     mut write: W,
-    max_frame: usize,
+    limits: ConnectionLimits,
     stop: watch::Receiver<bool>,
 ) where
     R: AsyncRead + Unpin,
@@ -436,8 +469,7 @@ async fn greet_and_serve<R, W>(
     if server::send(&mut write, hello).await.is_err() {
         return;
     }
-    let reader = kekd_proto::FrameReader::new(read, max_frame);
-    server::serve(service, caller, reader, write, stop).await;
+    server::serve(service, caller, read, write, limits, stop).await;
 }
 
 async fn sweep(service: Arc<TenantService>) {
@@ -482,7 +514,7 @@ mod tests {
             Arc::new(svc),
             Handoff { caller, hello_id: 1 },
             theirs.into(),
-            1 << 20,
+            ConnectionLimits::default(),
             stop,
         ));
 

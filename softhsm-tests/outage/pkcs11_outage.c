@@ -10,7 +10,13 @@
  * while the file named by KEKD_OUTAGE_FLAG exists, every call other than
  * C_GetFunctionList, C_Initialize, C_Finalize and C_GetInfo returns CKR_DEVICE_ERROR
  * without reaching the real module. The real token keeps the keys; the proxy only cuts the
- * link. The flag is checked with one access(2) per call.
+ * link. The flag is checked with one access(2) per call (and read while it exists).
+ *
+ * A flag file that holds the word `syscall` instead makes the module misbehave rather
+ * than fail: every C_Encrypt and C_Decrypt first opens a packet socket (socket(AF_PACKET,
+ * SOCK_RAW)), as a library that sniffs the network would, closes it if that worked, and
+ * then forwards the call. kekd's seccomp policy does not allow that call, so a worker
+ * that enforces it is killed by SIGSYS on the spot.
  *
  * Only C_GetFunctionList is exported (built with -fvisibility=hidden), so an application
  * never binds to the proxy's wrappers by symbol and never reaches the real module around
@@ -21,12 +27,16 @@
  */
 
 #define _GNU_SOURCE
+#include <arpa/inet.h>
 #include <dlfcn.h>
+#include <fcntl.h>
+#include <linux/if_ether.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include <p11-kit/pkcs11.h>
@@ -85,9 +95,19 @@ static void init(void) {
     init_rv = CKR_OK;
 }
 
+/* Whether the flag file holds `syscall`: misbehave instead of cutting the link. */
+static int flag_says_syscall(void) {
+    char buf[16] = {0};
+    int fd = open(flag_path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return 0;
+    ssize_t n = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    return n >= 7 && strncmp(buf, "syscall", 7) == 0;
+}
+
 /* Whether the link is cut now; reports each change of state on stderr. */
 static int link_down(void) {
-    int down = access(flag_path, F_OK) == 0;
+    int down = access(flag_path, F_OK) == 0 && !flag_says_syscall();
     if (atomic_exchange(&reported_down, down) != down) {
         if (down) {
             fprintf(stderr, "pkcs11_outage: link to %s cut (%s exists): CKR_DEVICE_ERROR\n", module_path,
@@ -112,6 +132,21 @@ static int link_down(void) {
     static CK_RV proxy_##name params {                                                             \
         if (real == NULL) return CKR_CRYPTOKI_NOT_INITIALIZED;                                     \
         if (real->name == NULL) return CKR_FUNCTION_NOT_SUPPORTED;                                 \
+        if (link_down()) return CKR_DEVICE_ERROR;                                                  \
+        return real->name args;                                                                    \
+    }
+
+/* Forwarded like PROXY, after a system call no PKCS#11 module has any business making
+ * when the flag file says `syscall`. */
+#define MISBEHAVE(name, params, args)                                                              \
+    static CK_RV proxy_##name params {                                                             \
+        if (real == NULL) return CKR_CRYPTOKI_NOT_INITIALIZED;                                     \
+        if (real->name == NULL) return CKR_FUNCTION_NOT_SUPPORTED;                                 \
+        if (access(flag_path, F_OK) == 0 && flag_says_syscall()) {                                 \
+            fprintf(stderr, "pkcs11_outage: " #name " opens a packet socket\n");                  \
+            int fd = socket(AF_PACKET, SOCK_RAW | SOCK_CLOEXEC, htons(ETH_P_ALL));                 \
+            if (fd >= 0) close(fd);                                                                \
+        }                                                                                          \
         if (link_down()) return CKR_DEVICE_ERROR;                                                  \
         return real->name args;                                                                    \
     }
@@ -154,11 +189,11 @@ PROXY(C_FindObjectsInit, (S, CK_ATTRIBUTE_PTR t, CK_ULONG n), (s, t, n))
 PROXY(C_FindObjects, (S, CK_OBJECT_HANDLE_PTR o, CK_ULONG max, CK_ULONG_PTR n), (s, o, max, n))
 PROXY(C_FindObjectsFinal, (S), (s))
 PROXY(C_EncryptInit, (S, M, CK_OBJECT_HANDLE k), (s, m, k))
-PROXY(C_Encrypt, (S, BUF(in), OUT(out)), (s, in, in_len, out, out_len))
+MISBEHAVE(C_Encrypt, (S, BUF(in), OUT(out)), (s, in, in_len, out, out_len))
 PROXY(C_EncryptUpdate, (S, BUF(in), OUT(out)), (s, in, in_len, out, out_len))
 PROXY(C_EncryptFinal, (S, OUT(out)), (s, out, out_len))
 PROXY(C_DecryptInit, (S, M, CK_OBJECT_HANDLE k), (s, m, k))
-PROXY(C_Decrypt, (S, BUF(in), OUT(out)), (s, in, in_len, out, out_len))
+MISBEHAVE(C_Decrypt, (S, BUF(in), OUT(out)), (s, in, in_len, out, out_len))
 PROXY(C_DecryptUpdate, (S, BUF(in), OUT(out)), (s, in, in_len, out, out_len))
 PROXY(C_DecryptFinal, (S, OUT(out)), (s, out, out_len))
 PROXY(C_DigestInit, (S, M), (s, m))

@@ -46,6 +46,11 @@
 //! running. (Moving SoftHSM2's token directory away instead would make the key look deleted,
 //! and SoftHSM2 never recovers from that in the same process.)
 //!
+//! [`Kekd::make_module_misbehave`] writes `syscall` into the same flag file: the proxy then
+//! forwards every call again, but each `C_Encrypt` and `C_Decrypt` first opens a packet
+//! socket, a system call no PKCS#11 module should make and kekd's seccomp policy forbids
+//! (`tests/seccomp.rs`). [`Kekd::restore_token`] ends that too.
+//!
 //! The programs under test are the real `kekd` and `kekctl`, taken from the target directory
 //! the test executable was built into: build them first with `cargo build --workspace --bins`.
 //!
@@ -639,6 +644,8 @@ pub struct Tenant {
     /// Whether the tenant reaches its token through the outage proxy
     /// ([`Tenant::behind_outage_switch`]).
     pub outage_switch: bool,
+    /// `seccomp` in the config (`enforce`, `log` or `off`); `None`: not written.
+    pub seccomp: Option<String>,
     /// The first PKCS#11-only setting used, which puts the tenant on SoftHSM2.
     pkcs11_setting: Option<&'static str>,
 }
@@ -665,6 +672,7 @@ impl Tenant {
             pcrs: None,
             parameter_encryption: None,
             outage_switch: false,
+            seccomp: None,
             pkcs11_setting: None,
         }
     }
@@ -747,6 +755,12 @@ impl Tenant {
             panic!("tenant {:?} is on {backend:?} but sets {setting}, a {other} setting", self.name);
         }
         backend
+    }
+
+    /// `seccomp`: what the worker's system-call filter does (`enforce`, `log`, `off`).
+    pub fn seccomp(mut self, mode: &str) -> Self {
+        self.seccomp = Some(mode.into());
+        self
     }
 
     /// Runs the tenant's worker as `user`.
@@ -983,6 +997,9 @@ impl KekdBuilder {
             }
             if let Some(user) = &t.run_as {
                 cfg.push_str(&format!("run_as = {}\n", toml_str(user)));
+            }
+            if let Some(mode) = &t.seccomp {
+                cfg.push_str(&format!("seccomp = {}\n", toml_str(mode)));
             }
             match &home {
                 RootKeyHome::Token { pin_file, outage_flag, kryoptic, .. } => {
@@ -1305,6 +1322,61 @@ impl Kekd {
         }
     }
 
+    /// The plaintext KEK of `tenant`'s `key` version `version`, recovered from its record in
+    /// the key store with the tenant's SoftHSM2 root key, as a customer holding only the HSM
+    /// and the key store would (docs/FORMATS.md §2). Call it while kekd is stopped: SoftHSM2
+    /// logins from two processes at once are unreliable.
+    #[track_caller]
+    pub fn recover_kek(&self, tenant: &str, key: &str, version: u32) -> Vec<u8> {
+        use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+        use cryptoki::mechanism::aead::GcmParams;
+        use cryptoki::mechanism::Mechanism;
+        use cryptoki::object::Attribute;
+        use cryptoki::session::UserType;
+        use cryptoki::types::AuthPin;
+
+        let RootKeyHome::Token { label, pin, kryoptic: None, .. } = self.home(tenant) else {
+            panic!("tenant {tenant:?} is not on SoftHSM2");
+        };
+        let hex: String = key.bytes().map(|b| format!("{b:02x}")).collect();
+        let path = self.dir().join(format!("state/tenants/{tenant}/keys/{hex}/v{version:010}.kek"));
+        let record: serde_json::Value =
+            serde_json::from_slice(&fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())))
+                .expect("a KEK record is JSON");
+        let sealed = unb64(record["sealed"].as_str().expect("a sealed member"));
+        let (iv, ciphertext) = sealed.split_at(12);
+        let mut aad = b"kekd/kek/v1".to_vec();
+        for s in [tenant, key] {
+            aad.extend_from_slice(&(s.len() as u16).to_be_bytes());
+            aad.extend_from_slice(s.as_bytes());
+        }
+        aad.extend_from_slice(&version.to_be_bytes());
+
+        // SoftHSM2 reads its configuration from the environment at C_Initialize.
+        let hsm = self.hsm.as_ref().expect("a SoftHSM2 tenant has a SoftHSM2 installation");
+        std::env::set_var("SOFTHSM2_CONF", hsm.conf());
+        let pkcs11 = Pkcs11::new(softhsm_module()).expect("load SoftHSM2");
+        pkcs11.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)).expect("C_Initialize");
+        let slot = pkcs11
+            .get_slots_with_token()
+            .unwrap()
+            .into_iter()
+            .find(|s| pkcs11.get_token_info(*s).is_ok_and(|t| t.label() == label))
+            .unwrap_or_else(|| panic!("no token {label:?}"));
+        let session = pkcs11.open_ro_session(slot).unwrap();
+        session.login(UserType::User, Some(&AuthPin::from(pin.as_str()))).expect("log in");
+        let root_label =
+            record["root_key"].as_str().map(str::to_owned).unwrap_or_else(|| root_key_label(tenant));
+        let found = session.find_objects(&[Attribute::Label(root_label.into_bytes())]).unwrap();
+        let mut iv: [u8; 12] = iv.try_into().unwrap();
+        let params = GcmParams::new(&mut iv, &aad, 128.into()).unwrap();
+        let kek = session
+            .decrypt(&Mechanism::AesGcm(params), found[0], ciphertext)
+            .expect("C_Decrypt of the KEK record");
+        assert_eq!(kek.len(), 32, "a KEK is 32 bytes");
+        kek
+    }
+
     /// The label the fixture gives `tenant`'s (first) root key on its token.
     pub fn root_key_label(&self, tenant: &str) -> String {
         root_key_label(tenant)
@@ -1364,6 +1436,18 @@ impl Kekd {
     pub fn cut_token(&self, tenant: &str) {
         let flag = self.outage_flag(tenant);
         fs::write(flag, b"").unwrap_or_else(|e| panic!("create the outage flag {}: {e}", flag.display()));
+    }
+
+    /// Makes `tenant`'s PKCS#11 module misbehave instead of failing: from now on each
+    /// `C_Encrypt` and `C_Decrypt` of its worker first opens a packet socket
+    /// (`socket(AF_PACKET, SOCK_RAW)`, like a library sniffing the network), then goes on as
+    /// usual. The seccomp policy forbids that call. [`Kekd::restore_token`] ends it. Panics
+    /// unless the tenant is [`Tenant::behind_outage_switch`].
+    #[track_caller]
+    pub fn make_module_misbehave(&self, tenant: &str) {
+        let flag = self.outage_flag(tenant);
+        fs::write(flag, b"syscall")
+            .unwrap_or_else(|e| panic!("write the outage flag {}: {e}", flag.display()));
     }
 
     /// Brings `tenant`'s token back after [`Kekd::cut_token`] (a no-op when it is not cut).

@@ -1,31 +1,115 @@
 //! The supervisor's part of a connection: who is calling (SO_PEERCRED), which tenant they
-//! ask for (Hello), whether they may (the tenant's ACL), and the hand-off of the socket to
-//! that tenant's worker. The supervisor reads exactly the Hello frame and not a byte more:
-//! whatever the client pipelined behind it stays in the socket for the worker, and no
-//! request or response ever passes through here.
+//! ask for (Hello), whether they may (the tenant's ACL), whether there is room for it (the
+//! connection limits), and the hand-off of the socket to that tenant's worker. The
+//! supervisor reads exactly the Hello frame and not a byte more: whatever the client
+//! pipelined behind it stays in the socket for the worker, and no request or response
+//! ever passes through here.
+//!
+//! Connection limits: a connection counts against `max_connections` from its accept, and
+//! against its tenant's `max_connections_per_tenant` from its admission, until the worker
+//! serving it closes it. The supervisor no longer holds a handed-over socket, so it passes
+//! a *lease* with it: one end of a socket pair, which the worker keeps as long as the
+//! connection and closes with it (the kernel closes it if the worker dies). The
+//! supervisor's end reads EOF then, and the connection stops counting.
 
+use std::collections::HashMap;
 use std::os::fd::AsFd;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use kekd_proto::{pb, Code, ErrorStatus, FrameError, Hello, Op, Request, Response};
+use kekd_proto::{pb, Code, ErrorStatus, FrameError, Hello, Op, Request, Response, TenantName};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::UnixStream;
 use zeroize::Zeroizing;
 
 use super::State;
 use crate::audit::Caller;
-use crate::config::TenantConfig;
+use crate::config::{LimitsConfig, TenantConfig};
 use crate::handoff::{Channel, Handoff, Refusal, ToWorker};
 use crate::server;
 use crate::service::{Peer, Role};
 
-/// A client that has not sent its Hello by then is dropped, so idle sockets cannot pile
-/// up in the supervisor.
-const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// A worker whose control channel stays full this long is stuck; its callers get
 /// UNAVAILABLE instead of waiting on it.
 const HANDOFF_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connections over `max_connections` whose Hello is awaited (so that the refusal echoes
+/// its id and reaches a client still writing it) at most at once; any more are refused
+/// without waiting.
+const REFUSING_AT_ONCE: usize = 64;
+/// How long a connection over `max_connections` may take to send its Hello.
+const REFUSAL_HELLO_WAIT: Duration = Duration::from_secs(1);
+/// Descriptors a process needs besides its connections' (listeners, control channels,
+/// the key store, the audit trail, the PKCS#11 module's own).
+const SPARE_DESCRIPTORS: u64 = 64;
+
+/// A count of open connections held to a limit: [`Gauge::try_take`] counts one more while
+/// fewer than the limit are open, until the [`Slot`] it returns is dropped. The limit is
+/// given at each take, so a reload that lowers it refuses new connections until enough
+/// old ones have closed, and closes none.
+#[derive(Debug, Default)]
+pub struct Gauge(AtomicUsize);
+
+impl Gauge {
+    pub fn try_take(self: &Arc<Self>, limit: usize) -> Option<Slot> {
+        self.0.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < limit).then_some(n + 1)).ok()?;
+        Some(Slot(Arc::clone(self)))
+    }
+
+    /// Connections counted now.
+    #[cfg(test)]
+    pub fn open(&self) -> usize {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
+/// One connection counted by a [`Gauge`], until dropped.
+#[derive(Debug)]
+pub struct Slot(Arc<Gauge>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0 .0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The supervisor's counts of open connections: all of them, each tenant's, and those
+/// being refused.
+#[derive(Debug, Default)]
+pub struct Admission {
+    all: Arc<Gauge>,
+    refusing: Arc<Gauge>,
+    /// Only configured tenants that admitted a caller get an entry: no client can make it
+    /// grow. Kept across reloads and worker restarts, since a draining worker's
+    /// connections still count.
+    tenants: Mutex<HashMap<TenantName, Arc<Gauge>>>,
+}
+
+impl Admission {
+    fn tenant(&self, name: &TenantName) -> Arc<Gauge> {
+        let mut tenants = self.tenants.lock().unwrap_or_else(PoisonError::into_inner);
+        Arc::clone(tenants.entry(name.clone()).or_default())
+    }
+}
+
+/// Warns when the descriptor limit (RLIMIT_NOFILE, systemd's `LimitNOFILE=`) is too low
+/// for the connection limits: the supervisor holds one descriptor per connection (the
+/// socket while greeting it, then its lease) and a worker two (the socket and the lease).
+pub fn check_descriptor_limit(limits: &LimitsConfig) {
+    use nix::sys::resource::{getrlimit, Resource};
+    let Ok((soft, _)) = getrlimit(Resource::RLIMIT_NOFILE) else { return };
+    let need =
+        (limits.max_connections as u64).max(2 * limits.max_connections_per_tenant as u64) + SPARE_DESCRIPTORS;
+    if soft < need {
+        tracing::warn!(
+            rlimit_nofile = soft,
+            needed = need,
+            "the descriptor limit is lower than limits.max_connections and \
+             limits.max_connections_per_tenant need: raise it (LimitNOFILE=) or lower them, \
+             or connections fail with \"too many open files\" before the limits apply"
+        );
+    }
+}
 
 /// Who may use a tenant, and who may administer it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -80,12 +164,19 @@ pub async fn greet<S>(mut stream: S, peer: Peer, state: &State)
 where
     S: AsyncRead + AsyncWrite + AsFd + Unpin,
 {
-    let hello = match tokio::time::timeout(HELLO_TIMEOUT, read_hello(&mut stream, state.max_frame())).await {
+    let limits = state.limits();
+    // Counted from here, before the Hello: a client that never sends one holds a
+    // connection too, for up to frame_read_timeout.
+    let Some(counted) = state.admission.all.try_take(limits.max_connections) else {
+        return refuse_over_limit(stream, peer, state, &limits).await;
+    };
+    let wait = limits.frame_read_timeout;
+    let hello = match tokio::time::timeout(wait, read_hello(&mut stream, state.max_frame())).await {
         Ok(Ok(hello)) => hello,
         Ok(Err(Some(resp))) => return answer(stream, resp).await,
         Ok(Err(None)) => return,
         Err(_) => {
-            limited_info!(%peer, "no hello within {HELLO_TIMEOUT:?}; closing");
+            limited_info!(%peer, "no hello within {wait:?} (limits.frame_read_timeout); closing");
             return;
         }
     };
@@ -122,13 +213,32 @@ where
         let msg = format!("tenant {:?} is restarting; retry shortly", hello.tenant.as_str());
         return answer(stream, fail(Code::Unavailable, msg)).await;
     };
-    let handoff = ToWorker::Connection(Handoff { caller: Caller { peer, exe, role }, hello_id: id });
     let tenant = hello.tenant.as_str();
-    let refused = match tokio::time::timeout(HANDOFF_TIMEOUT, link.send(&handoff, Some(stream.as_fd()))).await
-    {
-        // Our copy of the socket closes here; the worker's copy carries on.
+    let per_tenant = limits.max_connections_per_tenant;
+    let Some(tenant_counted) = state.admission.tenant(&hello.tenant).try_take(per_tenant) else {
+        limited_warn!(tenant, %peer, limit = per_tenant, "connection refused: the tenant has max_connections_per_tenant open");
+        let msg = format!(
+            "tenant {tenant:?} has its limit of {per_tenant} connections open \
+             (limits.max_connections_per_tenant); retry later"
+        );
+        return answer(stream, fail(Code::ResourceExhausted, msg)).await;
+    };
+    let (lease, workers_lease) = match UnixStream::pair() {
+        Ok(pair) => pair,
+        Err(e) => {
+            limited_warn!(tenant, error = %e, "cannot make a connection lease");
+            let msg = "kekd cannot take the connection now; retry shortly".to_owned();
+            return answer(stream, fail(Code::Unavailable, msg)).await;
+        }
+    };
+    let handoff = ToWorker::Connection(Handoff { caller: Caller { peer, exe, role }, hello_id: id });
+    let fds = [stream.as_fd(), workers_lease.as_fd()];
+    let refused = match tokio::time::timeout(HANDOFF_TIMEOUT, link.send_fds(&handoff, &fds)).await {
+        // Our copies of the socket and of the worker's lease close here; the worker's
+        // carry on, and the connection counts until the worker closes its lease.
         Ok(Ok(())) => {
             limited_debug!(tenant, %peer, client = %hello.client_name, "connection handed over");
+            tokio::spawn(count_until_closed(lease, (counted, tenant_counted)));
             return;
         }
         Ok(Err(e)) => {
@@ -141,6 +251,36 @@ where
         }
     };
     answer(stream, fail(Code::Unavailable, refused)).await
+}
+
+/// Keeps a handed-over connection counted until its worker closes the lease.
+async fn count_until_closed(mut lease: UnixStream, slots: (Slot, Slot)) {
+    // The worker never writes: a read ends at EOF (or an error) once its end is closed.
+    let mut byte = [0u8; 1];
+    while matches!(lease.read(&mut byte).await, Ok(1..)) {}
+    drop(slots);
+}
+
+/// Answers a connection over `max_connections` with RESOURCE_EXHAUSTED and closes it. Its
+/// Hello is awaited briefly first (by at most [`REFUSING_AT_ONCE`] connections at a time),
+/// so that the answer echoes its id and reaches a client that is still writing it.
+async fn refuse_over_limit<S>(mut stream: S, peer: Peer, state: &State, limits: &LimitsConfig)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let max = limits.max_connections;
+    limited_warn!(%peer, limit = max, "connection refused: max_connections are open");
+    let mut id = 0;
+    if let Some(_waiting) = state.admission.refusing.try_take(REFUSING_AT_ONCE) {
+        let wait = limits.frame_read_timeout.min(REFUSAL_HELLO_WAIT);
+        if let Ok(Ok((hello_id, _))) =
+            tokio::time::timeout(wait, read_hello(&mut stream, state.max_frame())).await
+        {
+            id = hello_id;
+        }
+    }
+    let msg = format!("kekd has its limit of {max} connections open (limits.max_connections); retry later");
+    answer(stream, Response { id, result: Err(ErrorStatus::new(Code::ResourceExhausted, msg)) }).await
 }
 
 type Admitted = (Role, Option<Arc<Channel>>);
@@ -223,10 +363,9 @@ async fn answer<S: AsyncWrite + Unpin>(mut stream: S, resp: Response) {
 mod tests {
     use std::collections::BTreeMap;
     use std::io::Write as _;
-    use std::sync::atomic::AtomicUsize;
-    use std::sync::RwLock;
+    use std::os::fd::OwnedFd;
 
-    use kekd_proto::{Metadata, TenantName};
+    use kekd_proto::Metadata;
     use tokio::io::AsyncWriteExt;
 
     use super::*;
@@ -254,15 +393,22 @@ mod tests {
     /// The supervisor of one tenant, `acme`, that admits guest CID 5 and local uid 1000,
     /// and the worker's end of its control channel.
     fn supervisor() -> (State, Channel) {
-        let text = "[tenants.acme]\nallow_uids = [1000]\nallow_cids = [5]\n[tenants.acme.tpm]\ntcti = \"device:/dev/null\"\n";
-        let cfg = Config::parse(text).unwrap();
+        supervisor_with("")
+    }
+
+    /// [`supervisor`] with these lines in its `[limits]` table.
+    fn supervisor_with(limits: &str) -> (State, Channel) {
+        let text = format!(
+            "[limits]\n{limits}\n[tenants.acme]\nallow_uids = [1000]\nallow_cids = [5]\n\
+             [tenants.acme.tpm]\ntcti = \"device:/dev/null\"\n"
+        );
+        let cfg = Config::parse(&text).unwrap();
         let tenant = &cfg.tenants()[0];
         let (ours, theirs) = handoff::pair().unwrap();
         let worker =
             WorkerProcess::attached(WorkerSpec::new(&cfg, tenant), Arc::new(Channel::new(ours).unwrap()));
         let tenants = BTreeMap::from([(tenant.name.clone(), (Acl::from_config(&tenant.config), worker))]);
-        let state = State { tenants: RwLock::new(tenants), max_frame: AtomicUsize::new(1 << 20) };
-        (state, Channel::new(theirs).unwrap())
+        (State::new(tenants, &cfg), Channel::new(theirs).unwrap())
     }
 
     /// A client that has sent its Hello for `acme`, and the supervisor's end of it.
@@ -297,14 +443,15 @@ mod tests {
 
         let (mut guest, accepted) = client().await;
         greet(accepted, Peer::Vsock { cid: 5, port: 1024 }, &state).await;
-        let (msg, fd) = worker.recv::<ToWorker>().await.unwrap().unwrap();
+        let (msg, fds) = worker.recv_fds::<ToWorker>().await.unwrap().unwrap();
         let ToWorker::Connection(handoff) = msg else { panic!("expected a connection, got {msg:?}") };
+        let [fd, _lease]: [OwnedFd; 2] = fds.try_into().expect("the socket and its lease");
         assert_eq!(handoff.caller.peer, Peer::Vsock { cid: 5, port: 1024 });
         assert_eq!(handoff.caller.role, Role::User);
         assert_eq!(handoff.caller.exe, None, "a guest has no local executable");
         assert_eq!(handoff.hello_id, 9);
         // The descriptor is the guest's own connection: what the worker writes, it reads.
-        let mut passed = std::os::unix::net::UnixStream::from(fd.expect("the socket is passed"));
+        let mut passed = std::os::unix::net::UnixStream::from(fd);
         passed.write_all(b"from the worker").unwrap();
         let mut got = [0u8; 15];
         guest.read_exact(&mut got).await.unwrap();
@@ -330,10 +477,95 @@ mod tests {
         // The local caller the same tenant allows is still handed over as before.
         let (_local, accepted) = client().await;
         greet(accepted, Peer::Unix { uid: 1000, gid: 1000, pid: 1 }, &state).await;
-        let (msg, _) = worker.recv::<ToWorker>().await.unwrap().unwrap();
+        let (msg, _) = worker.recv_fds::<ToWorker>().await.unwrap().unwrap();
         let local = Peer::Unix { uid: 1000, gid: 1000, pid: 1 };
         assert!(
             matches!(msg, ToWorker::Connection(h) if h.caller.peer == local && h.caller.role == Role::User)
         );
+    }
+
+    #[test]
+    fn a_gauge_counts_up_to_its_limit_and_frees_on_drop() {
+        let g = Arc::new(Gauge::default());
+        let a = g.try_take(2).expect("first");
+        let b = g.try_take(2).expect("second");
+        assert!(g.try_take(2).is_none(), "a third over a limit of 2");
+        assert_eq!(g.open(), 2, "a refusal counts nothing");
+        drop(a);
+        let c = g.try_take(2).expect("room again once one closed");
+        // A limit lowered below what is open closes nothing and admits nothing new.
+        assert!(g.try_take(1).is_none());
+        assert_eq!(g.open(), 2);
+        drop((b, c));
+        assert_eq!(g.open(), 0);
+        assert!(g.try_take(1).is_some());
+    }
+
+    /// Waits (up to 5 s) until `f` holds: counts drop on the supervisor's own tasks.
+    async fn eventually(what: &str, f: impl Fn() -> bool) {
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while !f() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("not within 5 s: {what}"));
+    }
+
+    /// Both connection limits, through the handshake: a connection over the tenant's limit
+    /// and one over the overall limit (where a silent, unauthenticated one counts too) are
+    /// answered RESOURCE_EXHAUSTED naming their setting and echoing the Hello's id; the
+    /// silent one is dropped after frame_read_timeout, and a handed-over one counts until
+    /// the worker closes its lease.
+    #[tokio::test]
+    async fn connections_count_until_the_worker_closes_the_lease() {
+        let (state, worker) = supervisor_with(
+            "max_connections = 2\nmax_connections_per_tenant = 1\nframe_read_timeout = \"200ms\"",
+        );
+        let state = Arc::new(state);
+        let local = Peer::Unix { uid: 1000, gid: 1000, pid: 1 };
+
+        let (_first, accepted) = client().await;
+        greet(accepted, local, &state).await;
+        let (_, fds) = worker.recv_fds::<ToWorker>().await.unwrap().unwrap();
+        let [_conn, lease]: [OwnedFd; 2] = fds.try_into().expect("the socket and its lease");
+        assert_eq!(state.admission.all.open(), 1, "handed over, and still counted");
+
+        let (mut second, accepted) = client().await;
+        greet(accepted, local, &state).await;
+        let resp = answer_to(&mut second).await;
+        assert_eq!(resp.id, 9);
+        let e = resp.result.expect_err("over the tenant's limit");
+        assert_eq!(e.code, Code::ResourceExhausted);
+        assert!(
+            e.message.contains("max_connections_per_tenant") && e.message.contains("acme"),
+            "{}",
+            e.message
+        );
+
+        // A connection that says nothing holds the second place overall while it waits.
+        let (_silent, accepted) = UnixStream::pair().unwrap();
+        let waiting = tokio::spawn({
+            let state = Arc::clone(&state);
+            async move { greet(accepted, local, &state).await }
+        });
+        eventually("the silent connection is counted", || state.admission.all.open() == 2).await;
+        let (mut third, accepted) = client().await;
+        greet(accepted, local, &state).await;
+        let resp = answer_to(&mut third).await;
+        assert_eq!(resp.id, 9, "the refusal echoes the Hello it read");
+        let e = resp.result.expect_err("over the overall limit");
+        assert_eq!(e.code, Code::ResourceExhausted);
+        assert!(e.message.contains("limits.max_connections)"), "{}", e.message);
+        tokio::time::timeout(Duration::from_secs(5), waiting).await.expect("dropped after 200ms").unwrap();
+        assert_eq!(state.admission.all.open(), 1);
+
+        // The worker closes the connection and its lease: there is room for another.
+        drop(lease);
+        eventually("the lease frees its connection", || state.admission.all.open() == 0).await;
+        let (_again, accepted) = client().await;
+        greet(accepted, local, &state).await;
+        let (msg, _) = worker.recv_fds::<ToWorker>().await.unwrap().unwrap();
+        assert!(matches!(msg, ToWorker::Connection(_)), "admitted again: {msg:?}");
     }
 }

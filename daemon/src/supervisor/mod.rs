@@ -24,10 +24,11 @@ use tokio::net::UnixListener;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
 pub use handshake::Acl;
+use handshake::Admission;
 use process::WorkerProcess;
 
 use crate::activation::{self, Activated, Family};
-use crate::config::Config;
+use crate::config::{Config, LimitsConfig};
 use crate::notify::Systemd;
 use crate::worker::WorkerSpec;
 use crate::StartError;
@@ -36,11 +37,26 @@ use crate::StartError;
 pub struct State {
     tenants: RwLock<BTreeMap<TenantName, (Acl, WorkerProcess)>>,
     max_frame: AtomicUsize,
+    limits: RwLock<LimitsConfig>,
+    admission: Admission,
 }
 
 impl State {
+    fn new(tenants: BTreeMap<TenantName, (Acl, WorkerProcess)>, cfg: &Config) -> Self {
+        State {
+            tenants: RwLock::new(tenants),
+            max_frame: AtomicUsize::new(cfg.max_frame_bytes),
+            limits: RwLock::new(cfg.limits.clone()),
+            admission: Admission::default(),
+        }
+    }
+
     fn max_frame(&self) -> usize {
         self.max_frame.load(Ordering::Relaxed)
+    }
+
+    fn limits(&self) -> LimitsConfig {
+        self.limits.read().unwrap_or_else(PoisonError::into_inner).clone()
     }
 
     fn with_tenant<T>(&self, name: &TenantName, f: impl FnOnce(Option<&(Acl, WorkerProcess)>) -> T) -> T {
@@ -101,8 +117,8 @@ async fn serve(
         }
     };
     let count = tenants.len();
-    let state =
-        Arc::new(State { tenants: RwLock::new(tenants), max_frame: AtomicUsize::new(cfg.max_frame_bytes) });
+    let state = Arc::new(State::new(tenants, &cfg));
+    handshake::check_descriptor_limit(&cfg.limits);
     let guests: Vec<_> =
         guests.into_iter().map(|l| tokio::spawn(vsock::accept(l, Arc::clone(&state)))).collect();
     tracing::info!(socket = %shown, vsock_port = cfg.vsock_port, tenants = count, "serving");
@@ -261,6 +277,12 @@ async fn reload(state: &State, running: Config, path: &Path) -> Config {
         tracing::warn!("SIGHUP: socket, socket_mode and vsock_port changes take effect at the next restart");
     }
     state.max_frame.store(new.max_frame_bytes, Ordering::Relaxed);
+    if new.limits != running.limits {
+        // Connection counts apply to new connections at once; the rest restarts workers.
+        tracing::info!("SIGHUP: limits changed");
+        handshake::check_descriptor_limit(&new.limits);
+        *state.limits.write().unwrap_or_else(PoisonError::into_inner) = new.limits.clone();
+    }
 
     let wanted: BTreeMap<TenantName, _> = new.tenants().into_iter().map(|t| (t.name.clone(), t)).collect();
     // Under one write lock: no handshake sees a half-applied configuration.

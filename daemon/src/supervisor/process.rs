@@ -108,7 +108,7 @@ enum Ended {
     /// a task told to give up.
     Failed(String),
     /// Served, then died: restart it.
-    Exited(String),
+    Exited(std::io::Result<ExitStatus>),
 }
 
 impl Keeper {
@@ -128,7 +128,12 @@ impl Keeper {
                     }
                     tracing::error!(tenant = %self.tenant, "worker could not start: {message}");
                 }
-                Ended::Exited(status) => tracing::warn!(tenant = %self.tenant, "worker exited: {status}"),
+                Ended::Exited(status) if by_seccomp(&status) => {
+                    tracing::error!(tenant = %self.tenant, "worker exited: {}", describe(status))
+                }
+                Ended::Exited(status) => {
+                    tracing::warn!(tenant = %self.tenant, "worker exited: {}", describe(status))
+                }
             }
             if started.elapsed() >= STABLE_AFTER {
                 delay = RESTART_DELAY;
@@ -180,7 +185,7 @@ impl Keeper {
         }
         tracing::info!(tenant = %self.tenant, pid, "worker ready");
         let ended = tokio::select! {
-            status = child.wait() => Ended::Exited(describe(status)),
+            status = child.wait() => Ended::Exited(status),
             _ = stopped(&mut self.stop) => Ended::Stopped,
         };
         if let Ended::Stopped = ended {
@@ -261,8 +266,20 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
 }
 
+/// Whether the worker was killed by its seccomp filter: the kernel kills a process with
+/// SIGSYS for a call its filter refuses.
+fn by_seccomp(status: &std::io::Result<ExitStatus>) -> bool {
+    use std::os::unix::process::ExitStatusExt as _;
+    matches!(status, Ok(s) if s.signal() == Some(libc::SIGSYS))
+}
+
 fn describe(status: std::io::Result<ExitStatus>) -> String {
+    let seccomp = by_seccomp(&status);
     match status {
+        Ok(s) if seccomp => format!(
+            "{s}: killed by its seccomp filter for a system call the policy does not allow \
+             (the kernel's audit log or dmesg names it: type=1326, syscall=N)"
+        ),
         Ok(s) => s.to_string(),
         Err(e) => format!("status unknown: {e}"),
     }
