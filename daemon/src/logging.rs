@@ -123,9 +123,24 @@ where
     }
 }
 
+/// What a test's log subscriber wrote: a writer to hand it, and the text to check.
+#[cfg(test)]
+#[derive(Clone, Default)]
+pub(crate) struct LogBuf(pub std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+#[cfg(test)]
+impl std::io::Write for LogBuf {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use std::sync::{Arc, Mutex};
 
     use super::*;
 
@@ -161,18 +176,7 @@ mod tests {
 
     #[test]
     fn journal_lines_carry_their_priority_and_no_time() {
-        #[derive(Clone, Default)]
-        struct Buf(Arc<Mutex<Vec<u8>>>);
-        impl std::io::Write for Buf {
-            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-                self.0.lock().unwrap().extend_from_slice(b);
-                Ok(b.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
-        let buf = Buf::default();
+        let buf = LogBuf::default();
         let sink = buf.clone();
         let format = tracing_subscriber::fmt::format().without_time().with_ansi(false);
         let subscriber = tracing_subscriber::fmt()

@@ -127,7 +127,7 @@ macro_rules! limited_debug {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::{Arc, Mutex};
+    use std::sync::Arc;
 
     use super::*;
 
@@ -205,18 +205,7 @@ mod tests {
     /// loop runs far within one interval.
     #[test]
     fn the_macros_write_the_burst_and_carry_the_count() {
-        #[derive(Clone, Default)]
-        struct Buf(Arc<Mutex<Vec<u8>>>);
-        impl std::io::Write for Buf {
-            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-                self.0.lock().unwrap().extend_from_slice(b);
-                Ok(b.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
-        let buf = Buf::default();
+        let buf = crate::logging::LogBuf::default();
         let sink = buf.clone();
         let subscriber = tracing_subscriber::fmt()
             .with_writer(move || sink.clone())

@@ -163,6 +163,11 @@ fn sample(store: &Mutex<Vec<Known>>, rng: &mut Rng, n: usize) -> Vec<Known> {
     (0..n).map(|_| s[rng.below(s.len())].clone()).collect()
 }
 
+/// The unwrap (or rewrap) items of remembered data keys.
+fn edek_items(known: &[Known]) -> Vec<EdekItem> {
+    known.iter().map(|k| EdekItem { edek: k.edek.clone(), context: k.context.clone() }).collect()
+}
+
 /// An unwrap result checked against what was wrapped.
 fn check(
     tally: &Tally,
@@ -261,10 +266,7 @@ async fn client(
                 if known.is_empty() {
                     continue;
                 }
-                let items = known
-                    .iter()
-                    .map(|k| EdekItem { edek: k.edek.clone(), context: k.context.clone() })
-                    .collect();
+                let items = edek_items(&known);
                 match c.unwrap(items, Metadata::default()).await {
                     Ok(items) => {
                         for (got, k) in items.iter().zip(&known) {
@@ -279,10 +281,7 @@ async fn client(
                 if known.is_empty() {
                     continue;
                 }
-                let items = known
-                    .iter()
-                    .map(|k| EdekItem { edek: k.edek.clone(), context: k.context.clone() })
-                    .collect();
+                let items = edek_items(&known);
                 match c.rewrap(items, Metadata::default()).await {
                     Ok(items) => {
                         for (item, k) in items.into_iter().zip(known) {
@@ -439,8 +438,7 @@ fn main() {
     for (i, (tenant, c)) in clients.iter().enumerate() {
         let known: Vec<Known> = stores[i].lock().unwrap().clone();
         for chunk in known.chunks(256) {
-            let items =
-                chunk.iter().map(|k| EdekItem { edek: k.edek.clone(), context: k.context.clone() }).collect();
+            let items = edek_items(chunk);
             match rt.block_on(c.unwrap(items, Metadata::default())) {
                 Ok(items) => {
                     for (got, k) in items.iter().zip(chunk) {
