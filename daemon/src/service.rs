@@ -14,7 +14,7 @@ use kekd_proto::{
 };
 use zeroize::Zeroizing;
 
-use crate::audit::{Access, Audit, Caller, Entry, Item, KekFrom, RequestPart, Stamp};
+use crate::audit::{Access, Audit, Caller, Item, KekFrom, Records, RequestPart, Stamp};
 use crate::backend::{BackendError, RootKey, WrappingAlgorithm};
 use crate::cache::{Kek, KekCache, LeaseState, LoadError, Source};
 use crate::clock::BootInstant;
@@ -312,7 +312,7 @@ impl TenantService {
                     tracing::error!(tenant = %self.tenant, flushed = n, "the root key refused: cached KEKs flushed");
                     let error = crate::error::backend_status(e);
                     let detail = serde_json::json!({ "lease": "revoked", "flushed_keks": n });
-                    self.audit.event(Entry::event(self.tenant.as_str(), "lease", Err(&error), detail));
+                    self.audit.event(Records::event(self.tenant.as_str(), "lease", Err(&error), detail));
                 }
             }
             _ => {}
@@ -341,7 +341,7 @@ impl TenantService {
             (None, _) => Err(&*LEASE_EXPIRED),
         };
         let detail = serde_json::json!({ "lease": name });
-        self.audit.event(Entry::event(self.tenant.as_str(), "lease", outcome, detail));
+        self.audit.event(Records::event(self.tenant.as_str(), "lease", outcome, detail));
     }
 
     /// Wipes every cached KEK (shutdown).
@@ -373,7 +373,7 @@ impl TenantService {
         if let Err(e) = &result {
             limited_debug!(tenant = %self.tenant, op = event, peer = %caller.peer, code = e.code.as_str_name(), "request failed");
         }
-        let entries = self.entries(&time, event, &result, audited, &shared);
+        let records = self.records(&time, event, &result, audited, &shared);
         let fail_closed = self.audit.mode() == AuditMode::FailClosed;
         let tenant = self.tenant.clone();
         let stats = Arc::clone(&self.stats);
@@ -391,7 +391,7 @@ impl TenantService {
                 deliver(Response { id, result })
             }
         });
-        self.audit.commit_then(entries, then).await;
+        self.audit.commit_then(records, then).await;
     }
 
     /// [`Self::handle_then`], waiting for the answer.
@@ -421,9 +421,9 @@ impl TenantService {
         let outcome = resp.result.as_ref().map(|_| ());
         let access = Access::default();
         let it = Item { item: None, access: &access, outcome, detail: None };
-        let entry = Entry::new(&Stamp::now(), self.tenant.as_str(), event, it, &shared);
+        let record = Records::one(&Stamp::now(), self.tenant.as_str(), event, it, &shared);
         // Nothing is withheld: the answer is an error either way.
-        let _ = self.audit.commit(vec![entry]).await;
+        let _ = self.audit.commit(record).await;
     }
 
     /// Records a Hello for this tenant that the supervisor's ACL turned away.
@@ -434,8 +434,8 @@ impl TenantService {
         let error = ErrorStatus::new(code, r.message);
         let access = Access::default();
         let it = Item { item: None, access: &access, outcome: Err(&error), detail: None };
-        let entry = Entry::new(&Stamp::now(), self.tenant.as_str(), "hello", it, &shared);
-        let _ = self.audit.commit(vec![entry]).await;
+        let record = Records::one(&Stamp::now(), self.tenant.as_str(), "hello", it, &shared);
+        let _ = self.audit.commit(record).await;
     }
 
     /// Records a connection the supervisor handed over (its Hello was accepted).
@@ -450,25 +450,24 @@ impl TenantService {
     }
 
     /// One audit record per item of a batch answer; one for anything else.
-    fn entries(
+    fn records(
         &self,
         time: &Stamp,
         event: &str,
         result: &Result<Reply, ErrorStatus>,
         audited: Audited,
         shared: &RequestPart,
-    ) -> Vec<Entry> {
+    ) -> Records {
         let tenant = self.tenant.as_str();
         match (result, audited) {
-            (Ok(Reply::Batch(items)), Audited::Items(accesses)) => items
-                .iter()
-                .zip(accesses.iter())
-                .enumerate()
-                .map(|(i, (r, access))| {
+            (Ok(Reply::Batch(items)), Audited::Items(accesses)) => {
+                let mut records = Records::new(time, shared, items.len());
+                for (i, (r, access)) in items.iter().zip(accesses.iter()).enumerate() {
                     let it = Item { item: Some(i), access, outcome: r.as_ref().map(|_| ()), detail: None };
-                    Entry::new(time, tenant, event, it, shared)
-                })
-                .collect(),
+                    records.push(time, tenant, event, it);
+                }
+                records
+            }
             (result, audited) => {
                 let (access, detail) = match audited {
                     Audited::Whole(a, d) => (a, d),
@@ -480,7 +479,7 @@ impl TenantService {
                     outcome: result.as_ref().map(|_| ()),
                     detail: detail.as_ref(),
                 };
-                vec![Entry::new(time, tenant, event, it, shared)]
+                Records::one(time, tenant, event, it, shared)
             }
         }
     }

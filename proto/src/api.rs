@@ -71,9 +71,10 @@ impl fmt::Display for TenantName {
 }
 
 /// A KEK name: `/`-separated segments of `[A-Za-z0-9._-]`, at most 128 bytes. Segments
-/// leave room for key chains (`billing/invoices`).
+/// leave room for key chains (`billing/invoices`). Shared, not copied, when cloned: a
+/// batch names its key once per item in answers and audit records.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct KeyName(String);
+pub struct KeyName(std::sync::Arc<str>);
 
 impl KeyName {
     pub fn parse(s: &str) -> Result<Self, String> {
@@ -86,7 +87,7 @@ impl KeyName {
                 return Err("must be '/'-separated segments of A-Z, a-z, 0-9, '.', '_' and '-'".into());
             }
         }
-        Ok(Self(s.to_owned()))
+        Ok(Self(s.into()))
     }
     pub fn as_str(&self) -> &str {
         &self.0
@@ -592,12 +593,12 @@ impl From<Request> for pb::Request {
                 client_name: h.client_name,
             }),
             Op::Generate { key, edek_only, contexts } => P::Generate(pb::GenerateDataKeyRequest {
-                key_name: key.0,
+                key_name: key.0.to_string(),
                 edek_only,
                 items: contexts.into_iter().map(|c| pb::GenerateItem { context: ctx(c) }).collect(),
             }),
             Op::Wrap { key, items } => P::Wrap(pb::WrapRequest {
-                key_name: key.0,
+                key_name: key.0.to_string(),
                 items: items
                     .into_iter()
                     .map(|it| pb::WrapItem { plaintext: it.plaintext.into_wire(), context: ctx(it.context) })
@@ -606,11 +607,11 @@ impl From<Request> for pb::Request {
             Op::Unwrap(items) => P::Unwrap(pb::UnwrapRequest { items: edeks(items) }),
             Op::Rewrap(items) => P::Rewrap(pb::RewrapRequest { items: edeks(items) }),
             Op::Status => P::Status(pb::StatusRequest {}),
-            Op::CreateKey(k) => P::CreateKey(pb::CreateKeyRequest { key_name: k.0 }),
-            Op::RotateKey(k) => P::RotateKey(pb::RotateKeyRequest { key_name: k.0 }),
+            Op::CreateKey(k) => P::CreateKey(pb::CreateKeyRequest { key_name: k.0.to_string() }),
+            Op::RotateKey(k) => P::RotateKey(pb::RotateKeyRequest { key_name: k.0.to_string() }),
             Op::SetVersionState { key, version, state } => {
                 P::SetKeyVersionState(pb::SetKeyVersionStateRequest {
-                    key_name: key.0,
+                    key_name: key.0.to_string(),
                     version,
                     state: match state {
                         TargetState::DecryptOnly => pb::VersionState::DecryptOnly,
@@ -622,7 +623,7 @@ impl From<Request> for pb::Request {
             Op::ListKeys => P::ListKeys(pb::ListKeysRequest {}),
             Op::SetKeyPolicy { key, min_decrypt_version, keep_versions } => {
                 P::SetKeyPolicy(pb::SetKeyPolicyRequest {
-                    key_name: key.0,
+                    key_name: key.0.to_string(),
                     min_decrypt_version,
                     keep_versions,
                 })
@@ -816,7 +817,7 @@ fn version_state_pb(s: VersionState) -> pb::VersionState {
 impl From<KeyInfo> for pb::KeyInfo {
     fn from(k: KeyInfo) -> Self {
         pb::KeyInfo {
-            name: k.name.0,
+            name: k.name.0.to_string(),
             active_version: k.active_version,
             versions: k
                 .versions
@@ -856,7 +857,7 @@ impl From<Response> for pb::Response {
                                     status: status_pb(Code::Ok, String::new()),
                                     plaintext: ok.plaintext.map(Secret::into_wire).unwrap_or_default(),
                                     edek: ok.edek.unwrap_or_default(),
-                                    key_name: ok.key.0,
+                                    key_name: ok.key.0.to_string(),
                                     key_version: ok.version,
                                 },
                                 Err(e) => pb::ItemResult {

@@ -10,7 +10,7 @@
 
 use std::sync::{Mutex, PoisonError};
 
-use super::record::Entry;
+use super::record::Records;
 
 /// What a request does once its records were written, or could not be.
 pub type Then = Box<dyn FnOnce(Result<(), String>) + Send>;
@@ -22,7 +22,7 @@ pub struct Combiner {
 
 #[derive(Default)]
 struct State {
-    pending: Vec<Entry>,
+    pending: Vec<Records>,
     waiting: Vec<Then>,
     /// Requests in the pending group.
     joined: u32,
@@ -33,17 +33,17 @@ struct State {
 }
 
 impl Combiner {
-    /// Adds `entries` to the pending group; `then` runs once the group is written by
+    /// Adds `records` to the pending group; `then` runs once the group is written by
     /// `write` (which is never called twice at once).
     pub async fn commit_then(
         &self,
-        entries: Vec<Entry>,
+        records: Records,
         then: Then,
-        write: impl Fn(Vec<Entry>) -> Result<(), String>,
+        write: impl Fn(Vec<Records>) -> Result<(), String>,
     ) {
         {
             let mut s = self.lock();
-            s.pending.extend(entries);
+            s.pending.push(records);
             s.waiting.push(then);
             s.joined += 1;
             if std::mem::replace(&mut s.leading, true) {
@@ -65,7 +65,7 @@ impl Combiner {
     }
 
     /// Writes what is pending now, outside any task (shutdown).
-    pub fn flush(&self, write: impl Fn(Vec<Entry>) -> Result<(), String>) {
+    pub fn flush(&self, write: impl Fn(Vec<Records>) -> Result<(), String>) {
         let lead = Lead { combiner: self, write: &write, armed: false };
         while !self.lock().leading && lead.write_group() {}
     }
@@ -75,13 +75,13 @@ impl Combiner {
     }
 }
 
-struct Lead<'a, W: Fn(Vec<Entry>) -> Result<(), String>> {
+struct Lead<'a, W: Fn(Vec<Records>) -> Result<(), String>> {
     combiner: &'a Combiner,
     write: &'a W,
     armed: bool,
 }
 
-impl<W: Fn(Vec<Entry>) -> Result<(), String>> Lead<'_, W> {
+impl<W: Fn(Vec<Records>) -> Result<(), String>> Lead<'_, W> {
     /// Writes the pending group and answers its members; false (and the lead given up, in
     /// the same critical section a newcomer checks it in) when there is none.
     fn write_group(&self) -> bool {
@@ -102,7 +102,7 @@ impl<W: Fn(Vec<Entry>) -> Result<(), String>> Lead<'_, W> {
     }
 }
 
-impl<W: Fn(Vec<Entry>) -> Result<(), String>> Drop for Lead<'_, W> {
+impl<W: Fn(Vec<Records>) -> Result<(), String>> Drop for Lead<'_, W> {
     fn drop(&mut self) {
         if self.armed {
             while self.write_group() {}
@@ -117,20 +117,27 @@ mod tests {
 
     use super::*;
 
-    fn entry() -> Entry {
-        Entry::raw("2026-11-23", "{\"time\":\"t\"}")
+    fn records(n: usize) -> Records {
+        let t = crate::audit::Stamp::now();
+        let mut r = Records::new(&t, &crate::audit::RequestPart::none(), n);
+        let access = crate::audit::Access::default();
+        for i in 0..n {
+            let it = crate::audit::Item { item: Some(i), access: &access, outcome: Ok(()), detail: None };
+            r.push(&t, "acme", "unwrap", it);
+        }
+        r
     }
 
     async fn commit(
         c: &Combiner,
         n: usize,
-        write: impl Fn(Vec<Entry>) -> Result<(), String>,
+        write: impl Fn(Vec<Records>) -> Result<(), String>,
     ) -> Result<(), String> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let then: Then = Box::new(move |r| {
             let _ = tx.send(r);
         });
-        c.commit_then((0..n).map(|_| entry()).collect(), then, write).await;
+        c.commit_then(records(n), then, write).await;
         rx.await.expect("every request is answered")
     }
 
@@ -146,7 +153,7 @@ mod tests {
                 let n = 1 + i % 3;
                 commit(&c, n, |batch| {
                     writes.fetch_add(1, Ordering::SeqCst);
-                    records.fetch_add(batch.len(), Ordering::SeqCst);
+                    records.fetch_add(batch.iter().map(Records::len).sum::<usize>(), Ordering::SeqCst);
                     // As slow as a write: the requests arriving meanwhile join the next one.
                     std::thread::sleep(std::time::Duration::from_micros(300));
                     Ok(())
@@ -167,7 +174,7 @@ mod tests {
     #[tokio::test]
     async fn a_failed_group_fails_its_requests_and_the_next_one_may_succeed() {
         let c = Combiner::default();
-        let fail = |_: Vec<Entry>| Err("disk full".to_string());
+        let fail = |_: Vec<Records>| Err("disk full".to_string());
         assert_eq!(commit(&c, 1, fail).await, Err("disk full".into()));
         assert_eq!(commit(&c, 2, fail).await, Err("disk full".into()));
         assert_eq!(commit(&c, 1, |_| Ok(())).await, Ok(()));
@@ -184,7 +191,7 @@ mod tests {
             assert_eq!(r, Ok(()));
             a.fetch_add(1, Ordering::SeqCst);
         });
-        let fut = c.commit_then(vec![entry()], then, |_| Ok(()));
+        let fut = c.commit_then(records(1), then, |_| Ok(()));
         let mut fut = Box::pin(fut);
         // First poll: it takes the lead and yields.
         assert!(futures_poll_once(fut.as_mut()).is_pending());

@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-pub use record::{Access, Caller, Entry, Item, KekFrom, RequestPart, Stamp};
+pub use record::{Access, Caller, Item, KekFrom, Records, RequestPart, Stamp};
 use tokio::sync::oneshot;
 
 use crate::config::{AuditConfig, AuditMode, FsyncPolicy};
@@ -31,7 +31,7 @@ type Done = oneshot::Sender<Result<(), String>>;
 pub use combine::Then;
 
 enum Msg {
-    Write(Vec<Entry>, Option<Then>),
+    Write(Records, Option<Then>),
     /// Write what is queued, fsync, and stop.
     Close(Done),
 }
@@ -113,7 +113,7 @@ impl Audit {
             Sink::Thread(tx)
         };
         let audit = Audit { sink, mode: cfg.mode };
-        audit.event(Entry::event(tenant, "audit", Ok(()), opened));
+        audit.event(Records::event(tenant, "audit", Ok(()), opened));
         Ok(audit)
     }
 
@@ -121,16 +121,16 @@ impl Audit {
         self.mode
     }
 
-    /// Writes `entries`; `then` runs once they are written (by policy, on disk), or could
+    /// Writes `records`; `then` runs once they are written (by policy, on disk), or could
     /// not be: on whichever task or thread wrote them, so it must be quick (send an answer).
-    pub async fn commit_then(&self, entries: Vec<Entry>, then: Then) {
+    pub async fn commit_then(&self, records: Records, then: Then) {
         match &self.sink {
             Sink::Inline { core, groups, .. } => {
-                groups.commit_then(entries, then, |group| lock(core).write_and_forward(group)).await
+                groups.commit_then(records, then, |group| lock(core).write_and_forward(group)).await
             }
             Sink::Thread(tx) => {
                 if let Err(mpsc::SendError(Msg::Write(_, Some(then)))) =
-                    tx.send(Msg::Write(entries, Some(then)))
+                    tx.send(Msg::Write(records, Some(then)))
                 {
                     then(Err("the audit writer has stopped".into()));
                 }
@@ -138,24 +138,24 @@ impl Audit {
         }
     }
 
-    /// Writes `entries` and waits until they are written (by policy, on disk).
-    pub async fn commit(&self, entries: Vec<Entry>) -> Result<(), AuditError> {
+    /// Writes `records` and waits until they are written (by policy, on disk).
+    pub async fn commit(&self, records: Records) -> Result<(), AuditError> {
         let (done, wait) = oneshot::channel();
         let then: Then = Box::new(move |r| {
             let _ = done.send(r);
         });
-        self.commit_then(entries, then).await;
+        self.commit_then(records, then).await;
         wait.await.map_err(|_| AuditError("the audit writer has stopped".into()))?.map_err(AuditError)
     }
 
     /// Writes an event nobody waits on (a lease change).
-    pub fn event(&self, entry: Entry) {
+    pub fn event(&self, record: Records) {
         match &self.sink {
             Sink::Inline { core, .. } => {
-                let _ = lock(core).write_and_forward(vec![entry]);
+                let _ = lock(core).write_and_forward(vec![record]);
             }
             Sink::Thread(tx) => {
-                let _ = tx.send(Msg::Write(vec![entry], None));
+                let _ = tx.send(Msg::Write(record, None));
             }
         }
     }
@@ -230,14 +230,16 @@ fn sync_every(core: &Mutex<Core>, stop: &AtomicBool, every: Duration) {
 /// The writer thread of `fsync = "record" | "batch"`.
 fn group_commit(mut core: Core, rx: mpsc::Receiver<Msg>) {
     while let Ok(first) = rx.recv() {
-        let mut entries = Vec::new();
+        let mut group = Vec::new();
+        let mut count = 0;
         let mut waiting = Vec::new();
         let mut close = None;
         let mut next = Some(first);
         while let Some(m) = next.take() {
             match m {
-                Msg::Write(e, done) => {
-                    entries.extend(e);
+                Msg::Write(records, done) => {
+                    count += records.len();
+                    group.push(records);
                     waiting.extend(done);
                 }
                 Msg::Close(done) => {
@@ -245,11 +247,11 @@ fn group_commit(mut core: Core, rx: mpsc::Receiver<Msg>) {
                     break;
                 }
             }
-            if entries.len() < MAX_GROUP {
+            if count < MAX_GROUP {
                 next = rx.try_recv().ok();
             }
         }
-        let result = core.write(entries);
+        let result = core.write(group);
         for then in waiting {
             then(result.clone());
         }
@@ -283,8 +285,8 @@ struct Core {
 }
 
 impl Core {
-    fn write_and_forward(&mut self, entries: Vec<Entry>) -> Result<(), String> {
-        let result = self.write(entries);
+    fn write_and_forward(&mut self, group: Vec<Records>) -> Result<(), String> {
+        let result = self.write(group);
         if result.is_ok() {
             self.forward();
         }
@@ -299,19 +301,19 @@ impl Core {
         }
     }
 
-    fn write(&mut self, mut entries: Vec<Entry>) -> Result<(), String> {
-        if entries.is_empty() {
+    fn write(&mut self, mut group: Vec<Records>) -> Result<(), String> {
+        let count = group.iter().map(Records::len).sum::<usize>() as u64;
+        if count == 0 {
             return Ok(());
         }
-        let count = entries.len() as u64;
         if let Some(o) = &self.outage {
             let detail = serde_json::json!({
                 "unwritten_records": o.unwritten, "since": o.since, "mode": self.mode,
             });
             let error = kekd_proto::ErrorStatus::new(kekd_proto::Code::Unavailable, o.error.clone());
-            entries.insert(0, Entry::event(&self.tenant, "audit", Err(&error), detail));
+            group.insert(0, Records::event(&self.tenant, "audit", Err(&error), detail));
         }
-        match self.w.append(&entries) {
+        match self.w.append(&group) {
             Ok(()) => {
                 if let Some(o) = self.outage.take() {
                     tracing::warn!(

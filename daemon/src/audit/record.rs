@@ -5,7 +5,6 @@
 //! is serialised once per request, so a batch of 256 items costs 256 small serialisations,
 //! not 256 copies of the caller's metadata.
 
-use std::io::Write as _;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -60,14 +59,18 @@ pub struct Caller {
     pub role: Role,
 }
 
-/// A record ready for the chain: its members between `prev` and `hash`, and the UTC date
-/// (`YYYY-MM-DD`) that picks its file. The writer copies them straight into its buffer, so
-/// an entry is built with two allocations and the request's shared half with none.
+/// The records of one request (one per batch item) or of one event, ready for the chain:
+/// for each record, its members between `prev` and `hash`, and the UTC date
+/// (`YYYY-MM-DD`) that picks their file. The items' own members lie one after the other
+/// in one buffer, so a batch of 256 items costs one allocation, not 256, and the
+/// request's shared half none: the writer copies both straight into its own buffer.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Entry {
+pub struct Records {
     pub date: [u8; 10],
-    /// The item's own members as a JSON object, braces included, starting with `"time"`.
-    item: Vec<u8>,
+    /// The items' own members, each without braces, starting with `"time"`.
+    items: Vec<u8>,
+    /// Where each item's members end in `items`.
+    ends: Vec<usize>,
     /// The request's members, without braces; may be empty.
     shared: Arc<str>,
 }
@@ -182,60 +185,88 @@ pub struct Item<'a> {
     pub detail: Option<&'a serde_json::Value>,
 }
 
-impl Entry {
-    /// Written by hand, not through serde: this runs once per batch item, and every
-    /// string but the error message and the detail is of a charset that needs no JSON
-    /// escaping (tenant and key names are validated, times and event names are ours).
-    pub fn new(time: &Stamp, tenant: &str, event: &str, it: Item<'_>, shared: &RequestPart) -> Entry {
+impl Records {
+    /// Room for `items` records of one request, all stamped `time`.
+    pub fn new(time: &Stamp, shared: &RequestPart, items: usize) -> Records {
+        let date = time.as_str().as_bytes()[..10].try_into().expect("RFC 3339 starts with the date");
+        Records {
+            date,
+            items: Vec::with_capacity(items * 160),
+            ends: Vec::with_capacity(items),
+            shared: Arc::clone(&shared.0),
+        }
+    }
+
+    /// One record.
+    pub fn one(time: &Stamp, tenant: &str, event: &str, it: Item<'_>, shared: &RequestPart) -> Records {
+        let mut r = Records::new(time, shared, 1);
+        r.push(time, tenant, event, it);
+        r
+    }
+
+    /// Adds a record. Written by hand, not through serde: this runs once per batch item,
+    /// and every string but the error message and the detail is of a charset that needs
+    /// no JSON escaping (tenant and key names are validated, times and event names are
+    /// ours).
+    pub fn push(&mut self, time: &Stamp, tenant: &str, event: &str, it: Item<'_>) {
         debug_assert!([tenant, event].iter().all(|s| s.bytes().all(plain)), "{tenant} {event}");
-        let mut out = Vec::with_capacity(192);
-        out.extend_from_slice(b"{\"time\":\"");
+        let out = &mut self.items;
+        out.extend_from_slice(b"\"time\":\"");
         out.extend_from_slice(time.as_str().as_bytes());
         out.push(b'"');
-        text(&mut out, "tenant", tenant);
-        text(&mut out, "event", event);
+        text(out, "tenant", tenant);
+        text(out, "event", event);
         if let Some(i) = it.item {
-            number(&mut out, "item", i as u64);
+            number(out, "item", i as u64);
         }
         if let Some(k) = &it.access.key {
             debug_assert!(k.as_str().bytes().all(plain));
-            text(&mut out, "key", k.as_str());
+            text(out, "key", k.as_str());
         }
         if let Some(v) = it.access.version {
-            number(&mut out, "version", u64::from(v));
+            number(out, "version", u64::from(v));
         }
         match it.outcome {
-            Ok(()) => text(&mut out, "outcome", "ok"),
+            Ok(()) => text(out, "outcome", "ok"),
             Err(e) => {
-                text(&mut out, "outcome", "error");
-                text(&mut out, "code", code_name(e.code));
+                text(out, "outcome", "error");
+                text(out, "code", code_name(e.code));
                 out.extend_from_slice(b",\"error\":");
-                serde_json::to_writer(&mut out, &e.message).expect("a string always serialises");
+                serde_json::to_writer(&mut *out, &e.message).expect("a string always serialises");
             }
         }
         if let Some(k) = it.access.kek {
-            text(&mut out, "kek", k.name());
+            text(out, "kek", k.name());
         }
         if let Some(d) = it.detail {
             out.extend_from_slice(b",\"detail\":");
-            serde_json::to_writer(&mut out, d).expect("a JSON value always serialises");
+            serde_json::to_writer(&mut *out, d).expect("a JSON value always serialises");
         }
-        out.push(b'}');
-        let date = time.as_str().as_bytes()[..10].try_into().expect("RFC 3339 starts with the date");
-        Entry { date, item: out, shared: Arc::clone(&shared.0) }
+        self.ends.push(out.len());
     }
 
-    /// The record's members, without braces, in two parts (the item's, the request's).
-    pub fn members(&self) -> (&[u8], &[u8]) {
-        (&self.item[1..self.item.len() - 1], self.shared.as_bytes())
+    pub fn len(&self) -> usize {
+        self.ends.len()
     }
 
-    /// An entry from a ready JSON object (tests of the writer).
+    /// Each record's members, without braces, in two parts (the item's, the request's).
+    pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> + '_ {
+        let mut start = 0;
+        self.ends.iter().map(move |&end| {
+            let item = &self.items[start..end];
+            start = end;
+            (item, self.shared.as_bytes())
+        })
+    }
+
+    /// One record from a ready JSON object (tests of the writer).
     #[cfg(test)]
-    pub fn raw(date: &str, object: &str) -> Entry {
-        Entry {
+    pub fn raw(date: &str, object: &str) -> Records {
+        let items = object.strip_prefix('{').and_then(|o| o.strip_suffix('}')).expect("an object");
+        Records {
             date: date.as_bytes().try_into().unwrap(),
-            item: object.as_bytes().to_vec(),
+            items: items.as_bytes().to_vec(),
+            ends: vec![items.len()],
             shared: "".into(),
         }
     }
@@ -246,10 +277,10 @@ impl Entry {
         event: &str,
         outcome: Result<(), &ErrorStatus>,
         detail: serde_json::Value,
-    ) -> Entry {
+    ) -> Records {
         let access = Access::default();
         let it = Item { item: None, access: &access, outcome, detail: Some(&detail) };
-        Entry::new(&Stamp::now(), tenant, event, it, &RequestPart::none())
+        Records::one(&Stamp::now(), tenant, event, it, &RequestPart::none())
     }
 }
 
@@ -271,7 +302,7 @@ fn number(out: &mut Vec<u8>, name: &str, n: u64) {
     out.extend_from_slice(b",\"");
     out.extend_from_slice(name.as_bytes());
     out.extend_from_slice(b"\":");
-    write!(out, "{n}").expect("writing to a Vec does not fail");
+    out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
 }
 
 /// A byte that needs no escaping inside a JSON string.
@@ -304,15 +335,20 @@ mod tests {
         let access = Access::of(&key, 3, Some(KekFrom::Cache));
         let err = ErrorStatus::new(Code::DataInvalid, "invalid data");
         let t = Stamp::now();
-        let e = Entry::new(
+        let mut e = Records::new(&t, &shared, 2);
+        let ok = Access::default();
+        e.push(&t, "acme", "unwrap", Item { item: Some(0), access: &ok, outcome: Ok(()), detail: None });
+        e.push(
             &t,
             "acme",
             "unwrap",
             Item { item: Some(1), access: &access, outcome: Err(&err), detail: None },
-            &shared,
         );
         assert_eq!(e.date, t.as_str().as_bytes()[..10]);
-        let (item, shared) = e.members();
+        assert_eq!(e.len(), 2);
+        let (first, _) = e.iter().next().unwrap();
+        assert!(std::str::from_utf8(first).unwrap().ends_with("\"item\":0,\"outcome\":\"ok\""));
+        let (item, shared) = e.iter().nth(1).unwrap();
         let members =
             format!("{},{}", std::str::from_utf8(item).unwrap(), std::str::from_utf8(shared).unwrap());
         let v: serde_json::Value = serde_json::from_str(&format!("{{{members}}}")).unwrap();
