@@ -4,8 +4,8 @@
 //! runs against it unchanged, so the figures it gives are what kekd's layout and kekctl's
 //! client cost on their own:
 //!
-//! - one reader task per connection reading frames with `kekd_proto::FrameReader` (a read
-//!   of 1 byte, then 3, then the body, each a `read` on the socket);
+//! - one reader task per connection reading frames with `kekd_proto::FrameReader` (one
+//!   `read` on the socket brings a frame, or several pipelined ones);
 //! - one spawned task per request, holding a slot reserved in a bounded channel;
 //! - one writer task coalescing whatever answers are ready into one write, wiping its
 //!   buffers as kekd does.

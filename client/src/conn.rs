@@ -188,8 +188,7 @@ impl Client {
         let shared =
             Arc::new(Shared { table: Mutex::new(Table::Open(HashMap::new())), reader: OnceLock::new() });
         let (queue, rx) = mpsc::channel(QUEUE_DEPTH);
-        let reader =
-            tokio::spawn(read_loop(Arc::clone(&shared), FrameReader::new(read, options.max_response_frame)));
+        let reader = tokio::spawn(read_loop(Arc::clone(&shared), read));
         let _ = shared.reader.set(reader.abort_handle());
         tokio::spawn(write_loop(Arc::clone(&shared), rx, write));
         let inner = Inner {
@@ -242,13 +241,15 @@ async fn handshake(
     tenant: &TenantName,
     client_name: &str,
     max_frame: usize,
-) -> Result<((ReadHalf, WriteHalf), HelloOk), ClientError> {
-    let (mut read, mut write) = endpoint::connect(endpoint).await?;
+) -> Result<((FrameReader<ReadHalf>, WriteHalf), HelloOk), ClientError> {
+    let (read, mut write) = endpoint::connect(endpoint).await?;
     let hello =
         Hello { protocol_version: PROTOCOL_VERSION, tenant: tenant.clone(), client_name: client_name.into() };
     let request = Request { id: HELLO_ID, metadata: Metadata::default(), op: Op::Hello(hello) };
     write_frame(&mut write, &pb::Request::from(request)).await?;
-    let answer = FrameReader::new(&mut read, max_frame).read::<pb::Response>().await?;
+    // Kept for the read loop, rather than the bare stream: it may have read past the answer.
+    let mut read = FrameReader::new(read, max_frame);
+    let answer = read.read::<pb::Response>().await?;
     let answer = Response::try_from(answer.ok_or(ClientError::Closed)?)?;
     match answer.result? {
         Reply::Hello(ok) if answer.id == HELLO_ID && ok.tenant == *tenant => Ok(((read, write), ok)),

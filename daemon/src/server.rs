@@ -188,17 +188,25 @@ pub async fn serve<R, W>(
     }
 }
 
-/// The read half of a connection, held to `frame_read_timeout`: once the first byte of a
-/// frame has arrived, the rest of it must arrive within the timeout, or reads fail with
+/// The read half of a connection, held to `frame_read_timeout`: once a frame has begun,
+/// the server waits at most the timeout for the rest of it, or reads fail with
 /// [`io::ErrorKind::TimedOut`]. Waiting for the first byte of a frame is not bounded: a
 /// connection may be idle between frames (a slowloris is a frame begun and never
 /// finished). It follows the framing (`u32` big-endian length ‖ body) in the bytes it
 /// passes on, so it needs no help from the reader above it.
+///
+/// The clock of a frame starts at the first read that finds the stream empty while the
+/// frame is incomplete, not when its first byte arrived: the reader reads ahead, so the
+/// start of the next frame may come with the end of one, and then sit in the reader's
+/// buffer while the server is busy or holds off reading (`max_in_flight`). That time is
+/// the server's, not the client's; once the reader asks for the rest, a begun frame,
+/// buffered or not, is bounded like any other.
 struct FrameClock<R> {
     inner: R,
     timeout: Duration,
     framing: Framing,
-    /// Armed while a frame is partly received; reset, not reallocated, per frame.
+    /// Armed while the server waits for the rest of a frame; reset, not reallocated, per
+    /// frame.
     deadline: Pin<Box<Sleep>>,
     armed: bool,
 }
@@ -229,20 +237,30 @@ impl<R: AsyncRead + Unpin> AsyncRead for FrameClock<R> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
+        let timeout = this.timeout;
+        let timed_out = move || io::Error::new(io::ErrorKind::TimedOut, FrameTimedOut(timeout));
         // Checked before reading, so that a frame trickled in byte by byte fails too.
         if this.armed && this.deadline.as_mut().poll(cx).is_ready() {
-            return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, FrameTimedOut(this.timeout))));
+            return Poll::Ready(Err(timed_out()));
         }
         let before = buf.filled().len();
         let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
-        if let Poll::Ready(Ok(())) = polled {
-            let partial = this.framing.feed(&buf.filled()[before..]);
-            // Armed, the deadline is polled at the top of every later read, before the
-            // stream: any read that then waits has the timer to wake it.
-            if partial && !this.armed {
-                this.deadline.as_mut().reset(Instant::now() + this.timeout);
+        match polled {
+            Poll::Ready(Ok(())) => {
+                // After a frame ended, whatever follows is the next one, with a clock of its own.
+                let ended = this.framing.feed(&buf.filled()[before..]);
+                this.armed &= !ended;
             }
-            this.armed = partial;
+            Poll::Pending if this.framing.partial() && !this.armed => {
+                this.deadline.as_mut().reset(Instant::now() + this.timeout);
+                this.armed = true;
+                // Polled once here and at the top of every later read: any read that waits
+                // has the timer to wake it.
+                if this.deadline.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Err(timed_out()));
+                }
+            }
+            _ => {}
         }
         polled
     }
@@ -258,8 +276,14 @@ struct Framing {
 }
 
 impl Framing {
-    /// Follows `bytes`, read next; returns whether a frame is partly received after them.
+    /// Whether a frame is partly received.
+    fn partial(&self) -> bool {
+        self.have != 0
+    }
+
+    /// Follows `bytes`, read next; returns whether a frame ended among them.
     fn feed(&mut self, mut bytes: &[u8]) -> bool {
+        let mut ended = false;
         while !bytes.is_empty() {
             if self.have < 4 {
                 let n = (4 - self.have).min(bytes.len());
@@ -276,9 +300,10 @@ impl Framing {
             }
             if self.have == 4 && self.body_left == 0 {
                 self.have = 0;
+                ended = true;
             }
         }
-        self.have != 0
+        ended
     }
 }
 
@@ -373,14 +398,17 @@ mod tests {
             let mut f = Framing::default();
             let mut at = 0;
             for chunk in stream.chunks(cut) {
+                let ended = f.feed(chunk);
+                let from = at;
                 at += chunk.len();
-                let partial = f.feed(chunk);
-                assert_eq!(partial, !ends.contains(&at), "chunks of {cut}, after {at} bytes");
+                assert_eq!(f.partial(), !ends.contains(&at), "chunks of {cut}, after {at} bytes");
+                let expected = ends.iter().any(|&end| from < end && end <= at);
+                assert_eq!(ended, expected, "chunks of {cut}, bytes {from}..{at}");
             }
         }
         let mut f = Framing::default();
-        assert!(!f.feed(&[]), "nothing read is no frame begun");
-        assert!(f.feed(&[0]), "one byte of a length prefix is a frame begun");
+        assert!(!f.feed(&[]) && !f.partial(), "nothing read is no frame begun");
+        assert!(!f.feed(&[0]) && f.partial(), "one byte of a length prefix is a frame begun");
     }
 
     /// The slowloris bound: a frame begun must be finished within the timeout, even when
@@ -421,6 +449,51 @@ mod tests {
         assert!(e.to_string().contains("limits.frame_read_timeout"), "{e}");
         assert!(took >= 3 * timeout - Duration::from_millis(20) && took < 6 * timeout, "{took:?}");
         drop(trickle);
+    }
+
+    /// The reader reads ahead: the start of a frame that came in with the end of the one
+    /// before it is a frame begun, bounded once the server waits for the rest.
+    #[tokio::test]
+    async fn a_frame_begun_in_the_read_ahead_must_finish_in_time() {
+        let timeout = Duration::from_millis(150);
+        let (mut client, server) = tokio::io::duplex(1024);
+        let mut reader = FrameReader::new(FrameClock::new(server, timeout), 1 << 20);
+        let second = generate(2);
+        let mut bytes = generate(1);
+        bytes.extend_from_slice(&second[..second.len() / 2]);
+        client.write_all(&bytes).await.unwrap();
+        assert_eq!(reader.read::<pb::Request>().await.unwrap().unwrap().request_id, 1);
+
+        let started = tokio::time::Instant::now();
+        let e = reader.read::<pb::Request>().await.expect_err("never finished");
+        let took = started.elapsed();
+        assert!(matches!(&e, FrameError::Io(io) if FrameTimedOut::is(io)), "{e:?}");
+        assert!(took >= timeout - Duration::from_millis(20) && took < 3 * timeout, "{took:?}");
+    }
+
+    /// ... but not while the server holds off reading (busy, or `max_in_flight` reached):
+    /// a client whose frame arrived in time is not cut off for the server's wait.
+    #[tokio::test]
+    async fn a_frame_in_the_read_ahead_waits_for_the_server_without_timing_out() {
+        let timeout = Duration::from_millis(150);
+        let (mut client, server) = tokio::io::duplex(1024);
+        let mut reader = FrameReader::new(FrameClock::new(server, timeout), 1 << 20);
+        let (first, second) = (generate(1), generate(2));
+        let half = second.len() / 2;
+        let send = tokio::spawn(async move {
+            // The first frame in two parts (its clock runs in between), its end together
+            // with the start of the second; the rest of the second soon after.
+            client.write_all(&first[..5]).await.unwrap();
+            tokio::time::sleep(timeout / 5).await;
+            client.write_all(&[&first[5..], &second[..half]].concat()).await.unwrap();
+            tokio::time::sleep(timeout / 3).await;
+            client.write_all(&second[half..]).await.unwrap();
+            client
+        });
+        assert_eq!(reader.read::<pb::Request>().await.unwrap().unwrap().request_id, 1);
+        tokio::time::sleep(2 * timeout).await;
+        assert_eq!(reader.read::<pb::Request>().await.unwrap().unwrap().request_id, 2);
+        drop(send.await.unwrap());
     }
 
     /// A batch over max_batch_items is refused with INVALID_ARGUMENT naming the setting,
