@@ -1182,27 +1182,29 @@ impl<'s> SealerSet<'s> {
         key: &KeyName,
         version: u32,
     ) -> (Result<&Sealer<'s>, ErrorStatus>, Option<KekFrom>) {
-        let id = (key.clone(), version);
         let mut from = Some(KekFrom::Cache);
-        if !self.0.contains_key(&id) {
-            let s = match svc.sealer(key, version).await {
-                Ok((s, f)) => {
-                    from = Some(f);
-                    Ok(s)
-                }
-                Err(e) => {
-                    from = None;
-                    // An unknown key or version is indistinguishable from tampering.
-                    Err(match e {
-                        Error::Store(_) => Error::DataInvalid.status(),
-                        other => other.status(),
-                    })
-                }
-            };
-            self.0.insert(id.clone(), s);
-        }
-        match &self.0[&id] {
-            Ok(s) => (Ok(s), from),
+        // One hash per item: the common case is every item under one version.
+        let slot = match self.0.entry((key.clone(), version)) {
+            std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+            std::collections::hash_map::Entry::Vacant(v) => {
+                let s = match svc.sealer(key, version).await {
+                    Ok((s, f)) => {
+                        from = Some(f);
+                        Ok(s)
+                    }
+                    Err(e) => {
+                        // An unknown key or version is indistinguishable from tampering.
+                        Err(match e {
+                            Error::Store(_) => Error::DataInvalid.status(),
+                            other => other.status(),
+                        })
+                    }
+                };
+                v.insert(s)
+            }
+        };
+        match slot {
+            Ok(s) => (Ok(&*s), from),
             Err(e) => (Err(e.clone()), None),
         }
     }

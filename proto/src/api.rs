@@ -366,8 +366,9 @@ pub struct RejectedRequest {
     pub error: InvalidField,
 }
 
-fn context_from(field: &str, map: BTreeMap<String, String>) -> Result<Context, InvalidField> {
-    Context::new(map).map_err(|p| InvalidField::new(field, p))
+/// The context of batch item `i`; the field is named only on error (this runs per item).
+fn item_context(i: usize, map: BTreeMap<String, String>) -> Result<Context, InvalidField> {
+    Context::new(map).map_err(|p| InvalidField::new(format!("items[{i}].context"), p))
 }
 
 fn key_from(field: &str, s: &str) -> Result<KeyName, InvalidField> {
@@ -396,7 +397,7 @@ fn edek_items(items: Vec<pb::EdekItem>) -> Result<Vec<EdekItem>, InvalidField> {
                     format!("must be 1 to {MAX_EDEK_LEN} bytes"),
                 ));
             }
-            Ok(EdekItem { edek: it.edek, context: context_from(&format!("items[{i}].context"), it.context)? })
+            Ok(EdekItem { edek: it.edek, context: item_context(i, it.context)? })
         })
         .collect()
 }
@@ -433,7 +434,7 @@ fn op_from(op: pb::request::Op) -> Result<Op, InvalidField> {
                 .items
                 .into_iter()
                 .enumerate()
-                .map(|(i, it)| context_from(&format!("items[{i}].context"), it.context))
+                .map(|(i, it)| item_context(i, it.context))
                 .collect::<Result<_, _>>()?;
             Op::Generate { key: key_from("key_name", &g.key_name)?, edek_only: g.edek_only, contexts }
         }
@@ -454,10 +455,7 @@ fn op_from(op: pb::request::Op) -> Result<Op, InvalidField> {
                             format!("must be 1 to {MAX_SECRET_LEN} bytes"),
                         ));
                     }
-                    Ok(WrapItem {
-                        plaintext,
-                        context: context_from(&format!("items[{i}].context"), context)?,
-                    })
+                    Ok(WrapItem { plaintext, context: item_context(i, context)? })
                 })
                 .collect::<Result<_, _>>()?;
             Op::Wrap { key, items }
