@@ -23,8 +23,9 @@ const RECHECK: Duration = Duration::from_millis(200);
 
 /// Disk space reserved ahead of the trail's end, so that appends find their blocks
 /// allocated: at the rates of large batches (some 200 MB of records a second) the
-/// filesystem's per-block allocation shows in the write time of every batch.
-const PREALLOCATE: u64 = 16 << 20;
+/// filesystem's per-block allocation shows in the write time of every batch. Small, as
+/// every tenant's open file holds that much reserved until its day ends.
+const PREALLOCATE: u64 = 1 << 20;
 
 /// `,"hash":"` + 64 hex + `"}`.
 pub const HASH_SUFFIX_LEN: usize = 75;
@@ -212,15 +213,20 @@ impl Writer {
             if d.date == date && d.checked.elapsed() < RECHECK {
                 return Ok(());
             }
-            let same = d.date == date
-                && std::fs::metadata(&d.path).map(|m| (m.dev(), m.ino()) == d.id).unwrap_or(false);
-            if same {
+            let at_path = std::fs::metadata(&d.path).map(|m| (m.dev(), m.ino()) == d.id).unwrap_or(false);
+            if at_path && d.date == date {
                 d.checked = Instant::now();
                 return Ok(());
             }
             if self.dirty {
                 let _ = d.file.sync_data();
                 self.dirty = false;
+            }
+            // A finished day gives back the blocks reserved past its end (a truncation to
+            // its own size does that). Not a file moved away: whoever moved it owns it now,
+            // and may have cut or compressed it.
+            if at_path {
+                let _ = d.file.set_len(d.len);
             }
         }
         self.day = None;
@@ -463,6 +469,20 @@ mod tests {
         File::create(dir.path().join("2026-11-25.jsonl")).unwrap();
         let (w, _) = Writer::open(dir.path(), FsyncPolicy::Batch, None).unwrap();
         assert_eq!(w.head().seq, 3);
+    }
+
+    #[test]
+    fn a_finished_day_gives_back_its_reserved_blocks() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut w, _) = Writer::open(dir.path(), FsyncPolicy::Batch, None).unwrap();
+        w.append(&[entry(1)]).unwrap();
+        let day1 = dir.path().join("2026-11-23.jsonl");
+        let reserved = |p: &Path| std::fs::metadata(p).unwrap().blocks() * 512;
+        assert!(reserved(&day1) >= PREALLOCATE, "{} bytes reserved", reserved(&day1));
+        let next = Records::raw("2026-11-24", "{\"time\":\"2026-11-24T00:00:00.000Z\",\"n\":2}");
+        w.append(&[next]).unwrap();
+        assert!(reserved(&day1) < PREALLOCATE, "the finished day keeps {} bytes", reserved(&day1));
+        assert_eq!(lines(&day1).len(), 1);
     }
 
     #[test]
