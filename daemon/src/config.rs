@@ -92,6 +92,11 @@ pub struct LimitsConfig {
     /// new connection may take to send its Hello. Between frames a connection may be idle.
     #[serde(default = "default_frame_read_timeout", with = "humantime_serde")]
     pub frame_read_timeout: Duration,
+    /// An answer being written must be taken by the client within this, or the connection
+    /// closes: a client that stops reading would otherwise hold its answers (up to
+    /// `max_in_flight_per_connection` of them) in the worker's memory for as long as it likes.
+    #[serde(default = "default_write_timeout", with = "humantime_serde")]
+    pub write_timeout: Duration,
     /// Items one batch request may carry.
     #[serde(default = "default_max_batch_items")]
     pub max_batch_items: usize,
@@ -104,6 +109,7 @@ impl Default for LimitsConfig {
             max_connections_per_tenant: default_max_connections_per_tenant(),
             max_in_flight_per_connection: default_max_in_flight(),
             frame_read_timeout: default_frame_read_timeout(),
+            write_timeout: default_write_timeout(),
             max_batch_items: default_max_batch_items(),
         }
     }
@@ -142,6 +148,9 @@ impl LimitsConfig {
         {
             return Err(ConfigError::new(field("frame_read_timeout"), "must be between 100ms and 1h"));
         }
+        if self.write_timeout < Duration::from_millis(100) || self.write_timeout > Duration::from_secs(3600) {
+            return Err(ConfigError::new(field("write_timeout"), "must be between 100ms and 1h"));
+        }
         Ok(())
     }
 }
@@ -154,6 +163,8 @@ pub struct ConnectionLimits {
     pub max_in_flight: usize,
     #[serde(with = "humantime_serde")]
     pub frame_read_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub write_timeout: Duration,
     pub max_batch_items: usize,
 }
 
@@ -499,6 +510,9 @@ fn default_max_in_flight() -> usize {
 fn default_frame_read_timeout() -> Duration {
     Duration::from_secs(10)
 }
+fn default_write_timeout() -> Duration {
+    Duration::from_secs(10)
+}
 fn default_max_batch_items() -> usize {
     kekd_proto::MAX_BATCH
 }
@@ -558,6 +572,7 @@ impl Config {
             max_frame_bytes,
             max_in_flight: l.max_in_flight_per_connection,
             frame_read_timeout: l.frame_read_timeout,
+            write_timeout: l.write_timeout,
             max_batch_items: l.max_batch_items,
         }
     }
@@ -941,13 +956,14 @@ pin_file = "{}"
         assert_eq!(conn, ConnectionLimits::default());
         assert_eq!(conn.max_in_flight, 256);
         assert_eq!(conn.frame_read_timeout, Duration::from_secs(10));
+        assert_eq!(conn.write_timeout, Duration::from_secs(10));
         assert_eq!(conn.max_batch_items, kekd_proto::MAX_BATCH);
         assert_eq!(conn.max_frame_bytes, kekd_proto::DEFAULT_MAX_FRAME);
 
         let limits = |table: &str| format!("{}\n[limits]\n{table}\n", with_module(""));
         let cfg = Config::parse(&limits(
             "max_connections = 10\nmax_connections_per_tenant = 3\nmax_in_flight_per_connection = 4\n\
-             frame_read_timeout = \"500ms\"\nmax_batch_items = 16",
+             frame_read_timeout = \"500ms\"\nwrite_timeout = \"2s\"\nmax_batch_items = 16",
         ))
         .unwrap();
         assert_eq!(
@@ -956,6 +972,7 @@ pin_file = "{}"
                 max_frame_bytes: kekd_proto::DEFAULT_MAX_FRAME,
                 max_in_flight: 4,
                 frame_read_timeout: Duration::from_millis(500),
+                write_timeout: Duration::from_secs(2),
                 max_batch_items: 16,
             }
         );
@@ -977,6 +994,7 @@ pin_file = "{}"
             ("frame_read_timeout = \"10ms\"", "limits.frame_read_timeout", "between 100ms and 1h"),
             ("frame_read_timeout = \"2h\"", "limits.frame_read_timeout", "between 100ms and 1h"),
             ("frame_read_timeout = \"soon\"", "limits.frame_read_timeout", ""),
+            ("write_timeout = \"50ms\"", "limits.write_timeout", "between 100ms and 1h"),
             ("max_conections = 5", "limits.max_conections", "unknown field"),
             ("max_connections = -1", "limits.max_connections", ""),
         ] {

@@ -119,12 +119,15 @@ pub async fn serve<R, W>(
     let mut reader =
         FrameReader::new(FrameClock::new(read, limits.frame_read_timeout), limits.max_frame_bytes);
     let (tx, rx) = mpsc::channel::<Response>(limits.max_in_flight);
-    let mut writer = tokio::spawn(write_responses(write, rx).in_current_span());
+    let mut writer = tokio::spawn(write_responses(write, rx, limits.write_timeout).in_current_span());
     let mut stalled = false;
     loop {
         let next = tokio::select! {
             biased;
             _ = stop.wait_for(|s| *s) => break,
+            // The writer gave up (write_timeout, or the client went away): nobody would
+            // get the answers, so no further request is read.
+            _ = tx.closed() => break,
             next = read_request(&mut reader) => next,
         };
         match next {
@@ -311,7 +314,14 @@ impl Framing {
 /// keys, so every buffer is wiped after use, and the batch buffer never grows: a
 /// reallocation would free a copy of its contents unwiped (a frame that does not fit is
 /// written on its own).
-async fn write_responses<W: AsyncWrite + Unpin>(mut write: W, mut rx: mpsc::Receiver<Response>) {
+/// Writes the answers of one connection, coalescing those ready at the same time. Each
+/// write must be taken by the client within `timeout` (`limits.write_timeout`); when one
+/// is not, the task ends, and with it the connection.
+async fn write_responses<W: AsyncWrite + Unpin>(
+    mut write: W,
+    mut rx: mpsc::Receiver<Response>,
+    timeout: Duration,
+) {
     let mut batch = Zeroizing::new(Vec::with_capacity(WRITE_BATCH_BYTES));
     let mut frame = Zeroizing::new(Vec::new());
     let result = async {
@@ -321,10 +331,10 @@ async fn write_responses<W: AsyncWrite + Unpin>(mut write: W, mut rx: mpsc::Rece
                 frame.zeroize();
                 encode_response(resp, &mut frame);
                 if frame.len() > batch.capacity() - batch.len() {
-                    flush(&mut write, &mut batch).await?;
+                    within(timeout, flush(&mut write, &mut batch)).await?;
                 }
                 if frame.len() > batch.capacity() {
-                    write.write_all(&frame).await?;
+                    within(timeout, write.write_all(&frame)).await?;
                 } else {
                     batch.extend_from_slice(&frame);
                 }
@@ -333,14 +343,26 @@ async fn write_responses<W: AsyncWrite + Unpin>(mut write: W, mut rx: mpsc::Rece
                     Err(_) => break,
                 }
             }
-            flush(&mut write, &mut batch).await?;
+            within(timeout, flush(&mut write, &mut batch)).await?;
         }
         write.shutdown().await
     }
     .await;
-    if let Err(e) = result {
-        limited_debug!(error = %e, "writing responses failed; closing the connection");
+    match result {
+        Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+            limited_info!(
+                ?timeout,
+                "closing connection: the client did not take its answers within limits.write_timeout"
+            );
+        }
+        Err(e) => limited_debug!(error = %e, "writing responses failed; closing the connection"),
+        Ok(()) => {}
     }
+}
+
+/// `fut`, failed with `TimedOut` if it takes longer than `timeout`.
+async fn within(timeout: Duration, fut: impl Future<Output = io::Result<()>>) -> io::Result<()> {
+    tokio::time::timeout(timeout, fut).await.unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into()))
 }
 
 async fn flush<W: AsyncWrite + Unpin>(write: &mut W, batch: &mut Vec<u8>) -> std::io::Result<()> {
@@ -524,6 +546,38 @@ mod tests {
         }
         drop(client_write);
         tokio::time::timeout(Duration::from_secs(5), served).await.unwrap().unwrap();
+    }
+
+    /// A client that sends requests but never reads its answers: once the socket's buffers
+    /// are full, a write waits, and after write_timeout the connection is closed, its
+    /// answers dropped, instead of held for as long as the client likes.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_client_that_stops_reading_is_cut_off_after_write_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        let (svc, _root) = service(dir.path(), "acme");
+        let (client, server) = UnixStream::pair().unwrap();
+        let (read, write) = server.into_split();
+        let (_stop_tx, stop) = watch::channel(false);
+        let timeout = Duration::from_millis(300);
+        let limits = ConnectionLimits { write_timeout: timeout, ..ConnectionLimits::default() };
+        let started = tokio::time::Instant::now();
+        let served = tokio::spawn(serve(Arc::new(svc), Arc::new(user()), read, write, limits, stop));
+
+        let (_client_read, mut client_write) = client.into_split();
+        // Answers of some 20 KB each, never read; the writes stop mattering once it is cut off.
+        let sender = tokio::spawn(async move {
+            for id in 1.. {
+                if client_write.write_all(&generate_batch(id, 256)).await.is_err() {
+                    break;
+                }
+            }
+        });
+        tokio::time::timeout(Duration::from_secs(10), served)
+            .await
+            .expect("the connection is closed, not held")
+            .unwrap();
+        assert!(started.elapsed() >= timeout, "{:?}", started.elapsed());
+        sender.abort();
     }
 
     /// The drain contract of SIGTERM, shown with a root key held slow on purpose: a request

@@ -1,6 +1,7 @@
 //! Resource limits (issue 9 "[hardening]", point 2), through the real daemon and socket:
 //! connections per tenant and overall, requests in flight per connection, the read timeout
-//! of a partly received frame (slowloris) and the batch size. Each limit answers
+//! of a partly received frame (slowloris), the write timeout of a client that stops reading
+//! and the batch size. Each limit answers
 //! RESOURCE_EXHAUSTED (a batch: INVALID_ARGUMENT, like the protocol's own batch limit) or
 //! holds the client back, and every other client keeps being served, during and after.
 //! Each test configures small limits and short timeouts of its own.
@@ -278,6 +279,31 @@ fn requests_in_flight_are_bounded_by_not_reading_further_frames() {
     ids.sort_unstable();
     assert_eq!(ids, (1..=REQUESTS).collect::<Vec<_>>());
     assert_eq!(wraps_served(&kekd), REQUESTS + 1, "with the other connection's wrap");
+}
+
+#[test]
+fn a_client_that_stops_reading_is_cut_off_after_write_timeout_and_others_are_served() {
+    let kekd = kekd_with_limits(&["acme"], "write_timeout = \"500ms\"");
+    let secrets = vec![vec![0x5a; 4096]; 96];
+    let (mut reader, mut writer) = open_split(&kekd, "acme");
+    // Answers of some 400 KB each, more than the socket holds, never read.
+    let sender = std::thread::spawn(move || {
+        for id in 1.. {
+            let mut frame = Vec::new();
+            kekd_proto::frame::encode_frame(&req::wrap(id, "default", &secrets, &[]), &mut frame);
+            if writer.write_all(&frame).is_err() {
+                return id;
+            }
+        }
+        unreachable!()
+    });
+    kekd.wait_for_log("did not take its answers within limits.write_timeout", Duration::from_secs(10));
+    // The connection is closed: what the socket still held, then the end.
+    let mut rest = Vec::new();
+    reader.read_to_end(&mut rest).expect("the daemon closes the connection, not just stops writing");
+    let sent = sender.join().unwrap();
+    assert!(sent > 1, "the client got some requests in before it was cut off");
+    assert_served(&mut kekd.raw("acme"), 1000);
 }
 
 #[test]
