@@ -2,8 +2,10 @@
 //! `docs/FORMATS.md`, section 5 ("Audit records"), and not from the daemon's writer, so
 //! that the two check each other.
 //!
-//! A line is `{"seq":N,"prev":"<64 hex>",…,"hash":"<64 hex>"}` followed by `\n`; `hash` is
-//! SHA-256 over the line without its 75-byte `,"hash":"…"}` suffix, followed by `}`. The
+//! A line is `{…,"seq":N,"prev":"<64 hex>","hash":"<64 hex>"}` followed by `\n`; `hash` is
+//! SHA-256 over the line without its 75-byte `,"hash":"…"}` suffix, followed by `}`. Builds
+//! before 2026-11-24 put `seq` and `prev` first instead (`{"seq":N,"prev":…,…,"hash":…}`),
+//! and a trail that spans an upgrade mixes the two layouts, so both are accepted. The
 //! records of a tenant form one chain across its files, given oldest first.
 //!
 //! What a pass proves: the files hold one unbroken chain from their first record to
@@ -11,11 +13,14 @@
 //! the chain from some record on, or cut records off its end; only comparing `head` (or a
 //! later record's `prev`) with a copy kept elsewhere detects that.
 
+use std::collections::HashSet;
 use std::fmt;
 use std::fs::File;
 use std::io::{self, BufRead, BufReader};
 use std::path::{Path, PathBuf};
 
+use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
+use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 /// `prev` of the tenant's first record (seq 1).
@@ -26,8 +31,16 @@ const SUFFIX_START: &[u8] = b",\"hash\":\"";
 const SUFFIX_END: &[u8] = b"\"}";
 /// `,"hash":"` + 64 hex digits + `"}`.
 const SUFFIX_LEN: usize = SUFFIX_START.len() + HASH_HEX_LEN + SUFFIX_END.len();
-const BODY_START: &[u8] = b"{\"seq\":";
+/// How a line of the old layout begins.
+const OLD_START: &[u8] = b"{\"seq\":";
+/// What precedes `seq`'s digits in the new layout.
+const NEW_SEQ: &[u8] = b",\"seq\":";
+/// What follows `seq`'s digits in both layouts.
 const PREV_START: &[u8] = b",\"prev\":\"";
+/// The problem of a record whose `seq` and `prev` are in neither layout's place.
+const LAYOUTS: &str = "malformed: seq and prev are neither the first two members \
+                       ({\"seq\":N,\"prev\":\"<64 lowercase hex>\",…}, before 2026-11-24) \
+                       nor the two before hash ({…,\"seq\":N,\"prev\":\"<64 lowercase hex>\",\"hash\":…})";
 
 /// A chain that verified.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,8 +63,9 @@ pub struct Broken {
     pub file: PathBuf,
     /// 1-based line number in `file`.
     pub line: u64,
-    /// The `seq` the line states, when it can be read off its start (for a record that
-    /// failed its hash check this is what the line says, not something verified).
+    /// The `seq` the line states, when it can be read off it: at its start in the old
+    /// layout, before `prev` near its end in the new one (for a record that failed its hash
+    /// check this is what the line says, not something verified).
     pub seq: Option<u64>,
     /// What is wrong, e.g. `edited: its hash does not match its contents`.
     pub problem: String,
@@ -161,22 +175,26 @@ impl Chain {
         let Ok(body_text) = std::str::from_utf8(&body) else {
             return fail("malformed: not valid UTF-8".into());
         };
-        let object = match serde_json::from_slice::<serde_json::Value>(&body) {
-            Ok(serde_json::Value::Object(object)) => object,
-            Ok(_) => return fail("malformed: not a JSON object".into()),
+        let members = match serde_json::from_slice::<Members>(&body) {
+            Ok(Members(members)) => members,
             Err(e) => return fail(format!("malformed: not a JSON object: {e}")),
         };
-        let Some((seq, prev)) = seq_and_prev(body_text) else {
-            return fail(format!(
-                "malformed: it does not begin with {{\"seq\":N,\"prev\":\"<{HASH_HEX_LEN} lowercase hex>\""
-            ));
+        if let Some(name) = duplicate(&members) {
+            return fail(format!("malformed: duplicate top-level member {name:?}"));
+        }
+        let Some((seq, prev)) = chain_members(&members) else {
+            return fail(LAYOUTS.into());
         };
-        // The prefix was read as text; the parsed object must agree (no duplicate members).
-        if object.get("seq").and_then(|v| v.as_u64()) != Some(seq)
-            || object.get("prev").and_then(|v| v.as_str()) != Some(prev)
-            || object.contains_key("hash")
-        {
-            return fail("malformed: duplicate seq, prev or hash member".into());
+        let Some(seq) = seq.as_u64() else {
+            return fail(format!("malformed: seq {seq} is not a non-negative integer"));
+        };
+        let Some(prev) = prev.as_str().and_then(|p| lower_hex(p.as_bytes())) else {
+            return fail(format!("malformed: prev {prev} is not {HASH_HEX_LEN} lowercase hex digits"));
+        };
+        if !compact(body_text, seq, prev) {
+            return fail(format!(
+                "malformed: seq and prev are not written as compact JSON (\"seq\":{seq},\"prev\":\"{prev}\")"
+            ));
         }
         if seq == 0 {
             return fail("malformed: seq 0 (the first record is seq 1)".into());
@@ -233,30 +251,86 @@ fn lower_hex(bytes: &[u8]) -> Option<&str> {
     ok.then(|| std::str::from_utf8(bytes).ok()).flatten()
 }
 
-/// Reads `{"seq":N,"prev":"<64 hex>"` off the start of a body, followed by `,` or the
-/// closing `}`. Strict: the writer emits compact JSON, members in this order.
-fn seq_and_prev(body: &str) -> Option<(u64, &str)> {
-    let rest = body.strip_prefix(std::str::from_utf8(BODY_START).ok()?)?;
-    let digits = rest.len() - rest.trim_start_matches(|c: char| c.is_ascii_digit()).len();
-    let (number, rest) = rest.split_at(digits);
-    if number.is_empty() || (number.len() > 1 && number.starts_with('0')) {
-        return None;
-    }
-    let seq = number.parse().ok()?;
-    let rest = rest.strip_prefix(std::str::from_utf8(PREV_START).ok()?)?;
-    let prev = lower_hex(rest.as_bytes().get(..HASH_HEX_LEN)?)?;
-    match rest[HASH_HEX_LEN..].strip_prefix('"')?.chars().next()? {
-        ',' | '}' => Some((seq, prev)),
-        _ => None,
+/// A JSON object's top-level members, in order and with duplicates kept (serde_json's
+/// `Map` would silently keep one of two, and the contract makes a duplicate malformed).
+struct Members(Vec<(String, Value)>);
+
+impl<'de> Deserialize<'de> for Members {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct MembersVisitor;
+
+        impl<'de> Visitor<'de> for MembersVisitor {
+            type Value = Members;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Members, A::Error> {
+                let mut members = Vec::new();
+                while let Some(member) = map.next_entry()? {
+                    members.push(member);
+                }
+                Ok(Members(members))
+            }
+        }
+
+        deserializer.deserialize_map(MembersVisitor)
     }
 }
 
-/// The `seq` a line states at its start, read leniently, to name a record that is broken
-/// in other ways (truncated, edited, malformed further on).
+/// The first top-level member name that occurs twice. The body has no `hash` (it was cut
+/// off as the line's suffix), so one named `hash` in it is a second one.
+fn duplicate(members: &[(String, Value)]) -> Option<&str> {
+    let mut seen = HashSet::from(["hash"]);
+    members.iter().map(|(name, _)| name.as_str()).find(|name| !seen.insert(name))
+}
+
+/// The values of `seq` and `prev` if they are the first two members (old layout) or the
+/// last two of the body, right before `hash` (new layout). Read from the parsed members,
+/// so that a nested `seq` (say in `meta.fields`) does not count.
+fn chain_members(members: &[(String, Value)]) -> Option<(&Value, &Value)> {
+    fn pair(two: &[(String, Value)]) -> Option<(&Value, &Value)> {
+        match two {
+            [(s, seq), (p, prev)] if s == "seq" && p == "prev" => Some((seq, prev)),
+            _ => None,
+        }
+    }
+    let last_two = members.len().checked_sub(2).map(|start| &members[start..]);
+    members.get(..2).and_then(pair).or_else(|| last_two.and_then(pair))
+}
+
+/// Whether `"seq":N,"prev":"…"` stands in the body as the writer emits it, compact and
+/// unescaped, at its start (then `,` or `}`) or end (after `,` or `{`). The parsed members
+/// already put them there, and the hash covers the bytes anyway; this keeps one spelling
+/// per record, the one [`stated_seq`] reads.
+fn compact(body: &str, seq: u64, prev: &str) -> bool {
+    let chain = format!("\"seq\":{seq},\"prev\":\"{prev}\"");
+    let first = body.strip_prefix('{').and_then(|rest| rest.strip_prefix(&chain));
+    let last = body.strip_suffix('}').and_then(|rest| rest.strip_suffix(&chain));
+    first.is_some_and(|rest| rest.starts_with([',', '}']))
+        || last.is_some_and(|rest| rest.ends_with([',', '{']))
+}
+
+/// The `seq` a line states, read leniently, to name a record that is broken in other ways
+/// (truncated, edited, malformed further on): the digits after its start `{"seq":` (old
+/// layout), else those of the last `,"seq":N,"prev":"` (new layout; searched from the end,
+/// where the chain members are, so that a nested `seq` earlier on is passed over).
 fn stated_seq(line: &[u8]) -> Option<u64> {
-    let rest = line.strip_prefix(BODY_START)?;
-    let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
-    std::str::from_utf8(&rest[..digits]).ok()?.parse().ok()
+    if let Some(rest) = line.strip_prefix(OLD_START) {
+        return leading_number(rest).map(|(seq, _)| seq);
+    }
+    (0..line.len()).rev().find_map(|at| {
+        let (seq, rest) = leading_number(line[at..].strip_prefix(NEW_SEQ)?)?;
+        rest.starts_with(PREV_START).then_some(seq)
+    })
+}
+
+/// The decimal number `bytes` begin with, and the bytes after it.
+fn leading_number(bytes: &[u8]) -> Option<(u64, &[u8])> {
+    let n = bytes.iter().take_while(|b| b.is_ascii_digit()).count();
+    let number = std::str::from_utf8(&bytes[..n]).ok()?.parse().ok()?;
+    Some((number, &bytes[n..]))
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -275,31 +349,61 @@ mod tests {
 
     use super::*;
 
-    /// A record as the spec describes it, built independently of the verifier's parsing:
-    /// the body is an object without `hash`, and the line is the body with `hash` appended.
-    fn record(seq: u64, prev: &str, extra: &str) -> (String, String) {
-        let body = format!(
-            "{{\"seq\":{seq},\"prev\":\"{prev}\",\"time\":\"2026-11-23T15:48:55.{:03}Z\",\
-             \"tenant\":\"acme\",\"event\":\"wrap\",\"key\":\"billing\",\"version\":1,\
-             \"outcome\":\"ok\"{extra}}}",
+    /// Builds a record's line and hash from its seq, prev and extra members.
+    type Layout = fn(u64, &str, &str) -> (String, String);
+
+    /// The other members of a test record, `extra` appended.
+    fn members(seq: u64, extra: &str) -> String {
+        format!(
+            "\"time\":\"2026-11-23T15:48:55.{:03}Z\",\"tenant\":\"acme\",\"event\":\"wrap\",\
+             \"key\":\"billing\",\"version\":1,\"outcome\":\"ok\"{extra}",
             seq % 1000
-        );
-        let hash = hex(&Sha256::digest(body.as_bytes()));
-        let line = format!("{},\"hash\":\"{hash}\"}}\n", &body[..body.len() - 1]);
-        (line, hash)
+        )
     }
 
-    /// Lines for seqs `first..first + n`, chained; the first has `prev` of zeros when it
-    /// is seq 1, else an arbitrary (unverifiable) hash.
-    fn chain(first: u64, n: u64) -> Vec<String> {
-        let mut prev = if first == 1 { GENESIS_PREV.to_owned() } else { "ab".repeat(32) };
+    /// A record as the spec describes it now, built independently of the verifier's
+    /// parsing: `seq` and `prev` last in the body, an object without `hash`, and the line
+    /// the body with `hash` appended.
+    fn record(seq: u64, prev: &str, extra: &str) -> (String, String) {
+        line(&format!("{{{},\"seq\":{seq},\"prev\":\"{prev}\"}}", members(seq, extra)))
+    }
+
+    /// A record as builds before 2026-11-24 wrote it: `seq` and `prev` first.
+    fn old_record(seq: u64, prev: &str, extra: &str) -> (String, String) {
+        line(&format!("{{\"seq\":{seq},\"prev\":\"{prev}\",{}}}", members(seq, extra)))
+    }
+
+    /// The line (with its `\n`) and hash of a body.
+    fn line(body: &str) -> (String, String) {
+        let hash = hex(&Sha256::digest(body.as_bytes()));
+        (format!("{},\"hash\":\"{hash}\"}}\n", &body[..body.len() - 1]), hash)
+    }
+
+    /// Lines for seqs `first..first + n` in the layout of `make`, chained after `prev`
+    /// (`None`: zeros when `first` is 1, else an arbitrary, unverifiable hash).
+    fn chain_of(make: Layout, first: u64, n: u64, prev: Option<&str>) -> Vec<String> {
+        let genesis = if first == 1 { GENESIS_PREV.to_owned() } else { "ab".repeat(32) };
+        let mut prev = prev.map_or(genesis, str::to_owned);
         (first..first + n)
             .map(|seq| {
-                let (line, hash) = record(seq, &prev, "");
+                let (line, hash) = make(seq, &prev, "");
                 prev = hash;
                 line
             })
             .collect()
+    }
+
+    /// New-layout lines for seqs `first..first + n`, chained.
+    fn chain(first: u64, n: u64) -> Vec<String> {
+        chain_of(record, first, n, None)
+    }
+
+    /// Seqs 1..=10 across an upgrade: `old` old-layout records, then new-layout ones.
+    fn mixed(old: u64) -> Vec<String> {
+        let mut lines = chain_of(old_record, 1, old, None);
+        let prev = lines.last().map(|line| stated_hash(line));
+        lines.extend(chain_of(record, old + 1, 10 - old, prev.as_deref()));
+        lines
     }
 
     struct Dir(tempfile::TempDir);
@@ -315,10 +419,14 @@ mod tests {
             path
         }
 
-        /// Two days of a chain: seqs 1..=5 in the first file, 6..=10 in the second, with
-        /// `edit` applied to the lines of each (file index 0 or 1) before writing.
+        /// Two days of a new-layout chain: seqs 1..=5 in the first file, 6..=10 in the
+        /// second, with `edit` applied to the lines of each (file index 0 or 1) before writing.
         fn two_days(&self, edit: impl Fn(usize, &mut Vec<String>)) -> Vec<PathBuf> {
-            let lines = chain(1, 10);
+            self.split(chain(1, 10), edit)
+        }
+
+        /// [`Dir::two_days`] of any 10 lines.
+        fn split(&self, lines: Vec<String>, edit: impl Fn(usize, &mut Vec<String>)) -> Vec<PathBuf> {
             let mut days = [lines[..5].to_vec(), lines[5..].to_vec()];
             for (i, day) in days.iter_mut().enumerate() {
                 edit(i, day);
@@ -352,21 +460,38 @@ mod tests {
 
     #[test]
     fn a_known_line_verifies() {
-        // The hash was computed outside this code: printf '%s' BODY | sha256sum.
+        // The hashes were computed outside this code: printf '%s' BODY | sha256sum.
+        let line = format!(
+            "{{\"event\":\"hello\",\"outcome\":\"ok\",\"seq\":1,\"prev\":\"{GENESIS_PREV}\",\
+             \"hash\":\"57dab98d8dcf744556009d7f8032bf799b6c1595263dea324896ae4094104fd3\"}}\n"
+        );
+        let dir = Dir::new();
+        let path = dir.write("new.jsonl", &line);
+        let summary = verify_files(&[path]).unwrap();
+        assert_eq!(
+            summary.head.as_deref(),
+            Some("57dab98d8dcf744556009d7f8032bf799b6c1595263dea324896ae4094104fd3")
+        );
+        // The old layout, seq and prev first.
         let line = format!(
             "{{\"seq\":1,\"prev\":\"{GENESIS_PREV}\",\"event\":\"hello\",\"outcome\":\"ok\",\
              \"hash\":\"341da382c839d70836d5542b26de1971118d2eeb3b9b53ed2dd8f4bb92fd72bc\"}}\n"
         );
-        let dir = Dir::new();
         let path = dir.write("a.jsonl", &line);
         let summary = verify_files(&[path]).unwrap();
         assert_eq!(
             summary.head.as_deref(),
             Some("341da382c839d70836d5542b26de1971118d2eeb3b9b53ed2dd8f4bb92fd72bc")
         );
-        // The minimal record: nothing between prev and hash.
+        // The test helpers build what the spec describes.
         let (line, _) = record(1, GENESIS_PREV, "");
-        assert!(line.starts_with("{\"seq\":1,\"prev\":\"0000"));
+        assert!(line.starts_with("{\"time\":"), "{line}");
+        assert!(
+            line.contains(&format!(",\"outcome\":\"ok\",\"seq\":1,\"prev\":\"{GENESIS_PREV}\",\"hash\":"))
+        );
+        let (line, _) = old_record(1, GENESIS_PREV, "");
+        assert!(line.starts_with(&format!("{{\"seq\":1,\"prev\":\"{GENESIS_PREV}\",\"time\":")), "{line}");
+        // The minimal record, in both layouts at once: nothing but seq and prev before hash.
         let body = format!("{{\"seq\":1,\"prev\":\"{GENESIS_PREV}\"}}");
         let hash = hex(&Sha256::digest(body.as_bytes()));
         let path = dir.write("b.jsonl", format!("{},\"hash\":\"{hash}\"}}\n", &body[..body.len() - 1]));
@@ -499,15 +624,26 @@ mod tests {
     #[test]
     fn a_file_truncated_mid_record_is_detected() {
         let dir = Dir::new();
+        // Cut inside its hash: seq and prev are still there to name it.
         let paths = dir.two_days(|i, day| {
             if i == 1 {
-                let cut = day[4].len() / 2;
+                let cut = day[4].len() - 20;
                 day[4].truncate(cut);
             }
         });
         assert_broken(&paths, 1, 5, Some(10), "truncated: incomplete last record");
 
-        // Only the newline missing is a truncation too; so is a cut inside `seq`.
+        // Cut before seq (near the end in the new layout): the record cannot be named.
+        let paths = dir.two_days(|i, day| {
+            if i == 1 {
+                let cut = day[4].find(",\"seq\":").unwrap();
+                day[4].truncate(cut);
+            }
+        });
+        assert_broken(&paths, 1, 5, None, "truncated: incomplete last record");
+
+        // Only the newline missing is a truncation too; so is a cut inside `seq`, whose
+        // digits are not taken for the record's (they may be the start of a longer number).
         let paths = dir.two_days(|i, day| {
             if i == 1 {
                 day[4].pop();
@@ -516,7 +652,8 @@ mod tests {
         assert_broken(&paths, 1, 5, Some(10), "truncated");
         let paths = dir.two_days(|i, day| {
             if i == 1 {
-                day[4].truncate(4);
+                let cut = day[4].find(",\"seq\":1").unwrap() + 8;
+                day[4].truncate(cut);
             }
         });
         assert_broken(&paths, 1, 5, None, "truncated");
@@ -535,7 +672,8 @@ mod tests {
         // Cut inside its last record: that record is named, not the next file.
         let paths = dir.two_days(|i, day| {
             if i == 0 {
-                day[4].truncate(30);
+                let cut = day[4].len() - 30;
+                day[4].truncate(cut);
             }
         });
         assert_broken(&paths, 0, 5, Some(5), "truncated: incomplete last record");
@@ -574,19 +712,219 @@ mod tests {
 
         let reordered = format!("{{\"prev\":\"{GENESIS_PREV}\",\"seq\":1}}");
         let path = dir.write("o.jsonl", hashed(reordered.as_bytes()));
-        assert_broken(&[path], 0, 1, None, "does not begin with {\"seq\":N,\"prev\":");
+        assert_broken(&[path], 0, 1, None, LAYOUTS);
 
         let spaced = format!("{{\"seq\": 1,\"prev\":\"{GENESIS_PREV}\"}}");
         let path = dir.write("s.jsonl", hashed(spaced.as_bytes()));
-        assert_broken(&[path], 0, 1, None, "does not begin with");
+        assert_broken(&[path], 0, 1, None, "not written as compact JSON");
 
         let dup = format!("{{\"seq\":1,\"prev\":\"{GENESIS_PREV}\",\"seq\":2}}");
         let path = dir.write("d.jsonl", hashed(dup.as_bytes()));
-        assert_broken(&[path], 0, 1, Some(1), "duplicate");
+        assert_broken(&[path], 0, 1, Some(1), "duplicate top-level member \"seq\"");
 
         let zero = format!("{{\"seq\":0,\"prev\":\"{GENESIS_PREV}\"}}");
         let path = dir.write("z.jsonl", hashed(zero.as_bytes()));
         assert_broken(&[path], 0, 1, Some(0), "seq 0");
+    }
+
+    #[test]
+    fn an_old_layout_chain_still_verifies() {
+        let dir = Dir::new();
+        let lines = chain_of(old_record, 1, 10, None);
+        let head = stated_hash(&lines[9]);
+        let s = verify_files(&dir.split(lines, |_, _| {})).unwrap();
+        assert_eq!((s.records, s.first_seq, s.last_seq, s.head), (10, Some(1), Some(10), Some(head)));
+    }
+
+    #[test]
+    fn a_mixed_chain_across_an_upgrade_verifies() {
+        let dir = Dir::new();
+        // Upgraded between the two days (after seq 5), and within either.
+        for old in [5, 1, 3, 7, 9] {
+            let lines = mixed(old);
+            let at = usize::try_from(old).unwrap();
+            assert!(lines[at - 1].starts_with("{\"seq\":") && lines[at].starts_with("{\"time\":"));
+            let head = stated_hash(&lines[9]);
+            let s = verify_files(&dir.split(lines, |_, _| {})).unwrap();
+            assert_eq!(
+                (s.records, s.last_seq, s.head),
+                (10, Some(10), Some(head)),
+                "upgraded after seq {old}"
+            );
+        }
+    }
+
+    #[test]
+    fn tampering_across_an_upgrade_is_detected() {
+        let dir = Dir::new();
+        // Seqs 1..=3 in the old layout, 4..=10 in the new; the first day holds 1..=5.
+        let tamper = |edit: fn(&mut Vec<String>)| {
+            dir.split(mixed(3), |i, day| {
+                if i == 0 {
+                    edit(day);
+                }
+            })
+        };
+        let paths = tamper(|day| day[2] = day[2].replace("billing", "payroll"));
+        assert_broken(&paths, 0, 3, Some(3), "edited");
+        let paths = tamper(|day| day[3] = day[3].replace("billing", "payroll"));
+        assert_broken(&paths, 0, 4, Some(4), "edited");
+        let paths = tamper(|day| drop(day.remove(3)));
+        assert_broken(&paths, 0, 4, Some(5), "expected seq 4, found 5: records are missing");
+        let paths = tamper(|day| day.swap(2, 3));
+        assert_broken(&paths, 0, 3, Some(4), "expected seq 3, found 4");
+        // The layout is covered by the hash: the same record rewritten in the new layout
+        // (and rehashed) no longer chains to the next.
+        let paths = tamper(|day| day[2] = record(3, &stated_hash(&day[1]), "").0);
+        assert_broken(&paths, 0, 4, Some(4), "does not chain to the record before it");
+    }
+
+    #[test]
+    fn old_layout_tampering_is_detected() {
+        let dir = Dir::new();
+        let tamper = |file: usize, edit: fn(&mut Vec<String>)| {
+            dir.split(chain_of(old_record, 1, 10, None), |i, day| {
+                if i == file {
+                    edit(day);
+                }
+            })
+        };
+        let paths = tamper(0, |day| day[2] = day[2].replace("billing", "payroll"));
+        assert_broken(&paths, 0, 3, Some(3), "edited: its hash does not match its contents");
+        let paths = tamper(0, |day| drop(day.remove(2)));
+        assert_broken(&paths, 0, 3, Some(4), "expected seq 3, found 4: records are missing");
+        let paths = tamper(0, |day| day.swap(1, 2));
+        assert_broken(&paths, 0, 2, Some(3), "expected seq 2, found 3");
+        // Cut in half: the old layout still states its seq at the start.
+        let paths = tamper(1, |day| {
+            let cut = day[4].len() / 2;
+            day[4].truncate(cut);
+        });
+        assert_broken(&paths, 1, 5, Some(10), "truncated: incomplete last record");
+    }
+
+    /// Members nesting keys named like the chain's: `seq` in `meta.fields`, and deeper a
+    /// `,"seq":99,"prev":"…"` that reads like the new layout's chain members.
+    fn nested() -> String {
+        format!(
+            ",\"meta\":{{\"fields\":{{\"seq\":\"x\",\"n\":{{\"a\":1,\"seq\":99,\"prev\":\"{}\"}}}}}}",
+            "cd".repeat(32)
+        )
+    }
+
+    #[test]
+    fn a_nested_seq_is_not_a_chain_member() {
+        let dir = Dir::new();
+        let mut prev = GENESIS_PREV.to_owned();
+        let lines: Vec<String> = (1..=4)
+            .map(|seq| {
+                let make: Layout = if seq <= 2 { old_record } else { record };
+                let (line, hash) = make(seq, &prev, &nested());
+                prev = hash;
+                line
+            })
+            .collect();
+        let path = dir.write("a.jsonl", lines.concat());
+        assert_eq!(verify_files(&[path]).unwrap().last_seq, Some(4));
+        // A broken record is named by its own seq, in either layout, not the nested one.
+        for at in [1, 3] {
+            let mut edited = lines.clone();
+            edited[at] = edited[at].replace("billing", "payroll");
+            let path = dir.write("b.jsonl", edited.concat());
+            assert_broken(&[path], 0, at as u64 + 1, Some(at as u64 + 1), "edited");
+        }
+    }
+
+    #[test]
+    fn stated_seq_reads_either_layout() {
+        assert_eq!(stated_seq(record(42, GENESIS_PREV, &nested()).0.as_bytes()), Some(42));
+        assert_eq!(stated_seq(old_record(42, GENESIS_PREV, &nested()).0.as_bytes()), Some(42));
+        let new = record(42, GENESIS_PREV, "").0;
+        assert_eq!(stated_seq(&new.as_bytes()[..new.len() - 80]), Some(42), "cut inside prev");
+        assert_eq!(stated_seq(b"{\"seq\":7"), Some(7));
+        assert_eq!(stated_seq(b"{\"time\":\"a\",\"seq\":7"), None);
+        assert_eq!(stated_seq(b"{\"time\":\"a\",\"seq\":,\"prev\":\""), None);
+        assert_eq!(stated_seq(b""), None);
+    }
+
+    #[test]
+    fn duplicate_top_level_members_are_malformed() {
+        let dir = Dir::new();
+        let chain1 = format!("\"seq\":1,\"prev\":\"{GENESIS_PREV}\"");
+        let cases = [
+            (format!("{{\"seq\":2,\"time\":\"a\",{chain1}}}"), "\"seq\""),
+            (format!("{{\"time\":\"a\",\"time\":\"b\",{chain1}}}"), "\"time\""),
+            (format!("{{\"time\":\"a\",\"meta\":{{}},\"time\":\"a\",{chain1}}}"), "\"time\""),
+            (format!("{{{chain1},\"time\":\"a\",\"time\":\"b\"}}"), "\"time\""),
+            (format!("{{{chain1},\"x\":1,\"prev\":\"{GENESIS_PREV}\"}}"), "\"prev\""),
+            (format!("{{{chain1},\"time\":\"a\",{chain1}}}"), "\"seq\""),
+            // The line's own hash is a member too.
+            (format!("{{\"hash\":\"{GENESIS_PREV}\",{chain1}}}"), "\"hash\""),
+        ];
+        for (body, name) in cases {
+            let path = dir.write("d.jsonl", line(&body).0);
+            let b = broken(&[path]);
+            assert_eq!(b.problem, format!("malformed: duplicate top-level member {name}"), "{body}");
+        }
+    }
+
+    #[test]
+    fn seq_and_prev_elsewhere_are_malformed() {
+        let dir = Dir::new();
+        let prev = format!("\"prev\":\"{GENESIS_PREV}\"");
+        let bodies = [
+            format!("{{\"time\":\"a\",\"seq\":1,{prev},\"outcome\":\"ok\"}}"),
+            format!("{{\"time\":\"a\",\"seq\":1,\"outcome\":\"ok\",{prev}}}"),
+            format!("{{\"seq\":1,\"time\":\"a\",{prev}}}"),
+            format!("{{{prev},\"time\":\"a\",\"seq\":1}}"),
+            format!("{{\"time\":\"a\",{prev},\"seq\":1}}"),
+            "{\"time\":\"a\",\"seq\":1}".to_owned(),
+            "{\"time\":\"a\"}".to_owned(),
+            "{}".to_owned(),
+        ];
+        for body in bodies {
+            let path = dir.write("p.jsonl", line(&body).0);
+            assert_eq!(broken(&[path]).problem, LAYOUTS, "{body}");
+        }
+        assert!(LAYOUTS.contains("first two members") && LAYOUTS.contains("the two before hash"));
+    }
+
+    #[test]
+    fn chain_member_values_are_checked() {
+        let dir = Dir::new();
+        let zeros = GENESIS_PREV;
+        let upper = "AB".repeat(32);
+        let cases = [
+            (
+                format!("{{\"time\":\"a\",\"seq\":\"1\",\"prev\":\"{zeros}\"}}"),
+                "seq \"1\" is not a non-negative integer",
+            ),
+            (format!("{{\"time\":\"a\",\"seq\":-1,\"prev\":\"{zeros}\"}}"), "seq -1 is not"),
+            (format!("{{\"time\":\"a\",\"seq\":1.0,\"prev\":\"{zeros}\"}}"), "seq 1.0 is not"),
+            (format!("{{\"time\":\"a\",\"seq\":1,\"prev\":\"{upper}\"}}"), "is not 64 lowercase hex digits"),
+            ("{\"time\":\"a\",\"seq\":1,\"prev\":\"abc\"}".to_owned(), "prev \"abc\" is not 64"),
+            ("{\"time\":\"a\",\"seq\":1,\"prev\":0}".to_owned(), "prev 0 is not 64"),
+            // Not as the writer spells them: spaces, escapes.
+            (format!("{{\"time\":\"a\",\"seq\":1, \"prev\":\"{zeros}\"}}"), "not written as compact JSON"),
+            (format!("{{\"time\":\"a\",\"seq\":1,\"prev\":\"{zeros}\" }}"), "not written as compact JSON"),
+            (
+                format!("{{\"time\":\"a\",\"s\\u0065q\":1,\"prev\":\"{zeros}\"}}"),
+                "not written as compact JSON",
+            ),
+            (
+                format!("{{\"time\":\"a\",\"seq\":1,\"prev\":\"\\u0030{}\"}}", &zeros[1..]),
+                "not written as compact",
+            ),
+            (
+                format!("{{\"time\":\"a\",\"seq\":0,\"prev\":\"{zeros}\"}}"),
+                "seq 0 (the first record is seq 1)",
+            ),
+        ];
+        for (body, problem) in cases {
+            let path = dir.write("v.jsonl", line(&body).0);
+            let b = broken(&[path]);
+            assert!(b.problem.contains(problem), "expected {problem:?} for {body}, got {b}");
+        }
     }
 
     #[test]

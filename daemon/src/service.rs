@@ -461,10 +461,14 @@ impl TenantService {
         let tenant = self.tenant.as_str();
         match (result, audited) {
             (Ok(Reply::Batch(items)), Audited::Items(accesses)) => {
-                let mut records = Records::new(time, shared, items.len());
+                let mut records = Records::new(time, tenant, event, shared, items.len());
                 for (i, (r, access)) in items.iter().zip(accesses.iter()).enumerate() {
-                    let it = Item { item: Some(i), access, outcome: r.as_ref().map(|_| ()), detail: None };
-                    records.push(time, tenant, event, it);
+                    records.push(Item {
+                        item: Some(i),
+                        access,
+                        outcome: r.as_ref().map(|_| ()),
+                        detail: None,
+                    });
                 }
                 records
             }

@@ -119,11 +119,11 @@ mod tests {
 
     fn records(n: usize) -> Records {
         let t = crate::audit::Stamp::now();
-        let mut r = Records::new(&t, &crate::audit::RequestPart::none(), n);
+        let mut r = Records::new(&t, "acme", "unwrap", &crate::audit::RequestPart::none(), n);
         let access = crate::audit::Access::default();
         for i in 0..n {
             let it = crate::audit::Item { item: Some(i), access: &access, outcome: Ok(()), detail: None };
-            r.push(&t, "acme", "unwrap", it);
+            r.push(it);
         }
         r
     }

@@ -31,7 +31,8 @@ type Done = oneshot::Sender<Result<(), String>>;
 pub use combine::Then;
 
 enum Msg {
-    Write(Records, Option<Then>),
+    /// Boxed: records carry their SHA-256 states, which would make every message as large.
+    Write(Box<Records>, Option<Then>),
     /// Write what is queued, fsync, and stop.
     Close(Done),
 }
@@ -130,7 +131,7 @@ impl Audit {
             }
             Sink::Thread(tx) => {
                 if let Err(mpsc::SendError(Msg::Write(_, Some(then)))) =
-                    tx.send(Msg::Write(records, Some(then)))
+                    tx.send(Msg::Write(Box::new(records), Some(then)))
                 {
                     then(Err("the audit writer has stopped".into()));
                 }
@@ -155,7 +156,7 @@ impl Audit {
                 let _ = lock(core).write_and_forward(vec![record]);
             }
             Sink::Thread(tx) => {
-                let _ = tx.send(Msg::Write(record, None));
+                let _ = tx.send(Msg::Write(Box::new(record), None));
             }
         }
     }
@@ -239,7 +240,7 @@ fn group_commit(mut core: Core, rx: mpsc::Receiver<Msg>) {
             match m {
                 Msg::Write(records, done) => {
                     count += records.len();
-                    group.push(records);
+                    group.push(*records);
                     waiting.extend(done);
                 }
                 Msg::Close(done) => {

@@ -1,15 +1,19 @@
 //! What one audit record says, before the writer gives it its place in the chain.
 //!
-//! A record is built in two halves: what is particular to one item (time, operation, key,
-//! outcome), and what every item of a request shares (caller, metadata). The shared half
-//! is serialised once per request, so a batch of 256 items costs 256 small serialisations,
-//! not 256 copies of the caller's metadata.
+//! A record is built in two halves: what every record of a request shares (time, tenant,
+//! event, caller, metadata), written first, and what is particular to one item (key,
+//! outcome). The shared half is serialised and hashed once per request; each item's half
+//! is hashed on the request's own task, on top of it. That leaves only each record's
+//! chain members (`seq`, `prev`, last in the line: docs/FORMATS.md §5) to the writer, the
+//! one place the chain is extended, so a batch of 256 items neither copies the caller's
+//! metadata 256 times through SHA-256 nor hashes its records one after the other there.
 
 use std::sync::Arc;
 use std::time::SystemTime;
 
 use kekd_proto::{Code, ErrorStatus, KeyName, Metadata};
 use serde::Serialize;
+use sha2::{Digest, Sha256};
 
 use crate::service::{Peer, Role};
 
@@ -60,19 +64,22 @@ pub struct Caller {
 }
 
 /// The records of one request (one per batch item) or of one event, ready for the chain:
-/// for each record, its members between `prev` and `hash`, and the UTC date
-/// (`YYYY-MM-DD`) that picks their file. The items' own members lie one after the other
-/// in one buffer, so a batch of 256 items costs one allocation, not 256, and the
-/// request's shared half none: the writer copies both straight into its own buffer.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// each record's members but `seq`, `prev` and `hash`, with their SHA-256 so far, and the
+/// UTC date (`YYYY-MM-DD`) that picks their file. The items' own members lie one after
+/// the other in one buffer, so a batch of 256 items costs one allocation, not 256.
 pub struct Records {
     pub date: [u8; 10],
-    /// The items' own members, each without braces, starting with `"time"`.
+    /// `{"time":…,"tenant":…,"event":…` and the request's members: how each record begins.
+    head: Vec<u8>,
+    /// The items' own members, each with its leading comma.
     items: Vec<u8>,
     /// Where each item's members end in `items`.
     ends: Vec<usize>,
-    /// The request's members, without braces; may be empty.
-    shared: Arc<str>,
+    /// SHA-256 over `head`, the start of every item's hash.
+    head_hash: Sha256,
+    /// For each record, SHA-256 over `head` and its own members: all its body but the
+    /// chain members.
+    hashed: Vec<Sha256>,
 }
 
 /// The half of a record shared by every item of one request.
@@ -186,36 +193,50 @@ pub struct Item<'a> {
 }
 
 impl Records {
-    /// Room for `items` records of one request, all stamped `time`.
-    pub fn new(time: &Stamp, shared: &RequestPart, items: usize) -> Records {
+    /// Room for `items` records of one request, all stamped `time`: writes and hashes the
+    /// members they share.
+    pub fn new(time: &Stamp, tenant: &str, event: &str, shared: &RequestPart, items: usize) -> Records {
+        debug_assert!([tenant, event].iter().all(|s| s.bytes().all(plain)), "{tenant} {event}");
         let date = time.as_str().as_bytes()[..10].try_into().expect("RFC 3339 starts with the date");
+        let mut head = Vec::with_capacity(64 + shared.0.len());
+        head.extend_from_slice(b"{\"time\":\"");
+        head.extend_from_slice(time.as_str().as_bytes());
+        head.push(b'"');
+        text(&mut head, "tenant", tenant);
+        text(&mut head, "event", event);
+        if !shared.0.is_empty() {
+            head.push(b',');
+            head.extend_from_slice(shared.0.as_bytes());
+        }
+        Records::with_head(date, head, items)
+    }
+
+    fn with_head(date: [u8; 10], head: Vec<u8>, items: usize) -> Records {
+        let head_hash = Sha256::new_with_prefix(&head);
         Records {
             date,
-            items: Vec::with_capacity(items * 160),
+            head,
+            items: Vec::with_capacity(items * 80),
             ends: Vec::with_capacity(items),
-            shared: Arc::clone(&shared.0),
+            head_hash,
+            hashed: Vec::with_capacity(items),
         }
     }
 
     /// One record.
     pub fn one(time: &Stamp, tenant: &str, event: &str, it: Item<'_>, shared: &RequestPart) -> Records {
-        let mut r = Records::new(time, shared, 1);
-        r.push(time, tenant, event, it);
+        let mut r = Records::new(time, tenant, event, shared, 1);
+        r.push(it);
         r
     }
 
-    /// Adds a record. Written by hand, not through serde: this runs once per batch item,
-    /// and every string but the error message and the detail is of a charset that needs
-    /// no JSON escaping (tenant and key names are validated, times and event names are
-    /// ours).
-    pub fn push(&mut self, time: &Stamp, tenant: &str, event: &str, it: Item<'_>) {
-        debug_assert!([tenant, event].iter().all(|s| s.bytes().all(plain)), "{tenant} {event}");
+    /// Adds a record, and hashes its members on top of the request's. Written by hand, not
+    /// through serde: this runs once per batch item, and every string but the error
+    /// message and the detail is of a charset that needs no JSON escaping (key names are
+    /// validated, the others are ours).
+    pub fn push(&mut self, it: Item<'_>) {
         let out = &mut self.items;
-        out.extend_from_slice(b"\"time\":\"");
-        out.extend_from_slice(time.as_str().as_bytes());
-        out.push(b'"');
-        text(out, "tenant", tenant);
-        text(out, "event", event);
+        let start = out.len();
         if let Some(i) = it.item {
             number(out, "item", i as u64);
         }
@@ -242,6 +263,9 @@ impl Records {
             out.extend_from_slice(b",\"detail\":");
             serde_json::to_writer(&mut *out, d).expect("a JSON value always serialises");
         }
+        let mut hash = self.head_hash.clone();
+        hash.update(&out[start..]);
+        self.hashed.push(hash);
         self.ends.push(out.len());
     }
 
@@ -249,26 +273,24 @@ impl Records {
         self.ends.len()
     }
 
-    /// Each record's members, without braces, in two parts (the item's, the request's).
-    pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> + '_ {
+    /// Each record: its head, its own members, and SHA-256 over both.
+    pub fn iter(&self) -> impl Iterator<Item = Unchained<'_>> + '_ {
         let mut start = 0;
-        self.ends.iter().map(move |&end| {
-            let item = &self.items[start..end];
+        self.ends.iter().zip(&self.hashed).map(move |(&end, hashed)| {
+            let members = &self.items[start..end];
             start = end;
-            (item, self.shared.as_bytes())
+            Unchained { head: &self.head, members, hashed }
         })
     }
 
     /// One record from a ready JSON object (tests of the writer).
     #[cfg(test)]
     pub fn raw(date: &str, object: &str) -> Records {
-        let items = object.strip_prefix('{').and_then(|o| o.strip_suffix('}')).expect("an object");
-        Records {
-            date: date.as_bytes().try_into().unwrap(),
-            items: items.as_bytes().to_vec(),
-            ends: vec![items.len()],
-            shared: "".into(),
-        }
+        let head = object.strip_suffix('}').expect("an object");
+        let mut r = Records::with_head(date.as_bytes().try_into().unwrap(), head.as_bytes().to_vec(), 1);
+        r.hashed.push(r.head_hash.clone());
+        r.ends.push(0);
+        r
     }
 
     /// An event of the daemon itself (lease, audit): no caller, no key.
@@ -282,6 +304,14 @@ impl Records {
         let it = Item { item: None, access: &access, outcome, detail: Some(&detail) };
         Records::one(&Stamp::now(), tenant, event, it, &RequestPart::none())
     }
+}
+
+/// A record without its chain members, as the writer receives it: the line up to them is
+/// `head` then `members`, and `hashed` is SHA-256 over that much.
+pub struct Unchained<'a> {
+    pub head: &'a [u8],
+    pub members: &'a [u8],
+    pub hashed: &'a Sha256,
 }
 
 pub fn code_name(code: Code) -> &'static str {
@@ -335,24 +365,28 @@ mod tests {
         let access = Access::of(&key, 3, Some(KekFrom::Cache));
         let err = ErrorStatus::new(Code::DataInvalid, "invalid data");
         let t = Stamp::now();
-        let mut e = Records::new(&t, &shared, 2);
+        let mut e = Records::new(&t, "acme", "unwrap", &shared, 2);
         let ok = Access::default();
-        e.push(&t, "acme", "unwrap", Item { item: Some(0), access: &ok, outcome: Ok(()), detail: None });
-        e.push(
-            &t,
-            "acme",
-            "unwrap",
-            Item { item: Some(1), access: &access, outcome: Err(&err), detail: None },
-        );
+        e.push(Item { item: Some(0), access: &ok, outcome: Ok(()), detail: None });
+        e.push(Item { item: Some(1), access: &access, outcome: Err(&err), detail: None });
         assert_eq!(e.date, t.as_str().as_bytes()[..10]);
         assert_eq!(e.len(), 2);
-        let (first, _) = e.iter().next().unwrap();
-        assert!(std::str::from_utf8(first).unwrap().ends_with("\"item\":0,\"outcome\":\"ok\""));
-        let (item, shared) = e.iter().nth(1).unwrap();
-        let members =
-            format!("{},{}", std::str::from_utf8(item).unwrap(), std::str::from_utf8(shared).unwrap());
-        let v: serde_json::Value = serde_json::from_str(&format!("{{{members}}}")).unwrap();
-        assert!(members.starts_with("\"time\":"), "{members}");
+        let body = |r: &Unchained<'_>| {
+            let text = format!(
+                "{}{}}}",
+                std::str::from_utf8(r.head).unwrap(),
+                std::str::from_utf8(r.members).unwrap()
+            );
+            // What the writer gets is hashed as far as it goes.
+            assert_eq!(r.hashed.clone().finalize(), Sha256::digest(&text.as_bytes()[..text.len() - 1]));
+            text
+        };
+        let first = body(&e.iter().next().unwrap());
+        assert!(first.ends_with(",\"item\":0,\"outcome\":\"ok\"}"), "{first}");
+        let members = body(&e.iter().nth(1).unwrap());
+        assert!(members.starts_with("{\"time\":"), "{members}");
+        let v: serde_json::Value = serde_json::from_str(&members).unwrap();
+        assert_eq!(v["tenant"], "acme");
         assert_eq!(v["event"], "unwrap");
         assert_eq!(v["item"], 1);
         assert_eq!(v["key"], "billing");

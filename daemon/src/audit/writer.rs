@@ -12,9 +12,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use aws_lc_rs::digest;
+use sha2::Digest;
 
-use super::record::Records;
+use super::record::{Records, Unchained};
 use crate::config::FsyncPolicy;
 
 /// How often the path is checked to still name the open file (a stat): a trail moved away
@@ -158,8 +158,8 @@ impl Writer {
         };
         self.ensure_file(&date)?;
         let (mut head, mut head_hex) = (self.head, self.head_hex);
-        for (item, shared) in records.iter().flat_map(Records::iter) {
-            chain_into(&mut self.buf, &mut head, &mut head_hex, item, shared);
+        for record in records.iter().flat_map(Records::iter) {
+            chain_into(&mut self.buf, &mut head, &mut head_hex, &record);
             self.ends.push(self.buf.len());
         }
         let day = self.day.as_mut().expect("opened above");
@@ -289,25 +289,24 @@ pub fn release_cache(f: &File) {
     let _ = posix_fadvise(f, 0, 0, PosixFadviseAdvice::POSIX_FADV_DONTNEED);
 }
 
-/// Appends the record after `head` (its members in two parts, the item's and the
-/// request's) to `out`, newline-terminated, and advances `head`. Written in place: the body
-/// is hashed where it lies, then its closing brace becomes the `hash` member.
-fn chain_into(out: &mut Vec<u8>, head: &mut Head, head_hex: &mut [u8; 64], item: &[u8], shared: &[u8]) {
+/// Appends `record` to `out` as the line after `head`, newline-terminated, and advances
+/// `head`: its chain members go last, so only they (and what of the record did not fill
+/// a whole SHA-256 block) are hashed here, on top of what the request hashed.
+fn chain_into(out: &mut Vec<u8>, head: &mut Head, head_hex: &mut [u8; 64], record: &Unchained<'_>) {
     let seq = head.seq + 1;
     let start = out.len();
-    out.extend_from_slice(b"{\"seq\":");
+    out.extend_from_slice(record.head);
+    out.extend_from_slice(record.members);
+    let chain = out.len();
+    out.extend_from_slice(b",\"seq\":");
     out.extend_from_slice(itoa::Buffer::new().format(seq).as_bytes());
     out.extend_from_slice(b",\"prev\":\"");
     out.extend_from_slice(head_hex);
-    out.extend_from_slice(b"\",");
-    out.extend_from_slice(item);
-    if !shared.is_empty() {
-        out.push(b',');
-        out.extend_from_slice(shared);
-    }
-    out.push(b'}');
-    let hash = digest::digest(&digest::SHA256, &out[start..]);
-    let hash: [u8; 32] = hash.as_ref().try_into().expect("SHA-256 is 32 bytes");
+    out.extend_from_slice(b"\"}");
+    let mut hasher = record.hashed.clone();
+    hasher.update(&out[chain..]);
+    let hash: [u8; 32] = hasher.finalize().into();
+    debug_assert_eq!(hash, <[u8; 32]>::from(sha2::Sha256::digest(&out[start..])), "hashed ahead as written");
     *head_hex = to_hex(&hash);
     out.pop();
     out.extend_from_slice(b",\"hash\":\"");
@@ -327,14 +326,22 @@ fn to_hex(bytes: &[u8; 32]) -> [u8; 64] {
     out
 }
 
-/// `seq` and `hash` of a record line; None when it is not one.
+/// `seq` and `hash` of a record line; None when it is not one. Lines of either layout
+/// (docs/FORMATS.md §5): the chain members last, as written now, or first, as written by
+/// earlier builds whose trail this one continues.
 fn parse_head(line: &str) -> Option<Head> {
-    let rest = line.strip_prefix("{\"seq\":")?;
-    let end = rest.find(',')?;
-    let seq = rest[..end].parse().ok()?;
-    let suffix = line.get(line.len().checked_sub(HASH_SUFFIX_LEN)?..)?;
+    let body = line.get(..line.len().checked_sub(HASH_SUFFIX_LEN)?)?;
+    let suffix = &line[body.len()..];
     let hex_hash = suffix.strip_prefix(",\"hash\":\"")?.strip_suffix("\"}")?;
     let hash = hex::decode(hex_hash).ok()?.try_into().ok()?;
+    let seq = match body.strip_prefix("{\"seq\":") {
+        Some(rest) => rest[..rest.find(',')?].parse().ok()?,
+        None => {
+            let rest = body.strip_suffix('"')?;
+            let rest = rest.get(..rest.len().checked_sub(64)?)?.strip_suffix(",\"prev\":\"")?;
+            rest[rest.rfind(",\"seq\":")? + 7..].parse().ok()?
+        }
+    };
     Some(Head { seq, hash })
 }
 
@@ -430,12 +437,14 @@ mod tests {
             // The body is the line without its hash member; its SHA-256 is that member.
             let (body, hash) = line.split_at(line.len() - HASH_SUFFIX_LEN);
             let body = format!("{body}}}");
-            let digest = hex::encode(digest::digest(&digest::SHA256, body.as_bytes()));
+            let digest = hex::encode(sha2::Sha256::digest(body.as_bytes()));
             assert_eq!(hash, format!(",\"hash\":\"{digest}\"}}"));
             let v: serde_json::Value = serde_json::from_str(line).unwrap();
             assert_eq!(v["seq"], i as u64 + 1);
             assert_eq!(v["prev"], prev.as_str());
             assert_eq!(v["n"], i as u64 + 1);
+            let chain = format!(",\"seq\":{},\"prev\":\"{prev}\",\"hash\":\"{digest}\"}}", i + 1);
+            assert!(line.ends_with(&chain), "the chain members come last: {line}");
             prev = digest;
         }
     }
@@ -469,6 +478,26 @@ mod tests {
         File::create(dir.path().join("2026-11-25.jsonl")).unwrap();
         let (w, _) = Writer::open(dir.path(), FsyncPolicy::Batch, None).unwrap();
         assert_eq!(w.head().seq, 3);
+    }
+
+    #[test]
+    fn a_trail_of_the_earlier_layout_is_continued() {
+        let dir = tempfile::tempdir().unwrap();
+        // Written by a build that put the chain members first.
+        let body =
+            format!("{{\"seq\":41,\"prev\":\"{}\",\"time\":\"2026-11-23T10:00:00.000Z\"}}", "ab".repeat(32));
+        let hash = hex::encode(sha2::Sha256::digest(body.as_bytes()));
+        let old = format!("{},\"hash\":\"{hash}\"}}\n", &body[..body.len() - 1]);
+        std::fs::write(dir.path().join("2026-11-23.jsonl"), &old).unwrap();
+        let (mut w, _) = Writer::open(dir.path(), FsyncPolicy::Batch, None).unwrap();
+        assert_eq!((w.head().seq, hex::encode(w.head().hash)), (41, hash.clone()));
+        w.append(&[entry(42)]).unwrap();
+        drop(w);
+        let (w, _) = Writer::open(dir.path(), FsyncPolicy::Batch, None).unwrap();
+        assert_eq!(w.head().seq, 42, "and a trail of the current layout too");
+        let l = lines(&dir.path().join("2026-11-23.jsonl"));
+        let v: serde_json::Value = serde_json::from_str(&l[1]).unwrap();
+        assert_eq!((v["seq"].as_u64(), v["prev"].as_str()), (Some(42), Some(hash.as_str())));
     }
 
     #[test]
