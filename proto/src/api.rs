@@ -1005,23 +1005,40 @@ impl TryFrom<pb::Response> for Response {
                 tenant: tenant(&h.tenant)?,
                 admin: h.admin,
             }),
-            Some(R::Batch(b)) => Reply::Batch(
-                b.items
-                    .into_iter()
-                    .map(|it| {
-                        status_from(it.status)?;
-                        let key = KeyName::parse(&it.key_name).map_err(|e| {
-                            ErrorStatus::new(Code::Internal, format!("malformed key name in response: {e}"))
-                        })?;
-                        Ok(ItemOk {
-                            plaintext: (!it.plaintext.is_empty()).then(|| Secret::from_vec(it.plaintext)),
-                            edek: (!it.edek.is_empty()).then_some(it.edek),
-                            key,
-                            version: it.key_version,
+            Some(R::Batch(b)) => {
+                // The items of a batch almost always name one key: parse it once.
+                let mut last: Option<KeyName> = None;
+                let mut key_of = |name: &str| -> Result<KeyName, ErrorStatus> {
+                    match &last {
+                        Some(k) if k.as_str() == name => Ok(k.clone()),
+                        _ => {
+                            let k = KeyName::parse(name).map_err(|e| {
+                                ErrorStatus::new(
+                                    Code::Internal,
+                                    format!("malformed key name in response: {e}"),
+                                )
+                            })?;
+                            last = Some(k.clone());
+                            Ok(k)
+                        }
+                    }
+                };
+                Reply::Batch(
+                    b.items
+                        .into_iter()
+                        .map(|it| {
+                            status_from(it.status)?;
+                            let key = key_of(&it.key_name)?;
+                            Ok(ItemOk {
+                                plaintext: (!it.plaintext.is_empty()).then(|| Secret::from_vec(it.plaintext)),
+                                edek: (!it.edek.is_empty()).then_some(it.edek),
+                                key,
+                                version: it.key_version,
+                            })
                         })
-                    })
-                    .collect(),
-            ),
+                        .collect(),
+                )
+            }
             Some(R::StatusInfo(s)) => Reply::Status(StatusInfo {
                 tenant: tenant(&s.tenant)?,
                 backend: s.backend,
@@ -1197,6 +1214,33 @@ mod tests {
         assert_eq!(first.plaintext.as_ref().unwrap().expose(), &[7; 32]);
         assert_eq!(first.version, 2);
         assert_eq!(items[1].as_ref().unwrap_err().code, Code::DataInvalid);
+    }
+
+    #[test]
+    fn each_item_of_a_batch_answer_keeps_its_own_key_name() {
+        let item =
+            |name: &str| pb::ItemResult { key_name: name.into(), key_version: 1, ..Default::default() };
+        let names = ["a", "a", "b/c", "a", "../x", "b/c"];
+        let resp = pb::Response {
+            request_id: 1,
+            status: None,
+            result: Some(pb::response::Result::Batch(pb::BatchResponse {
+                items: names.iter().map(|n| item(n)).collect(),
+            })),
+        };
+        let Ok(Reply::Batch(items)) = Response::try_from(resp).unwrap().result else { panic!("a batch") };
+        let got: Vec<_> = items.iter().map(|i| i.as_ref().map(|ok| ok.key.as_str().to_owned())).collect();
+        for (i, name) in names.iter().enumerate() {
+            match &got[i] {
+                Ok(key) => assert_eq!(key, name),
+                Err(e) => {
+                    assert_eq!(*name, "../x");
+                    assert_eq!(e.code, Code::Internal);
+                    assert!(e.message.contains("malformed key name"), "{}", e.message);
+                }
+            }
+        }
+        assert!(got[4].is_err(), "a malformed name in the middle is that item's error");
     }
 
     #[test]
