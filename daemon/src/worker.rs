@@ -189,6 +189,11 @@ pub fn main(backends: Backends, args: WorkerArgs) -> ExitCode {
     if cfg!(feature = "bench-no-audit") {
         tracing::error!("this build writes no audit records (feature bench-no-audit): for benchmarks only");
     }
+    if cfg!(feature = "bench-audit-no-write") {
+        tracing::error!(
+            "this build writes no audit records to disk (feature bench-audit-no-write): for benchmarks only"
+        );
+    }
 
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("kekd-worker").build()
     {
