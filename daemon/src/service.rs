@@ -391,9 +391,7 @@ impl TenantService {
                 deliver(Response { id, result })
             }
         });
-        // Each connection holds its own `Caller` while it lasts: its address tells the
-        // connections apart.
-        self.audit.commit_then(records, std::ptr::from_ref(caller) as usize, then).await;
+        self.audit.commit_then(records, then).await;
     }
 
     /// [`Self::handle_then`], waiting for the answer.

@@ -2,26 +2,15 @@
 //!
 //! Each request adds its records, and what to do once they are written (send its answer),
 //! to the pending group, and moves on. When nobody is writing, the request that found it
-//! so leads: it lets the other requests that are ready run first (one turn at the back of
-//! its worker's queue, when requests have been coming in company), then chains and writes
-//! the whole group with one write and runs every member's continuation; it goes on while
-//! groups keep forming behind it. Nobody waits to be woken: the answer is sent by whoever
-//! wrote the record, as soon as it is written.
-//!
-//! Company is what makes the turn pay: a write is a system call, about a microsecond on a
-//! virtual machine, and requests over many connections that were all ready together share
-//! one. A single sequential client gains nothing from it, and the turn would cost it a
-//! wake-up of an idle runtime thread (come to steal the queued task) per request.
+//! so leads: it lets the other requests that are ready run first (one yield, when requests
+//! have been coming in company), then chains and writes the whole group with one write
+//! and runs every member's continuation; it goes on while groups keep forming behind it.
+//! Nobody waits to be woken: the answer is sent by whoever wrote the record, as soon as it
+//! is written.
 
-use std::future::Future;
 use std::sync::{Mutex, PoisonError};
-use std::task::Poll;
 
 use super::record::Records;
-
-/// How recently (in requests joined) requests must have come over more than one connection
-/// for a lead to take its turn before writing.
-const COMPANY: u32 = 16;
 
 /// What a request does once its records were written, or could not be.
 pub type Then = Box<dyn FnOnce(Result<(), String>) + Send>;
@@ -41,28 +30,14 @@ struct State {
     last_joined: u32,
     /// A request is writing groups.
     leading: bool,
-    /// The connection of the last request to join.
-    last_from: usize,
-    /// Requests joined since one came over a connection other than the one before it.
-    since_mixed: u32,
-}
-
-impl State {
-    /// Whether other requests are likely to be ready alongside a lead: the last group
-    /// had more than one, or requests are coming over more than one connection.
-    fn in_company(&self) -> bool {
-        self.last_joined > 1 || self.since_mixed < COMPANY
-    }
 }
 
 impl Combiner {
-    /// Adds `records`, of a request that came over connection `from` (any number that
-    /// tells connections apart), to the pending group; `then` runs once the group is
-    /// written by `write` (which is never called twice at once).
+    /// Adds `records` to the pending group; `then` runs once the group is written by
+    /// `write` (which is never called twice at once).
     pub async fn commit_then(
         &self,
         records: Records,
-        from: usize,
         then: Then,
         write: impl Fn(Vec<Records>) -> Result<(), String>,
     ) {
@@ -71,11 +46,6 @@ impl Combiner {
             s.pending.push(records);
             s.waiting.push(then);
             s.joined += 1;
-            s.since_mixed = if std::mem::replace(&mut s.last_from, from) == from {
-                s.since_mixed.saturating_add(1)
-            } else {
-                0
-            };
             if std::mem::replace(&mut s.leading, true) {
                 return;
             }
@@ -84,8 +54,8 @@ impl Combiner {
         // what it took on is written and answered.
         let mut lead = Lead { combiner: self, write: &write, armed: true };
         loop {
-            if self.lock().in_company() {
-                back_of_the_queue().await;
+            if self.lock().last_joined > 1 {
+                tokio::task::yield_now().await;
             }
             if !lead.write_group() {
                 lead.armed = false;
@@ -103,21 +73,6 @@ impl Combiner {
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
-}
-
-/// Lets the tasks that are ready now run before this one goes on: a task that wakes itself
-/// while it runs is queued again behind them (tokio: at the back of its worker's queue).
-/// Not `tokio::task::yield_now`, which holds the task until the runtime has run out of
-/// ready tasks and polled its I/O driver, one more `epoll_wait` for every group.
-fn back_of_the_queue() -> impl Future<Output = ()> {
-    let mut queued = false;
-    std::future::poll_fn(move |cx| {
-        if std::mem::replace(&mut queued, true) {
-            return Poll::Ready(());
-        }
-        cx.waker().wake_by_ref();
-        Poll::Pending
-    })
 }
 
 struct Lead<'a, W: Fn(Vec<Records>) -> Result<(), String>> {
@@ -173,18 +128,8 @@ mod tests {
         r
     }
 
-    /// Commits `n` records of a request over connection 1.
     async fn commit(
         c: &Combiner,
-        n: usize,
-        write: impl Fn(Vec<Records>) -> Result<(), String>,
-    ) -> Result<(), String> {
-        commit_from(c, 1, n, write).await
-    }
-
-    async fn commit_from(
-        c: &Combiner,
-        from: usize,
         n: usize,
         write: impl Fn(Vec<Records>) -> Result<(), String>,
     ) -> Result<(), String> {
@@ -192,7 +137,7 @@ mod tests {
         let then: Then = Box::new(move |r| {
             let _ = tx.send(r);
         });
-        c.commit_then(records(n), from, then, write).await;
+        c.commit_then(records(n), then, write).await;
         rx.await.expect("every request is answered")
     }
 
@@ -206,7 +151,7 @@ mod tests {
             let (c, writes, records) = (Arc::clone(&c), Arc::clone(&writes), Arc::clone(&records));
             tasks.push(tokio::spawn(async move {
                 let n = 1 + i % 3;
-                commit_from(&c, i % 16, n, |batch| {
+                commit(&c, n, |batch| {
                     writes.fetch_add(1, Ordering::SeqCst);
                     records.fetch_add(batch.iter().map(Records::len).sum::<usize>(), Ordering::SeqCst);
                     // As slow as a write: the requests arriving meanwhile join the next one.
@@ -246,60 +191,13 @@ mod tests {
             assert_eq!(r, Ok(()));
             a.fetch_add(1, Ordering::SeqCst);
         });
-        let fut = c.commit_then(records(1), 1, then, |_| Ok(()));
+        let fut = c.commit_then(records(1), then, |_| Ok(()));
         let mut fut = Box::pin(fut);
         // First poll: it takes the lead and yields.
         assert!(futures_poll_once(fut.as_mut()).is_pending());
         drop(fut);
         assert_eq!(answered.load(Ordering::SeqCst), 1);
         assert!(!c.lock().leading, "the lead is free again");
-    }
-
-    /// Writes in `c` as the combiner writes them: the number of records of each.
-    fn recording(groups: &Arc<Mutex<Vec<usize>>>) -> impl Fn(Vec<Records>) -> Result<(), String> + use<> {
-        let groups = Arc::clone(groups);
-        move |group| {
-            groups.lock().unwrap().push(group.iter().map(Records::len).sum());
-            Ok(())
-        }
-    }
-
-    #[tokio::test]
-    async fn requests_ready_together_over_several_connections_share_one_write() {
-        let c = Arc::new(Combiner::default());
-        let groups = Arc::new(Mutex::new(Vec::new()));
-        // Eight requests over eight connections, all ready before any runs (one thread).
-        let tasks: Vec<_> = (1..=8)
-            .map(|conn| {
-                let (c, write) = (Arc::clone(&c), recording(&groups));
-                tokio::spawn(async move { commit_from(&c, conn, 1, write).await })
-            })
-            .collect();
-        for t in tasks {
-            assert_eq!(t.await.unwrap(), Ok(()));
-        }
-        // The first to lead waited its turn behind the other seven: one write for all.
-        assert_eq!(*groups.lock().unwrap(), [8]);
-    }
-
-    #[tokio::test]
-    async fn a_lone_connection_writes_without_waiting_a_turn() {
-        let c = Combiner::default();
-        let groups = Arc::new(Mutex::new(Vec::new()));
-        // The first after none counts as company for a while: after it, it is alone.
-        for _ in 0..=COMPANY {
-            assert_eq!(commit_from(&c, 7, 1, recording(&groups)).await, Ok(()));
-        }
-        groups.lock().unwrap().clear();
-        for n in 1..=3 {
-            let (tx, rx) = std::sync::mpsc::channel();
-            let then: Then = Box::new(move |r| tx.send(r).unwrap());
-            let mut fut = Box::pin(c.commit_then(records(1), 7, then, recording(&groups)));
-            // Written and answered within its first poll: no turn at the back of the queue.
-            assert!(futures_poll_once(fut.as_mut()).is_ready(), "request {n} waited a turn");
-            assert_eq!(rx.try_recv(), Ok(Ok(())));
-        }
-        assert_eq!(*groups.lock().unwrap(), [1, 1, 1]);
     }
 
     fn futures_poll_once<F: std::future::Future>(f: std::pin::Pin<&mut F>) -> std::task::Poll<F::Output> {

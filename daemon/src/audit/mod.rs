@@ -122,14 +122,12 @@ impl Audit {
         self.mode
     }
 
-    /// Writes `records`, of a request that came over connection `from` (any number that
-    /// tells the worker's connections apart); `then` runs once they are written (by policy,
-    /// on disk), or could not be: on whichever task or thread wrote them, so it must be
-    /// quick (send an answer).
-    pub async fn commit_then(&self, records: Records, from: usize, then: Then) {
+    /// Writes `records`; `then` runs once they are written (by policy, on disk), or could
+    /// not be: on whichever task or thread wrote them, so it must be quick (send an answer).
+    pub async fn commit_then(&self, records: Records, then: Then) {
         match &self.sink {
             Sink::Inline { core, groups, .. } => {
-                groups.commit_then(records, from, then, |group| lock(core).write_and_forward(group)).await
+                groups.commit_then(records, then, |group| lock(core).write_and_forward(group)).await
             }
             Sink::Thread(tx) => {
                 if let Err(mpsc::SendError(Msg::Write(_, Some(then)))) =
@@ -147,7 +145,7 @@ impl Audit {
         let then: Then = Box::new(move |r| {
             let _ = done.send(r);
         });
-        self.commit_then(records, 0, then).await;
+        self.commit_then(records, then).await;
         wait.await.map_err(|_| AuditError("the audit writer has stopped".into()))?.map_err(AuditError)
     }
 
