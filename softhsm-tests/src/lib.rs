@@ -79,10 +79,12 @@ use tempfile::TempDir;
 pub use kekd_proto::Code;
 pub use kryoptic::{kryoptic_module, Kryoptic};
 pub use swtpm::Swtpm;
+pub use users::TestUser;
 
 pub mod activation;
 mod kryoptic;
 mod swtpm;
+mod users;
 
 /// How long a daemon may take to print its ready line.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
