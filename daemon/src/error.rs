@@ -74,7 +74,7 @@ impl Error {
             Error::Store(e) => match e {
                 StoreError::NoSuchKey(_) | StoreError::NoSuchVersion(..) => Code::NotFound,
                 StoreError::KeyExists(_) | StoreError::Precondition(_) => Code::FailedPrecondition,
-                StoreError::Io { .. } | StoreError::Corrupt { .. } => Code::Internal,
+                StoreError::File(_) | StoreError::Corrupt { .. } => Code::Internal,
             },
             Error::Backend(e) => backend_code(e),
             Error::Memory(_) => Code::ResourceExhausted,
@@ -92,7 +92,7 @@ impl Error {
         };
         // Store i/o and corruption details (paths) stay in the log.
         let message = match self {
-            Error::Store(StoreError::Io { .. } | StoreError::Corrupt { .. }) => "key store error".to_owned(),
+            Error::Store(StoreError::File(_) | StoreError::Corrupt { .. }) => "key store error".to_owned(),
             other => other.to_string(),
         };
         ErrorStatus::new(code, message)

@@ -14,9 +14,6 @@
 //! short is documented on it; [`KeyStore::open`] finishes or rolls back what it finds.
 
 use std::collections::BTreeMap;
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -25,6 +22,8 @@ use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use kekd_proto::{KeyInfo, KeyName, TenantName, VersionInfo, VersionState};
 use serde::{Deserialize, Serialize};
+
+use crate::dirfd::{Dir, DirError, EntryKind, Kind};
 
 /// Format version written into every record.
 pub const RECORD_FORMAT: u32 = 1;
@@ -39,15 +38,16 @@ pub enum StoreError {
     KeyExists(KeyName),
     #[error("{0}")]
     Precondition(String),
-    #[error("key store i/o error on {path}: {source}")]
-    Io { path: PathBuf, source: io::Error },
+    /// A file operation failed, or found a link, a hard-linked file or a stranger's file
+    /// where a record or directory should be (the tenant's user can write its directories).
+    #[error("key store: {0}")]
+    File(#[from] DirError),
     #[error("damaged key record {path}: {problem}")]
     Corrupt { path: PathBuf, problem: String },
 }
 
-fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
-    move |source| StoreError::Io { path: path.to_owned(), source }
-}
+/// Mode of the records: the worker's user alone reads them.
+const RECORD_MODE: u32 = 0o600;
 
 /// Lifecycle state as stored. "Active" is not stored per version: it is the key's
 /// `active_version` when that version is enabled.
@@ -134,23 +134,34 @@ const ROOT_STATE: &str = "root.json";
 
 /// [`read_root_state`] for an open store.
 pub fn read_root_state_of(store: &KeyStore) -> Result<Option<RootState>, StoreError> {
-    root_state_in(store.dir.parent().expect("the key store lives in its tenant's directory"))
+    read_root_state(&store.tenant_dir)
 }
 
-fn root_state_in(tenant_dir: &Path) -> Result<Option<RootState>, StoreError> {
-    let path = tenant_dir.join(ROOT_STATE);
-    if !path.exists() {
+/// The active root key label recorded for a tenant (in its directory, from
+/// [`open_tenant_dir`]), if its root key was ever rotated: the worker opens that one
+/// rather than the configured `key_label`.
+pub fn read_root_state(tenant_dir: &Dir) -> Result<Option<RootState>, StoreError> {
+    if !tenant_dir.exists(ROOT_STATE)? {
         return Ok(None);
     }
-    let st: RootState = read_json(&path)?;
-    check_format(&path, st.format)?;
+    let st: RootState = read_json(tenant_dir, ROOT_STATE)?;
+    check_format(&tenant_dir.child_path(ROOT_STATE), st.format)?;
     Ok(Some(st))
 }
 
-/// The active root key label recorded for a tenant, if its root key was ever rotated:
-/// the worker opens that one rather than the configured `key_label`.
-pub fn read_root_state(state_dir: &Path, tenant: &TenantName) -> Result<Option<RootState>, StoreError> {
-    root_state_in(&state_dir.join("tenants").join(tenant.as_str()))
+/// Opens `<state_dir>/tenants/<tenant>/`, creating what is missing. `state_dir` must
+/// belong to root (or to kekd's own user) and be writable by no one else; below it,
+/// nothing is reached through a link (see [`crate::dirfd`]). Returns the state
+/// directory, `tenants` and the tenant's directory, whose `keys/` exists too: whoever the
+/// tenant's directory is then given to gets that with it.
+pub fn open_tenant_dir(state_dir: &Path, tenant: &TenantName) -> Result<[Dir; 3], StoreError> {
+    let state = Dir::open_configured(state_dir, 0o700)?;
+    let tenants = state.create_dir("tenants", 0o700)?;
+    let own = tenants.create_lent_dir(tenant.as_str(), 0o700)?;
+    if !own.exists(TOMBSTONE)? {
+        own.create_dir("keys", 0o700)?;
+    }
+    Ok([state, tenants, own])
 }
 
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -253,11 +264,18 @@ pub struct VersionView {
 }
 
 /// One tenant's key store. Reads are served from memory; writes go to disk first.
+///
+/// Its directories are held open by descriptor and every record is reached relative to
+/// them without following links: the store is opened (and crash leftovers shredded) while
+/// the worker is still root, in directories its `run_as` user can write.
 pub struct KeyStore {
     tenant: TenantName,
     /// Describes the root key new records are sealed by (informational, in each record).
     root: Mutex<String>,
-    dir: PathBuf,
+    /// `<state_dir>/tenants/<tenant>/`.
+    tenant_dir: Dir,
+    /// Its `keys/`; None once the tenant is destroyed.
+    dir: Option<Dir>,
     keys: Mutex<BTreeMap<KeyName, Key>>,
     /// Serialises the read-modify-write of state records (state changes by admins,
     /// budget reservations from the data path), so neither overwrites the other.
@@ -267,47 +285,71 @@ pub struct KeyStore {
 }
 
 impl KeyStore {
-    /// Opens (creating if needed) the tenant's store and loads every key. Finishes any
-    /// shredding and removes any half-created key or version left by a crash.
+    /// Opens (creating if needed) the tenant's store under `state_dir` and loads every
+    /// key; see [`open_in`](Self::open_in).
+    #[cfg(test)]
     pub fn open(state_dir: &Path, tenant: &TenantName, root: String) -> Result<KeyStore, StoreError> {
-        let tenant_dir = state_dir.join("tenants").join(tenant.as_str());
-        let dir = tenant_dir.join("keys");
-        let stone_path = tenant_dir.join(TOMBSTONE);
-        if stone_path.exists() {
-            let stone: Tombstone = read_json(&stone_path)?;
+        let [_, _, tenant_dir] = open_tenant_dir(state_dir, tenant)?;
+        Self::open_in(tenant_dir, tenant, root)
+    }
+
+    /// Opens (creating if needed) the store in the tenant's directory (from
+    /// [`open_tenant_dir`]) and loads every key. Finishes any shredding and removes any
+    /// half-created key or version left by a crash. A link, a hard-linked record or a
+    /// stranger's file anywhere in the store is refused by name, before anything is
+    /// written through it.
+    pub fn open_in(tenant_dir: Dir, tenant: &TenantName, root: String) -> Result<KeyStore, StoreError> {
+        if tenant_dir.exists(TOMBSTONE)? {
+            let stone: Tombstone = read_json(&tenant_dir, TOMBSTONE)?;
             // A destruction cut short: finish it.
-            if dir.exists() {
-                shred_tree(&dir)?;
+            if tenant_dir.exists("keys")? {
+                tenant_dir.shred_tree("keys")?;
             }
             return Ok(KeyStore {
                 tenant: tenant.clone(),
                 root: Mutex::new(root),
-                dir,
+                tenant_dir,
+                dir: None,
                 keys: Mutex::new(BTreeMap::new()),
                 state_writes: Mutex::new(()),
                 destroyed_unix: Mutex::new(Some(stone.destroyed_unix)),
             });
         }
-        fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir).map_err(io_err(&dir))?;
+        let dir = tenant_dir.create_dir("keys", 0o700)?;
         let mut keys = BTreeMap::new();
-        for entry in fs::read_dir(&dir).map_err(io_err(&dir))? {
-            let entry = entry.map_err(io_err(&dir))?;
-            let path = entry.path();
-            let Some(name) = decode_dir_name(&entry.file_name().to_string_lossy()) else {
-                if entry.file_name().to_string_lossy().starts_with(".tmp") {
-                    fs::remove_file(&path).map_err(io_err(&path))?;
-                    continue;
-                }
+        for entry in dir.entries()? {
+            let path = dir.child_path(&entry.name);
+            let fname = entry.name.to_string_lossy();
+            if fname.starts_with(".tmp") {
+                remove_leftover(&dir, &entry.name, entry.kind)?;
+                continue;
+            }
+            let Some(name) = decode_dir_name(&fname) else {
                 return Err(StoreError::Corrupt { path, problem: "unexpected entry in key store".into() });
             };
-            if let Some(key) = load_key(&path, tenant, &name)? {
-                keys.insert(name, key);
+            if entry.kind != EntryKind::Directory {
+                return Err(refuse(&dir, &entry.name, entry.kind, Kind::Directory));
+            }
+            let kdir = dir.open_dir(&entry.name)?;
+            match load_key(&kdir, tenant, &name)? {
+                Some(key) => {
+                    keys.insert(name, key);
+                }
+                None => {
+                    // Creation was cut short before its commit point: its records are
+                    // shredded; the directory goes too.
+                    drop(kdir);
+                    dir.remove_dir(&entry.name)?;
+                    dir.sync()?;
+                    tracing::warn!(key = %name, "removed a key whose creation did not complete");
+                }
             }
         }
         Ok(KeyStore {
             tenant: tenant.clone(),
             root: Mutex::new(root),
-            dir,
+            tenant_dir,
+            dir: Some(dir),
             keys: Mutex::new(keys),
             state_writes: Mutex::new(()),
             destroyed_unix: Mutex::new(None),
@@ -372,17 +414,8 @@ impl KeyStore {
         if self.exists(name) {
             return Err(StoreError::KeyExists(name.clone()));
         }
-        let kdir = self.key_dir(name);
-        fs::DirBuilder::new()
-            .mode(0o700)
-            .create(&kdir)
-            .or_else(|e| match e.kind() {
-                // A directory without key.json is a crash leftover: reuse it.
-                io::ErrorKind::AlreadyExists => Ok(()),
-                _ => Err(e),
-            })
-            .map_err(io_err(&kdir))?;
-        sync_dir(&self.dir)?;
+        // A directory without key.json is a crash leftover: reused.
+        let kdir = self.keys_dir()?.create_dir(hex::encode(name.as_str()), 0o700)?;
         let now = unix_now();
         self.write_version(&kdir, name, 1, &sealed, &by, now)?;
         let mut versions = BTreeMap::new();
@@ -423,7 +456,7 @@ impl KeyStore {
             }
             key.record(&self.tenant, name)
         };
-        let kdir = self.key_dir(name);
+        let kdir = self.key_dir(name)?;
         let now = unix_now();
         self.write_version(&kdir, name, version, &sealed, &by, now)?;
         rec.active_version = version;
@@ -460,12 +493,12 @@ impl KeyStore {
             }
             (v.created_unix, v.reserved)
         };
-        let kdir = self.key_dir(name);
+        let kdir = self.key_dir(name)?;
         let rec = StateRecord { format: RECORD_FORMAT, version, state, created_unix, reserved };
         write_json(&kdir, &format!("v{version:010}.json"), &rec)?;
         if state == StoredState::Destroyed {
-            shred(&kdir.join(format!("v{version:010}.kek")))?;
-            sync_dir(&kdir)?;
+            kdir.shred(format!("v{version:010}.kek"))?;
+            kdir.sync()?;
         }
         let mut keys = self.keys.lock().expect("keystore lock");
         let key = keys.get_mut(name).expect("checked above; admin operations are serialised");
@@ -503,7 +536,7 @@ impl KeyStore {
             }
             rec
         };
-        write_json(&self.key_dir(name), "key.json", &rec)?;
+        write_json(&self.key_dir(name)?, "key.json", &rec)?;
         let mut keys = self.keys.lock().expect("keystore lock");
         let key = keys.get_mut(name).expect("checked above; admin operations are serialised");
         key.min_decrypt_version = rec.min_decrypt_version;
@@ -540,10 +573,9 @@ impl KeyStore {
     /// the rest. Returns (keys, versions shredded).
     pub fn destroy_tenant(&self) -> Result<(u32, u32), StoreError> {
         let _writing = self.state_writes.lock().expect("state write lock");
-        let tenant_dir = self.dir.parent().expect("the key store lives in its tenant's directory");
         let stone =
             Tombstone { format: RECORD_FORMAT, tenant: self.tenant.to_string(), destroyed_unix: unix_now() };
-        write_json(tenant_dir, TOMBSTONE, &stone)?;
+        write_json(&self.tenant_dir, TOMBSTONE, &stone)?;
         *self.destroyed_unix.lock().expect("keystore lock") = Some(stone.destroyed_unix);
         let mut keys = self.keys.lock().expect("keystore lock");
         let counts = (
@@ -552,14 +584,14 @@ impl KeyStore {
         );
         keys.clear();
         drop(keys);
-        shred_tree(&self.dir)?;
+        self.tenant_dir.shred_tree("keys")?;
         Ok(counts)
     }
 
     /// Writes (or, in a root key rotation, rewrites) a sealed KEK record, atomically.
     fn write_kek(
         &self,
-        kdir: &Path,
+        kdir: &Dir,
         name: &KeyName,
         version: u32,
         sealed: &[u8],
@@ -613,7 +645,7 @@ impl KeyStore {
         label: &str,
     ) -> Result<(), StoreError> {
         let by = SealedBy::Root(Some(label.to_owned()));
-        self.write_kek(&self.key_dir(name), name, version, &sealed, &by)?;
+        self.write_kek(&self.key_dir(name)?, name, version, &sealed, &by)?;
         let mut keys = self.keys.lock().expect("keystore lock");
         if let Some(v) = keys.get_mut(name).and_then(|k| k.versions.get_mut(&version)) {
             if v.sealed.is_some() {
@@ -626,8 +658,7 @@ impl KeyStore {
 
     /// Records the root key history (see [`RootState`]), atomically.
     pub fn set_root_state(&self, state: &RootState, description: String) -> Result<(), StoreError> {
-        let tenant_dir = self.dir.parent().expect("the key store lives in its tenant's directory");
-        write_json(tenant_dir, ROOT_STATE, state)?;
+        write_json(&self.tenant_dir, ROOT_STATE, state)?;
         *self.root.lock().expect("keystore lock") = description;
         Ok(())
     }
@@ -660,7 +691,7 @@ impl KeyStore {
             (v.state, v.created_unix)
         };
         let rec = StateRecord { format: RECORD_FORMAT, version, state, created_unix, reserved: upto };
-        write_json(&self.key_dir(name), &format!("v{version:010}.json"), &rec)?;
+        write_json(&self.key_dir(name)?, &format!("v{version:010}.json"), &rec)?;
         let mut keys = self.keys.lock().expect("keystore lock");
         if let Some(v) = keys.get_mut(name).and_then(|k| k.versions.get_mut(&version)) {
             v.reserved = upto;
@@ -668,13 +699,19 @@ impl KeyStore {
         Ok(())
     }
 
-    fn key_dir(&self, name: &KeyName) -> PathBuf {
-        self.dir.join(hex::encode(name.as_str()))
+    fn keys_dir(&self) -> Result<&Dir, StoreError> {
+        self.dir
+            .as_ref()
+            .ok_or_else(|| StoreError::Precondition(format!("tenant {} is destroyed", self.tenant)))
+    }
+
+    fn key_dir(&self, name: &KeyName) -> Result<Dir, StoreError> {
+        Ok(self.keys_dir()?.open_dir(hex::encode(name.as_str()))?)
     }
 
     fn write_version(
         &self,
-        kdir: &Path,
+        kdir: &Dir,
         name: &KeyName,
         version: u32,
         sealed: &[u8],
@@ -698,10 +735,10 @@ fn decode_dir_name(s: &str) -> Option<KeyName> {
     KeyName::parse(std::str::from_utf8(&bytes).ok()?).ok()
 }
 
-fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T, StoreError> {
-    let bytes = fs::read(path).map_err(io_err(path))?;
+fn read_json<T: for<'de> Deserialize<'de>>(dir: &Dir, name: &str) -> Result<T, StoreError> {
+    let bytes = dir.read(name)?;
     serde_json::from_slice(&bytes)
-        .map_err(|e| StoreError::Corrupt { path: path.to_owned(), problem: e.to_string() })
+        .map_err(|e| StoreError::Corrupt { path: dir.child_path(name), problem: e.to_string() })
 }
 
 fn check_format(path: &Path, format: u32) -> Result<(), StoreError> {
@@ -714,20 +751,41 @@ fn check_format(path: &Path, format: u32) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// The refusal of an entry of the wrong kind: a link, or something else.
+fn refuse(dir: &Dir, name: &std::ffi::OsStr, found: EntryKind, expected: Kind) -> StoreError {
+    let path = dir.child_path(name);
+    match found {
+        EntryKind::Symlink => DirError::Link { path, expected },
+        _ => DirError::WrongType { path, expected },
+    }
+    .into()
+}
+
+/// Removes a temporary file a crash left behind (it may hold a sealed KEK: shredded).
+fn remove_leftover(dir: &Dir, name: &std::ffi::OsStr, kind: EntryKind) -> Result<(), StoreError> {
+    match kind {
+        EntryKind::File => Ok(dir.shred(name)?),
+        other => Err(refuse(dir, name, other, Kind::File)),
+    }
+}
+
 /// Loads one key directory; None if it held a key whose creation never completed (then
-/// it has been shredded and removed).
-fn load_key(kdir: &Path, tenant: &TenantName, name: &KeyName) -> Result<Option<Key>, StoreError> {
-    let corrupt = |path: &Path, problem: String| StoreError::Corrupt { path: path.to_owned(), problem };
-    let key_path = kdir.join("key.json");
-    let mut files: BTreeMap<u32, (Option<PathBuf>, Option<PathBuf>)> = BTreeMap::new();
-    for entry in fs::read_dir(kdir).map_err(io_err(kdir))? {
-        let path = entry.map_err(io_err(kdir))?.path();
-        let fname = path.file_name().expect("read_dir entries have names").to_string_lossy().into_owned();
+/// its records have been shredded and removed, and the caller removes the directory).
+fn load_key(kdir: &Dir, tenant: &TenantName, name: &KeyName) -> Result<Option<Key>, StoreError> {
+    let corrupt = |path: PathBuf, problem: String| StoreError::Corrupt { path, problem };
+    let mut files: BTreeMap<u32, (bool, bool)> = BTreeMap::new();
+    let mut has_key = false;
+    for entry in kdir.entries()? {
+        let fname = entry.name.to_string_lossy().into_owned();
         if fname.starts_with(".tmp") {
-            fs::remove_file(&path).map_err(io_err(&path))?;
+            remove_leftover(kdir, &entry.name, entry.kind)?;
             continue;
         }
+        if entry.kind != EntryKind::File {
+            return Err(refuse(kdir, &entry.name, entry.kind, Kind::File));
+        }
         if fname == "key.json" {
+            has_key = true;
             continue;
         }
         let parsed = fname
@@ -735,70 +793,81 @@ fn load_key(kdir: &Path, tenant: &TenantName, name: &KeyName) -> Result<Option<K
             .and_then(|r| r.split_once('.'))
             .and_then(|(n, ext)| Some((n.parse::<u32>().ok()?, ext.to_owned())));
         match parsed {
-            Some((v, ext)) if ext == "kek" => files.entry(v).or_default().0 = Some(path),
-            Some((v, ext)) if ext == "json" => files.entry(v).or_default().1 = Some(path),
-            _ => return Err(corrupt(&path, "unexpected file in key directory".into())),
+            Some((v, ext)) if ext == "kek" => files.entry(v).or_default().0 = true,
+            Some((v, ext)) if ext == "json" => files.entry(v).or_default().1 = true,
+            _ => {
+                return Err(corrupt(kdir.child_path(&entry.name), "unexpected file in key directory".into()))
+            }
         }
     }
-    if !key_path.exists() {
+    let kek_name = |v: u32| format!("v{v:010}.kek");
+    let state_name = |v: u32| format!("v{v:010}.json");
+    if !has_key {
         // Creation was cut short before its commit point: nothing ever used this key.
-        for (kek, state) in files.values() {
-            if let Some(k) = kek {
-                shred(k)?;
+        for (&v, &(kek, state)) in &files {
+            if kek {
+                kdir.shred(kek_name(v))?;
             }
-            if let Some(s) = state {
-                fs::remove_file(s).map_err(io_err(s))?;
+            if state {
+                drop(kdir.open_file(state_name(v))?);
+                kdir.remove(state_name(v))?;
             }
         }
-        fs::remove_dir(kdir).map_err(io_err(kdir))?;
-        tracing::warn!(key = %name, "removed a key whose creation did not complete");
+        kdir.sync()?;
         return Ok(None);
     }
-    let rec: KeyRecord = read_json(&key_path)?;
+    let key_path = kdir.child_path("key.json");
+    let rec: KeyRecord = read_json(kdir, "key.json")?;
     check_format(&key_path, rec.format)?;
     if rec.tenant != tenant.as_str() || rec.key != name.as_str() {
-        return Err(corrupt(&key_path, "record belongs to another tenant or key".into()));
+        return Err(corrupt(key_path, "record belongs to another tenant or key".into()));
     }
     let mut versions = BTreeMap::new();
-    for (v, (kek_path, state_path)) in files {
-        let Some(state_path) = state_path else {
+    for (v, (has_kek, has_state)) in files {
+        let (k, s) = (kek_name(v), state_name(v));
+        if !has_state {
             // A .kek without state: a rotation cut short before its state was written.
             // It was never active; shred it so the number can be reused.
-            let kek_path = kek_path.expect("one of the two exists");
-            shred(&kek_path)?;
+            kdir.shred(&k)?;
             continue;
-        };
-        let st: StateRecord = read_json(&state_path)?;
+        }
+        let state_path = kdir.child_path(&s);
+        let st: StateRecord = read_json(kdir, &s)?;
         check_format(&state_path, st.format)?;
         if st.version != v {
             return Err(corrupt(
-                &state_path,
+                state_path,
                 format!("holds version {} in the file of version {v}", st.version),
             ));
         }
         let mut by = SealedBy::Root(None);
-        let sealed = match (st.state, kek_path) {
-            (StoredState::Destroyed, Some(k)) => {
-                shred(&k)?;
-                sync_dir(kdir)?;
+        let kek_path = kdir.child_path(&k);
+        let sealed = match (st.state, has_kek) {
+            (StoredState::Destroyed, true) => {
+                kdir.shred(&k)?;
+                kdir.sync()?;
                 None
             }
-            (StoredState::Destroyed, None) => None,
-            (_, None) => return Err(corrupt(&state_path, "the sealed KEK record is missing".into())),
-            (_, Some(k)) => {
-                let kek: KekRecord = read_json(&k)?;
-                check_format(&k, kek.format)?;
+            (StoredState::Destroyed, false) => None,
+            (_, false) => return Err(corrupt(state_path, "the sealed KEK record is missing".into())),
+            (_, true) => {
+                let kek: KekRecord = read_json(kdir, &k)?;
+                check_format(&kek_path, kek.format)?;
                 if kek.tenant != tenant.as_str() || kek.key != name.as_str() || kek.version != v {
-                    return Err(corrupt(&k, "record belongs to another tenant, key or version".into()));
+                    return Err(corrupt(kek_path, "record belongs to another tenant, key or version".into()));
                 }
-                let sealed = B64.decode(&kek.sealed).map_err(|e| corrupt(&k, format!("sealed: {e}")))?;
+                let sealed =
+                    B64.decode(&kek.sealed).map_err(|e| corrupt(kek_path.clone(), format!("sealed: {e}")))?;
                 by = match (kek.parent, kek.root_key) {
                     (Some(p), None) => SealedBy::Parent(
-                        KeyName::parse(&p.key).map_err(|e| corrupt(&k, format!("parent key: {e}")))?,
+                        KeyName::parse(&p.key)
+                            .map_err(|e| corrupt(kek_path.clone(), format!("parent key: {e}")))?,
                         p.version,
                     ),
                     (None, label) => SealedBy::Root(label),
-                    (Some(_), Some(_)) => return Err(corrupt(&k, "both a parent and a root key".into())),
+                    (Some(_), Some(_)) => {
+                        return Err(corrupt(kek_path, "both a parent and a root key".into()))
+                    }
                 };
                 Some(Arc::from(sealed))
             }
@@ -809,7 +878,7 @@ fn load_key(kdir: &Path, tenant: &TenantName, name: &KeyName) -> Result<Option<K
         );
     }
     if !versions.contains_key(&rec.active_version) {
-        return Err(corrupt(&key_path, format!("active version {} has no record", rec.active_version)));
+        return Err(corrupt(key_path, format!("active version {} has no record", rec.active_version)));
     }
     Ok(Some(Key {
         active: rec.active_version,
@@ -820,72 +889,16 @@ fn load_key(kdir: &Path, tenant: &TenantName, name: &KeyName) -> Result<Option<K
     }))
 }
 
-fn write_json<T: Serialize>(dir: &Path, name: &str, value: &T) -> Result<(), StoreError> {
+fn write_json<T: Serialize>(dir: &Dir, name: &str, value: &T) -> Result<(), StoreError> {
     let mut bytes = serde_json::to_vec_pretty(value).expect("records serialise");
     bytes.push(b'\n');
-    write_atomic(dir, name, &bytes)
+    Ok(dir.write_atomic(name, &bytes, RECORD_MODE)?)
 }
 
-/// Temp file, fsync, rename over the target, fsync the directory.
+/// Writes `dir/name` atomically (temp file, fsync, rename, fsync dir), without following
+/// a link at `name`; `dir` itself must be a directory kekd's user or root owns alone.
 pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), StoreError> {
-    let mut rnd = [0u8; 6];
-    aws_lc_rs::rand::fill(&mut rnd).expect("the system RNG does not fail");
-    let tmp = dir.join(format!(".tmp-{}-{name}", hex::encode(rnd)));
-    let target = dir.join(name);
-    let res = (|| {
-        let mut f = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        fs::rename(&tmp, &target)
-    })();
-    if let Err(e) = res {
-        let _ = fs::remove_file(&tmp);
-        return Err(StoreError::Io { path: target, source: e });
-    }
-    sync_dir(dir)
-}
-
-fn sync_dir(dir: &Path) -> Result<(), StoreError> {
-    File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))
-}
-
-/// Crypto-shreds a record: overwrite in place with zeros, fsync, unlink. The caller
-/// fsyncs the directory.
-fn shred(path: &Path) -> Result<(), StoreError> {
-    let res = (|| {
-        let len = fs::metadata(path)?.len();
-        let mut f = OpenOptions::new().write(true).open(path)?;
-        f.write_all(&vec![0u8; len as usize])?;
-        f.sync_all()?;
-        fs::remove_file(path)
-    })();
-    match res {
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        other => other.map_err(io_err(path)),
-    }
-}
-
-/// Shreds every `.kek` record under `dir` (overwrite, fsync, unlink), then removes
-/// everything else and `dir` itself, fsyncing the directories on the way.
-fn shred_tree(dir: &Path) -> Result<(), StoreError> {
-    for entry in fs::read_dir(dir).map_err(io_err(dir))? {
-        let path = entry.map_err(io_err(dir))?.path();
-        if path.is_dir() {
-            shred_tree(&path)?;
-        } else if path.extension().is_some_and(|e| e == "kek")
-            || path.file_name().is_some_and(|n| n.to_string_lossy().starts_with(".tmp"))
-        {
-            shred(&path)?;
-        } else {
-            fs::remove_file(&path).map_err(io_err(&path))?;
-        }
-    }
-    sync_dir(dir)?;
-    fs::remove_dir(dir).map_err(io_err(dir))?;
-    if let Some(parent) = dir.parent() {
-        sync_dir(parent)?;
-    }
-    Ok(())
+    Ok(Dir::open_configured(dir, 0o700)?.write_atomic(name, bytes, RECORD_MODE)?)
 }
 
 pub(crate) fn unix_now() -> u64 {
@@ -894,7 +907,14 @@ pub(crate) fn unix_now() -> u64 {
 
 #[cfg(test)]
 mod tests {
+    use std::fs;
+
     use super::*;
+
+    /// Where a key's records are, on disk.
+    fn key_path(state_dir: &Path, t: &TenantName, k: &KeyName) -> PathBuf {
+        state_dir.join("tenants").join(t.as_str()).join("keys").join(hex::encode(k.as_str()))
+    }
 
     fn setup() -> (tempfile::TempDir, TenantName, KeyName) {
         (
@@ -942,7 +962,7 @@ mod tests {
         s.set_state(&k, 1, StoredState::Destroyed).unwrap();
         assert!(matches!(s.version(&k, 1), Err(StoreError::NoSuchVersion(..))));
         assert!(matches!(s.set_state(&k, 1, StoredState::Enabled), Err(StoreError::Precondition(_))));
-        let kdir = s.key_dir(&k);
+        let kdir = key_path(dir.path(), &t, &k);
         assert!(!kdir.join("v0000000001.kek").exists());
         drop(s);
         let s = open(dir.path(), &t);
@@ -955,7 +975,7 @@ mod tests {
         let (dir, t, k) = setup();
         let s = open(dir.path(), &t);
         s.create_key(&k, b"sealed-1".to_vec()).unwrap();
-        let kdir = s.key_dir(&k);
+        let kdir = key_path(dir.path(), &t, &k);
         drop(s);
         // A rotation cut short after the .kek was written, before its state.
         write_atomic(&kdir, "v0000000002.kek", b"{}").unwrap();
@@ -968,7 +988,7 @@ mod tests {
             created_unix: 0,
             reserved: 0,
         };
-        write_json(&kdir, "v0000000003.json", &st).unwrap();
+        write_json(&Dir::open_configured(&kdir, 0o700).unwrap(), "v0000000003.json", &st).unwrap();
         // A stray temp file.
         fs::write(kdir.join(".tmp-abc-key.json"), b"partial").unwrap();
         // A key whose creation was cut short before key.json.
@@ -990,7 +1010,7 @@ mod tests {
         let (dir, t, k) = setup();
         let s = open(dir.path(), &t);
         s.create_key(&k, b"sealed-1".to_vec()).unwrap();
-        let kdir = s.key_dir(&k);
+        let kdir = key_path(dir.path(), &t, &k);
         drop(s);
         fs::write(kdir.join("key.json"), b"{not json").unwrap();
         let err = KeyStore::open(dir.path(), &t, "r".into()).err().unwrap();
@@ -999,7 +1019,7 @@ mod tests {
         let other = TenantName::parse("other").unwrap();
         let s2 = open(dir.path(), &other);
         s2.create_key(&k, b"x".to_vec()).unwrap();
-        let okdir = s2.key_dir(&k);
+        let okdir = key_path(dir.path(), &other, &k);
         fs::copy(okdir.join("key.json"), kdir.join("key.json")).unwrap();
         assert!(matches!(KeyStore::open(dir.path(), &t, "r".into()), Err(StoreError::Corrupt { .. })));
     }
@@ -1033,7 +1053,7 @@ mod tests {
         let tenant_dir = dir.path().join("tenants/acme");
         // The commit point and nothing after it: a crash right after the tombstone.
         let stone = Tombstone { format: 1, tenant: "acme".into(), destroyed_unix: 7 };
-        write_json(&tenant_dir, TOMBSTONE, &stone).unwrap();
+        write_json(&Dir::open_configured(&tenant_dir, 0o700).unwrap(), TOMBSTONE, &stone).unwrap();
         drop(s);
         let s = open(dir.path(), &t);
         assert_eq!(s.destroyed(), Some(7));

@@ -17,6 +17,7 @@ mod cache;
 mod clock;
 mod config;
 mod dev;
+mod dirfd;
 mod envelope;
 mod error;
 #[cfg(feature = "fuzzing")]

@@ -20,7 +20,6 @@
 
 use std::ffi::CString;
 use std::io;
-use std::path::Path;
 
 use nix::sys::resource::{setrlimit, Resource};
 use nix::unistd::{Gid, Uid, User};
@@ -135,18 +134,6 @@ impl RunAs {
             Ok(None) => Err(format!("no user {user:?} in the user database")),
             Err(e) => Err(format!("cannot look up user {user:?}: {e}")),
         }
-    }
-
-    /// Gives `path` and everything under it to this user, so that the worker can still
-    /// write its key store once it is no longer root.
-    pub fn own_tree(&self, path: &Path) -> io::Result<()> {
-        std::os::unix::fs::lchown(path, Some(self.uid.as_raw()), Some(self.gid.as_raw()))?;
-        if path.symlink_metadata()?.is_dir() {
-            for entry in std::fs::read_dir(path)? {
-                self.own_tree(&entry?.path())?;
-            }
-        }
-        Ok(())
     }
 
     /// Becomes this user: supplementary groups from the user database, then the gid, then

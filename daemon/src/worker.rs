@@ -13,7 +13,7 @@
 //! decides when its workers stop.
 
 use std::os::fd::{AsFd, OwnedFd};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,6 +34,7 @@ use crate::cache::{KekCache, Lease};
 use crate::config::{
     AuditConfig, BackendConfig, Config, ConnectionLimits, SeccompMode, Tenant, TenantConfig, TpmConfig,
 };
+use crate::dirfd::Dir;
 use crate::error::Error;
 use crate::handoff::{BlockingChannel, Channel, FromWorker, Handoff, ToWorker};
 use crate::keystore::KeyStore;
@@ -234,9 +235,20 @@ fn start(spec: &WorkerSpec, backends: Backends) -> Result<Arc<TenantService>, St
         Some(user) => Some(RunAs::resolve(user).map_err(|e| format!("tenants.{name}.run_as: {e}"))?),
         None => None,
     };
+    // The tenant's directory, held by descriptor from here on and handed to its user
+    // first: everything root does in it (reading root.json, opening the key store and
+    // finishing what a crash left) goes through checked descriptors (crate::dirfd), since
+    // that user can write there.
+    let [state_dir, tenants_dir, tenant_dir] =
+        crate::keystore::open_tenant_dir(&spec.state_dir, &name).map_err(|e| e.to_string())?;
+    let tenant_dir = match &run_as {
+        Some(user) => give_state_to([&state_dir, &tenants_dir], tenant_dir, user)?,
+        None => tenant_dir,
+    };
+    drop((state_dir, tenants_dir));
     // After a root key rotation the active root key is the one the key store names, not
     // the configured key_label (which may even be gone from the token).
-    let rotated = crate::keystore::read_root_state(&spec.state_dir, &name).map_err(|e| e.to_string())?;
+    let rotated = crate::keystore::read_root_state(&tenant_dir).map_err(|e| e.to_string())?;
     let mut labels = (None, None);
     let root = match opening {
         Opening::Pkcs11(p11, pin) => {
@@ -258,11 +270,10 @@ fn start(spec: &WorkerSpec, backends: Backends) -> Result<Arc<TenantService>, St
         },
     }
     .map_err(|e| e.to_string())?;
-    let service = open_tenant(spec, root, &name, run_as.as_ref())
+    let service = open_tenant(spec, root, tenant_dir, &name, run_as.as_ref())
         .map_err(|e| e.to_string())?
         .with_root_labels(labels.0, labels.1);
     if let Some(user) = &run_as {
-        give_state_to(&spec.state_dir, &name, user)?;
         user.enter().map_err(|e| format!("cannot switch to user {:?}: {e}", user.name))?;
     } else if nix::unistd::geteuid().is_root() {
         tracing::warn!("runs as root: set run_as to give this tenant's worker its own user");
@@ -295,11 +306,12 @@ enum Opening<'a> {
 fn open_tenant(
     spec: &WorkerSpec,
     backend: Arc<dyn RootKey>,
+    tenant_dir: Dir,
     name: &TenantName,
     run_as: Option<&RunAs>,
 ) -> Result<TenantService, Error> {
     let arena = LockedArena::new(spec.allow_unlocked_memory)?;
-    let store = KeyStore::open(&spec.state_dir, name, backend.describe())?;
+    let store = KeyStore::open_in(tenant_dir, name, backend.describe())?;
     let audit = Audit::open(&spec.audit, name.as_str(), run_as).map_err(Error::AuditOpen)?;
     let t = &spec.tenant_config;
     let cache = KekCache::new(
@@ -312,22 +324,15 @@ fn open_tenant(
         .with_max_key_depth(t.max_key_depth))
 }
 
-/// The tenant's own directory becomes the worker user's; the directories above it stay
-/// root's but must let that user pass through (0711: enter, not list).
-fn give_state_to(state_dir: &Path, name: &TenantName, user: &RunAs) -> Result<(), String> {
-    use std::os::unix::fs::PermissionsExt;
-    let fail =
-        |p: &Path, e: std::io::Error| format!("cannot hand {} to user {:?}: {e}", p.display(), user.name);
-    for dir in [state_dir.to_path_buf(), state_dir.join("tenants")] {
-        let meta = std::fs::metadata(&dir).map_err(|e| fail(&dir, e))?;
-        let mode = meta.permissions().mode() & 0o7777;
-        if mode & 0o011 != 0o011 {
-            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(mode | 0o011))
-                .map_err(|e| fail(&dir, e))?;
-        }
+/// The tenant's own directory becomes the worker user's, by descriptor (a link or a
+/// hard-linked file in it is refused, not followed); the directories above it stay root's
+/// but must let that user pass through (0711: enter, not list).
+fn give_state_to(above: [&Dir; 2], own: Dir, user: &RunAs) -> Result<Dir, String> {
+    let fail = |e: crate::dirfd::DirError| format!("cannot hand the key store to user {:?}: {e}", user.name);
+    for dir in above {
+        dir.add_mode(0o011).map_err(fail)?;
     }
-    let own = state_dir.join("tenants").join(name.as_str());
-    user.own_tree(&own).map_err(|e| fail(&own, e))
+    own.give_tree(user.uid, user.gid).map_err(fail)
 }
 
 /// Serves handed-over connections until SIGTERM or the supervisor's end closes, then

@@ -13,7 +13,6 @@ mod record;
 mod syslog;
 mod writer;
 
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -22,6 +21,7 @@ pub use record::{Access, Caller, Item, KekFrom, Records, RequestPart, Stamp};
 use tokio::sync::oneshot;
 
 use crate::config::{AuditConfig, AuditMode, FsyncPolicy};
+use crate::dirfd::Dir;
 use crate::sandbox::RunAs;
 
 /// Most records written in one go by the writer thread; more wait for the next write.
@@ -72,18 +72,19 @@ impl Audit {
     /// and repair a record a crash left incomplete.
     ///
     /// With `owner` (the worker's `run_as` user), the tenant's directory and its files are
-    /// given to that user, and so is every file the writer creates later.
+    /// given to that user (by descriptor: a link planted there is refused, not followed),
+    /// and so is every file the writer creates later.
     pub fn open(cfg: &AuditConfig, tenant: &str, owner: Option<&RunAs>) -> Result<Audit, String> {
-        let dir = cfg.dir.join(tenant);
-        create_dir(&cfg.dir, 0o711).map_err(|e| format!("audit.dir {}: {e}", cfg.dir.display()))?;
-        create_dir(&dir, 0o750).map_err(|e| format!("audit.dir {}: {e}", dir.display()))?;
+        let path = cfg.dir.join(tenant);
+        let root = Dir::open_configured(&cfg.dir, 0o711).map_err(|e| format!("audit.dir: {e}"))?;
+        let mut dir = root.create_lent_dir(tenant, 0o750).map_err(|e| format!("audit.dir: {e}"))?;
         if let Some(user) = owner {
-            user.own_tree(&dir)
-                .map_err(|e| format!("cannot hand {} to user {:?}: {e}", dir.display(), user.name))?;
+            dir = dir
+                .give_tree(user.uid, user.gid)
+                .map_err(|e| format!("cannot hand {} to user {:?}: {e}", path.display(), user.name))?;
         }
-        let owner = owner.map(|u| (u.uid.as_raw(), u.gid.as_raw()));
-        let (w, recovered) = writer::Writer::open(&dir, cfg.fsync, owner)
-            .map_err(|e| format!("cannot continue the audit trail in {}: {e}", dir.display()))?;
+        let (w, recovered) = writer::Writer::open(dir, cfg.fsync)
+            .map_err(|e| format!("cannot continue the audit trail in {}: {e}", path.display()))?;
         let mut opened = serde_json::json!({ "opened": { "pid": std::process::id(), "seq": w.head().seq } });
         if recovered.dropped_bytes > 0 {
             let file = recovered.file.as_ref().map(|f| f.display().to_string());
@@ -196,21 +197,6 @@ impl Drop for Audit {
 fn lock(core: &Mutex<Core>) -> std::sync::MutexGuard<'_, Core> {
     // A panic mid-write leaves the chain at its last whole record: usable.
     core.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-/// Creates `path` with exactly `mode`: the umask (0077 under kekd.service) would otherwise
-/// take the traverse bit the tenants' `run_as` users need on the shared directory. A
-/// directory that exists is left as the operator made it.
-fn create_dir(path: &Path, mode: u32) -> std::io::Result<()> {
-    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-    if path.is_dir() {
-        return Ok(());
-    }
-    match std::fs::DirBuilder::new().recursive(true).mode(mode).create(path) {
-        Ok(()) => std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)),
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && path.is_dir() => Ok(()),
-        Err(e) => Err(e),
-    }
 }
 
 /// The fsync of `fsync = "interval"`, outside the writers' lock: an fsync of one

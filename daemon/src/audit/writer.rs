@@ -5,10 +5,10 @@
 //! would break the chain for every later record), so the chain on disk never has a gap
 //! that the chain in memory does not know about.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
-use std::path::{Path, PathBuf};
+use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,6 +16,7 @@ use sha2::Digest;
 
 use super::record::{Records, Unchained};
 use crate::config::FsyncPolicy;
+use crate::dirfd::{Dir, DirError, EntryKind, Kind};
 
 /// How often the path is checked to still name the open file (a stat): a trail moved away
 /// is continued in a new file within this long.
@@ -53,7 +54,8 @@ pub struct Recovered {
 /// The file of one day, open for appending.
 struct DayFile {
     date: String,
-    path: PathBuf,
+    /// Its name in the writer's directory.
+    name: String,
     /// Shared with the interval fsync, which runs outside the writers' lock.
     file: Arc<File>,
     len: u64,
@@ -65,14 +67,14 @@ struct DayFile {
 }
 
 pub struct Writer {
-    dir: PathBuf,
+    /// The tenant's audit directory, which its `run_as` user can write: every file in it
+    /// is reached by descriptor, never through a link (crate::dirfd).
+    dir: Dir,
     head: Head,
     /// `head.hash` in hex: the next record's `prev`.
     head_hex: [u8; 64],
     day: Option<DayFile>,
     policy: FsyncPolicy,
-    /// The user new files are given to (the worker's), while the writer may still be root.
-    owner: Option<(u32, u32)>,
     /// Written but not yet fsynced.
     dirty: bool,
     /// The lines of the last write, newline-terminated, one after the other; reused.
@@ -83,18 +85,16 @@ pub struct Writer {
 
 impl Writer {
     /// Opens the trail in `dir` (one tenant's), continuing the chain from its newest
-    /// record. An incomplete last record is cut off and reported.
-    pub fn open(
-        dir: &Path,
-        policy: FsyncPolicy,
-        owner: Option<(u32, u32)>,
-    ) -> io::Result<(Writer, Recovered)> {
+    /// record. An incomplete last record is cut off and reported. A day file that is a
+    /// link, or has other hard links, is refused by name before anything is read or cut.
+    pub fn open(dir: Dir, policy: FsyncPolicy) -> io::Result<(Writer, Recovered)> {
         let mut recovered = Recovered::default();
         let mut head = Head::START;
-        let mut days = day_files(dir)?;
+        let mut days = day_files(&dir)?;
         days.sort();
-        for path in days.iter().rev() {
-            let mut f = OpenOptions::new().read(true).write(true).open(path)?;
+        for name in days.iter().rev() {
+            let path = dir.child_path(name);
+            let mut f = dir.open_file_rw(name)?;
             let (last, complete_len) = last_line(&mut f)?;
             let len = f.metadata()?.len();
             if complete_len < len {
@@ -114,12 +114,11 @@ impl Writer {
             }
         }
         let w = Writer {
-            dir: dir.to_owned(),
+            dir,
             head,
             head_hex: to_hex(&head.hash),
             day: None,
             policy,
-            owner,
             dirty: false,
             buf: Vec::new(),
             ends: Vec::new(),
@@ -216,7 +215,7 @@ impl Writer {
             if d.date == date && d.checked.elapsed() < RECHECK {
                 return Ok(());
             }
-            let at_path = std::fs::metadata(&d.path).map(|m| (m.dev(), m.ino()) == d.id).unwrap_or(false);
+            let at_path = self.dir.identity(&d.name) == Some(d.id);
             if at_path && d.date == date {
                 d.checked = Instant::now();
                 return Ok(());
@@ -233,21 +232,18 @@ impl Writer {
             }
         }
         self.day = None;
-        let path = self.dir.join(format!("{date}.jsonl"));
-        let existed = path.exists();
-        let file = OpenOptions::new().append(true).create(true).mode(0o640).open(&path)?;
+        let name = format!("{date}.jsonl");
+        let (file, created) = self.dir.open_append(&name, 0o640)?;
         let meta = file.metadata()?;
-        if !existed {
-            if let Some((uid, gid)) = self.owner {
-                std::os::unix::fs::fchown(&file, Some(uid), Some(gid))?;
-            }
+        if created {
+            // Given to the tenant's user by the directory lent to it (crate::dirfd).
             // The new name must survive a crash as well as the records in it.
-            File::open(&self.dir)?.sync_all()?;
+            self.dir.sync()?;
         }
         let (len, id) = (meta.len(), (meta.dev(), meta.ino()));
         self.day = Some(DayFile {
             date: date.to_owned(),
-            path,
+            name,
             len,
             reserved: len,
             id,
@@ -348,12 +344,12 @@ fn parse_head(line: &str) -> Option<Head> {
     Some(Head { seq, hash })
 }
 
-/// The day files in `dir`: `YYYY-MM-DD.jsonl`.
-fn day_files(dir: &Path) -> io::Result<Vec<PathBuf>> {
+/// The names of the day files in `dir`: `YYYY-MM-DD.jsonl`. A link or anything else
+/// under such a name is refused, by name: the trail is regular files only.
+fn day_files(dir: &Dir) -> io::Result<Vec<String>> {
     let mut out = Vec::new();
-    for entry in std::fs::read_dir(dir)? {
-        let path = entry?.path();
-        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    for entry in dir.entries()? {
+        let Some(name) = entry.name.to_str() else { continue };
         let is_day = name.len() == 16
             && name.ends_with(".jsonl")
             && name[..10].bytes().enumerate().all(|(i, b)| {
@@ -363,8 +359,16 @@ fn day_files(dir: &Path) -> io::Result<Vec<PathBuf>> {
                     b.is_ascii_digit()
                 }
             });
-        if is_day && path.is_file() {
-            out.push(path);
+        if !is_day {
+            continue;
+        }
+        let path = dir.child_path(name);
+        match entry.kind {
+            EntryKind::File => out.push(name.to_owned()),
+            EntryKind::Symlink => return Err(DirError::Link { path, expected: Kind::File }.into()),
+            EntryKind::Directory | EntryKind::Other => {
+                return Err(DirError::WrongType { path, expected: Kind::File }.into())
+            }
         }
     }
     Ok(out)
@@ -411,8 +415,15 @@ fn last_line(f: &mut File) -> io::Result<(Option<String>, u64)> {
 
 #[cfg(test)]
 mod tests {
+    use std::fs::OpenOptions;
+    use std::path::Path;
+
     use super::*;
     use crate::audit::record::Records;
+
+    fn held(path: &Path) -> Dir {
+        Dir::open_configured(path, 0o700).unwrap()
+    }
 
     fn entry(n: usize) -> Records {
         Records::raw("2026-11-23", &format!("{{\"time\":\"2026-11-23T10:00:00.000Z\",\"n\":{n}}}"))
@@ -425,7 +436,7 @@ mod tests {
     #[test]
     fn records_chain_by_the_documented_rule() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut w, rec) = Writer::open(dir.path(), FsyncPolicy::Batch, None).unwrap();
+        let (mut w, rec) = Writer::open(held(dir.path()), FsyncPolicy::Batch).unwrap();
         assert_eq!(rec, Recovered::default());
         w.append(&[entry(1), entry(2)]).unwrap();
         let path = dir.path().join("2026-11-23.jsonl");
@@ -455,7 +466,7 @@ mod tests {
     #[test]
     fn the_chain_continues_across_reopens_and_days_and_a_torn_tail_is_cut() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut w, _) = Writer::open(dir.path(), FsyncPolicy::Interval, None).unwrap();
+        let (mut w, _) = Writer::open(held(dir.path()), FsyncPolicy::Interval).unwrap();
         w.append(&[entry(1)]).unwrap();
         w.sync().unwrap();
         let head = w.head();
@@ -463,7 +474,7 @@ mod tests {
         let day1 = dir.path().join("2026-11-23.jsonl");
         let mut f = OpenOptions::new().append(true).open(&day1).unwrap();
         f.write_all(b"{\"seq\":2,\"prev\":\"ab").unwrap();
-        let (mut w, rec) = Writer::open(dir.path(), FsyncPolicy::Record, None).unwrap();
+        let (mut w, rec) = Writer::open(held(dir.path()), FsyncPolicy::Record).unwrap();
         assert_eq!(rec.dropped_bytes, 19);
         assert_eq!(w.head(), head);
         assert_eq!(lines(&day1).len(), 1);
@@ -479,7 +490,7 @@ mod tests {
         // An empty newest file (created, then a crash): the head is in the one before.
         drop(w);
         File::create(dir.path().join("2026-11-25.jsonl")).unwrap();
-        let (w, _) = Writer::open(dir.path(), FsyncPolicy::Batch, None).unwrap();
+        let (w, _) = Writer::open(held(dir.path()), FsyncPolicy::Batch).unwrap();
         assert_eq!(w.head().seq, 3);
     }
 
@@ -492,11 +503,11 @@ mod tests {
         let hash = hex::encode(sha2::Sha256::digest(body.as_bytes()));
         let old = format!("{},\"hash\":\"{hash}\"}}\n", &body[..body.len() - 1]);
         std::fs::write(dir.path().join("2026-11-23.jsonl"), &old).unwrap();
-        let (mut w, _) = Writer::open(dir.path(), FsyncPolicy::Batch, None).unwrap();
+        let (mut w, _) = Writer::open(held(dir.path()), FsyncPolicy::Batch).unwrap();
         assert_eq!((w.head().seq, hex::encode(w.head().hash)), (41, hash.clone()));
         w.append(&[entry(42)]).unwrap();
         drop(w);
-        let (w, _) = Writer::open(dir.path(), FsyncPolicy::Batch, None).unwrap();
+        let (w, _) = Writer::open(held(dir.path()), FsyncPolicy::Batch).unwrap();
         assert_eq!(w.head().seq, 42, "and a trail of the current layout too");
         let l = lines(&dir.path().join("2026-11-23.jsonl"));
         let v: serde_json::Value = serde_json::from_str(&l[1]).unwrap();
@@ -506,7 +517,7 @@ mod tests {
     #[test]
     fn a_finished_day_gives_back_its_reserved_blocks() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut w, _) = Writer::open(dir.path(), FsyncPolicy::Batch, None).unwrap();
+        let (mut w, _) = Writer::open(held(dir.path()), FsyncPolicy::Batch).unwrap();
         w.append(&[entry(1)]).unwrap();
         let day1 = dir.path().join("2026-11-23.jsonl");
         let reserved = |p: &Path| std::fs::metadata(p).unwrap().blocks() * 512;
@@ -521,7 +532,7 @@ mod tests {
     fn a_moved_file_is_continued_in_a_new_one_and_a_failed_write_keeps_the_chain() {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
-        let (mut w, _) = Writer::open(dir.path(), FsyncPolicy::Batch, None).unwrap();
+        let (mut w, _) = Writer::open(held(dir.path()), FsyncPolicy::Batch).unwrap();
         w.append(&[entry(1)]).unwrap();
         let day = dir.path().join("2026-11-23.jsonl");
         std::fs::rename(&day, dir.path().join("rotated")).unwrap();

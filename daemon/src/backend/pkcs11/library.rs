@@ -1,9 +1,8 @@
 //! Process-wide PKCS#11 module handles, token lookup and the cross-process token lock.
 
 use std::collections::HashMap;
-use std::fs::{DirBuilder, File, OpenOptions};
+use std::fs::File;
 use std::os::unix::ffi::OsStringExt;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
@@ -154,22 +153,15 @@ impl TokenLock {
         lock_dir.join(format!("pkcs11-{}.lock", &hex[..16]))
     }
 
-    /// Opens (creating) the lock file, without locking it.
+    /// Opens (creating) the lock file, without locking it. Its directory must be root's
+    /// (or kekd's user's) alone, and the file is opened without following a link.
     pub(crate) fn open(path: &Path) -> Result<Self, BackendError> {
-        if let Some(dir) = path.parent() {
-            DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(dir)
-                .map_err(|e| lock_error(path, "create its directory", e))?;
-        }
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .mode(0o600)
-            .open(path)
-            .map_err(|e| lock_error(path, "open", e))?;
+        let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+            return Err(lock_error(path, "open", std::io::ErrorKind::InvalidInput.into()));
+        };
+        let file = crate::dirfd::Dir::open_configured(dir, 0o700)
+            .and_then(|d| d.open_or_create(name, 0o600))
+            .map_err(|e| lock_error(path, "open", e.into()))?;
         Ok(Self { path: path.to_owned(), file, local: Mutex::new(()) })
     }
 
