@@ -1,15 +1,19 @@
 //! The supervisor: the root process that owns the listener and one worker per tenant.
 //!
-//! It never loads a PKCS#11 module or TPM library and never sees key material: it reads
-//! peer credentials and the Hello frame, applies the tenant's ACL, and passes the socket to
-//! the tenant's worker ([`handshake`]); it keeps each worker running ([`process`]).
+//! It never loads a PKCS#11 module or TPM library and never sees key material: it closes
+//! strangers at accept, reads peer credentials ([`identity`]) and the Hello frame, applies
+//! the tenant's ACL, and passes the socket to the tenant's worker ([`handshake`]), its
+//! denials folded for the tenant's audit trail ([`denials`]); it keeps each worker running
+//! ([`process`]).
 //!
 //! Signals: SIGTERM or SIGINT stops accepting, lets every worker drain (bounded by
 //! `shutdown_timeout`), removes the socket and exits 0. SIGHUP re-reads the config: ACLs
 //! change in place, added tenants get a worker, removed ones are stopped, and a worker
 //! whose own settings changed is restarted; all other workers keep running untouched.
 
+mod denials;
 mod handshake;
+mod identity;
 mod process;
 mod vsock;
 
@@ -140,10 +144,9 @@ async fn serve(
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
-                    let state = Arc::clone(&state);
-                    tokio::spawn(async move { handshake::connection(stream, &state).await });
-                }
+                // The front door and the caller's executable, at once: before the caller
+                // can exec another program, and before a stranger is counted anywhere.
+                Ok((stream, _)) => handshake::accepted_local(stream, &state),
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
                     limited_warn!(error = %e, "accept failed");
