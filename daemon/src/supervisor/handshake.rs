@@ -6,12 +6,15 @@
 //! ever passes through here.
 //!
 //! The front door comes first, as a connection is accepted and before a byte of it is read
-//! ([`accepted_local`], [`accepted_guest`]): a peer that no tenant's ACL lists (by uid and primary gid; over vsock, by
-//! CID) is closed there, so that strangers never count against anything the tenants share;
-//! and a listed one may have at most `max_pending_per_uid` connections that have not sent
-//! their Hello yet, so that no one user can hold the shared places with silent ones. The
-//! caller's executable is read there too ([`super::identity`]), from the process that
-//! connected.
+//! ([`accepted_local`], [`accepted_guest`]): a peer that no tenant's ACL lists (by uid and
+//! primary gid; over vsock, by CID) is closed there, so that strangers never count against
+//! anything the tenants share. The caller's executable is read there too
+//! ([`super::identity`]), from the process that connected. Then a listed caller may have at
+//! most `max_pending_per_uid` connections counted that have not sent their Hello yet, so
+//! that no one user can hold the shared places with silent ones; one more is not counted,
+//! but waits briefly for its Hello (with at most [`REFUSING_AT_ONCE`] others, all callers
+//! together) and is refused if none comes, so that a burst of connections that do say
+//! Hello at once, such as a client opening many, is not refused for being a burst.
 //!
 //! Connection limits: a connection counts against `max_connections` from its accept, and
 //! against its tenant's `max_connections_per_tenant` from its admission, until the worker
@@ -42,11 +45,13 @@ use crate::service::{Peer, Role};
 /// A worker whose control channel stays full this long is stuck; its callers get
 /// UNAVAILABLE instead of waiting on it.
 const HANDOFF_TIMEOUT: Duration = Duration::from_secs(5);
-/// Connections over `max_connections` whose Hello is awaited (so that the refusal echoes
-/// its id and reaches a client still writing it) at most at once; any more are refused
-/// without waiting.
+/// Connections over `max_connections` or `max_pending_per_uid` whose Hello is awaited
+/// (so that the refusal echoes its id and reaches a client still writing it, or, over
+/// `max_pending_per_uid`, so that a caller's burst of connections saying Hello is served)
+/// at most at once, all callers together; any more are refused without waiting.
 const REFUSING_AT_ONCE: usize = 64;
-/// How long a connection over `max_connections` may take to send its Hello.
+/// How long a connection over `max_connections` or `max_pending_per_uid` may take to send
+/// its Hello.
 const REFUSAL_HELLO_WAIT: Duration = Duration::from_secs(1);
 /// Descriptors a process needs besides its connections' (listeners, control channels,
 /// the key store, the audit trail, the PKCS#11 module's own).
@@ -243,10 +248,10 @@ pub fn accepted_local(stream: UnixStream, state: &Arc<State>) {
             return;
         }
     };
-    let Some((stream, pending)) = front_door(stream, &peer, state) else { return };
+    let Some(stream) = front_door(stream, &peer, state) else { return };
     let exe = identity::exe_at_accept(&stream, pid);
     let state = Arc::clone(state);
-    tokio::spawn(async move { greet(stream, peer, exe, pending, &state).await });
+    tokio::spawn(async move { greet(stream, peer, exe, &state).await });
 }
 
 /// A connection a vsock listener accepted just now, from a guest named by its CID.
@@ -254,39 +259,20 @@ pub fn accepted_guest<S>(stream: S, peer: Peer, state: &Arc<State>)
 where
     S: AsyncRead + AsyncWrite + AsFd + Unpin + Send + 'static,
 {
-    let Some((stream, pending)) = front_door(stream, &peer, state) else { return };
+    let Some(stream) = front_door(stream, &peer, state) else { return };
     let state = Arc::clone(state);
-    tokio::spawn(async move { greet(stream, peer, None, pending, &state).await });
+    tokio::spawn(async move { greet(stream, peer, None, &state).await });
 }
 
 /// The front door, before anything is read: closes a stranger (a peer no tenant's ACL
-/// lists), refuses a caller that has `max_pending_per_uid` connections waiting for their
-/// Hello already, and counts any other as waiting, until its Hello is read.
-fn front_door<S>(stream: S, peer: &Peer, state: &Arc<State>) -> Option<(S, PendingSlot)>
-where
-    S: AsyncRead + AsyncWrite + AsFd + Unpin + Send + 'static,
-{
-    if !listed(state, peer) {
-        limited_warn!(%peer, "connection closed at accept: the caller is in no tenant's access list");
-        tell_stranger(&stream, peer);
-        return None;
+/// lists), with a rate-limited log line, and lets anyone else in.
+fn front_door<S: AsFd>(stream: S, peer: &Peer, state: &State) -> Option<S> {
+    if listed(state, peer) {
+        return Some(stream);
     }
-    let limits = state.limits();
-    let who = Pender::of(peer);
-    let limit = limits.max_pending_per_uid;
-    match state.admission.pending.try_take(who, limit) {
-        Some(slot) => Some((stream, slot)),
-        None => {
-            limited_warn!(%peer, limit, "connection refused: the caller has limits.max_pending_per_uid connections waiting for their Hello");
-            let msg = format!(
-                "{who} has {limit} connections open that have not sent their Hello \
-                 (limits.max_pending_per_uid); retry once they have"
-            );
-            let state = Arc::clone(state);
-            tokio::spawn(async move { refuse(stream, &state, &limits, Code::ResourceExhausted, msg).await });
-            None
-        }
-    }
+    limited_warn!(%peer, "connection closed at accept: the caller is in no tenant's access list");
+    tell_stranger(&stream, peer);
+    None
 }
 
 /// Whether any tenant's ACL lets `peer` in.
@@ -316,34 +302,61 @@ fn tell_stranger<S: AsFd>(stream: &S, peer: &Peer) {
 /// Greets one connection past the front door, of either transport, and hands it to its
 /// tenant's worker, or answers why not and closes it. `exe` is the caller's executable,
 /// read at accept.
-pub async fn greet<S>(
-    mut stream: S,
-    peer: Peer,
-    exe: Option<String>,
-    pending: PendingSlot,
-    state: &Arc<State>,
-) where
+pub async fn greet<S>(mut stream: S, peer: Peer, exe: Option<String>, state: &Arc<State>)
+where
     S: AsyncRead + AsyncWrite + AsFd + Unpin,
 {
     let limits = state.limits();
-    // Counted from here, before the Hello: a client that never sends one holds a
-    // connection too, for up to frame_read_timeout.
-    let Some(counted) = state.admission.all.try_take(limits.max_connections) else {
-        drop(pending);
-        return refuse_over_limit(stream, peer, state, &limits).await;
-    };
-    let wait = limits.frame_read_timeout;
-    let hello = match tokio::time::timeout(wait, read_hello(&mut stream, state.max_frame())).await {
-        Ok(Ok(hello)) => hello,
-        Ok(Err(Some(resp))) => return answer(stream, resp).await,
-        Ok(Err(None)) => return,
-        Err(_) => {
-            limited_info!(%peer, "no hello within {wait:?} (limits.frame_read_timeout); closing");
-            return;
+    let max_pending = limits.max_pending_per_uid;
+    let (counted, hello) = match state.admission.pending.try_take(Pender::of(&peer), max_pending) {
+        Some(_pending) => {
+            // Counted from here, before the Hello: a client that never sends one holds a
+            // connection too, for up to frame_read_timeout.
+            let Some(counted) = state.admission.all.try_take(limits.max_connections) else {
+                return refuse_over_limit(stream, peer, state, &limits).await;
+            };
+            let wait = limits.frame_read_timeout;
+            match tokio::time::timeout(wait, read_hello(&mut stream, state.max_frame())).await {
+                Ok(Ok(hello)) => (counted, hello),
+                Ok(Err(Some(resp))) => return answer(stream, resp).await,
+                Ok(Err(None)) => return,
+                Err(_) => {
+                    limited_info!(%peer, "no hello within {wait:?} (limits.frame_read_timeout); closing");
+                    return;
+                }
+            }
+        }
+        None => {
+            // Over max_pending_per_uid: not counted, but given a moment to say Hello.
+            let hello = match hello_in_passing(&mut stream, state, &limits).await {
+                Some(Ok(hello)) => hello,
+                Some(Err(Some(resp))) => return answer(stream, resp).await,
+                Some(Err(None)) => return,
+                None => {
+                    limited_warn!(%peer, limit = max_pending, "connection refused: the caller has limits.max_pending_per_uid connections waiting for their Hello");
+                    let who = Pender::of(&peer);
+                    let msg = format!(
+                        "{who} has {max_pending} connections open that have not sent their Hello \
+                         (limits.max_pending_per_uid); retry once they have"
+                    );
+                    let resp =
+                        Response { id: 0, result: Err(ErrorStatus::new(Code::ResourceExhausted, msg)) };
+                    return answer(stream, resp).await;
+                }
+            };
+            let Some(counted) = state.admission.all.try_take(limits.max_connections) else {
+                let max = limits.max_connections;
+                limited_warn!(%peer, limit = max, "connection refused: max_connections are open");
+                let msg = format!(
+                    "kekd has its limit of {max} connections open (limits.max_connections); retry later"
+                );
+                let resp =
+                    Response { id: hello.0, result: Err(ErrorStatus::new(Code::ResourceExhausted, msg)) };
+                return answer(stream, resp).await;
+            };
+            (counted, hello)
         }
     };
-    // Past its Hello: no longer waiting.
-    drop(pending);
     let (id, hello) = hello;
     let fail = |code, msg: String| Response { id, result: Err(ErrorStatus::new(code, msg)) };
     let (role, link) = match admit(state, &hello, &peer) {
@@ -443,24 +456,29 @@ async fn count_until_closed(mut lease: UnixStream, slots: (Slot, Slot)) {
     drop(slots);
 }
 
-/// Answers a connection over `max_connections` with RESOURCE_EXHAUSTED and closes it.
-async fn refuse_over_limit<S>(stream: S, peer: Peer, state: &State, limits: &LimitsConfig)
+/// The Hello of a connection over `max_pending_per_uid`, if it comes within
+/// [`REFUSAL_HELLO_WAIT`] (or `frame_read_timeout`, if shorter) and there are fewer than
+/// [`REFUSING_AT_ONCE`] connections waiting like it; `None` if not. The inner result is
+/// [`read_hello`]'s.
+async fn hello_in_passing<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    state: &State,
+    limits: &LimitsConfig,
+) -> Option<Result<(u64, Hello), Option<Response>>> {
+    let _waiting = state.admission.refusing.try_take(REFUSING_AT_ONCE)?;
+    let wait = limits.frame_read_timeout.min(REFUSAL_HELLO_WAIT);
+    tokio::time::timeout(wait, read_hello(stream, state.max_frame())).await.ok()
+}
+
+/// Answers a connection over `max_connections` with RESOURCE_EXHAUSTED and closes it. Its
+/// Hello is awaited briefly first (by at most [`REFUSING_AT_ONCE`] connections at a time),
+/// so that the answer echoes its id and reaches a client that is still writing it.
+async fn refuse_over_limit<S>(mut stream: S, peer: Peer, state: &State, limits: &LimitsConfig)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let max = limits.max_connections;
     limited_warn!(%peer, limit = max, "connection refused: max_connections are open");
-    let msg = format!("kekd has its limit of {max} connections open (limits.max_connections); retry later");
-    refuse(stream, state, limits, Code::ResourceExhausted, msg).await
-}
-
-/// Answers a connection refused before its Hello with `code` and `msg`, and closes it. Its
-/// Hello is awaited briefly first (by at most [`REFUSING_AT_ONCE`] connections at a time),
-/// so that the answer echoes its id and reaches a client that is still writing it.
-async fn refuse<S>(mut stream: S, state: &State, limits: &LimitsConfig, code: Code, msg: String)
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
     let mut id = 0;
     if let Some(_waiting) = state.admission.refusing.try_take(REFUSING_AT_ONCE) {
         let wait = limits.frame_read_timeout.min(REFUSAL_HELLO_WAIT);
@@ -470,7 +488,8 @@ where
             id = hello_id;
         }
     }
-    answer(stream, Response { id, result: Err(ErrorStatus::new(code, msg)) }).await
+    let msg = format!("kekd has its limit of {max} connections open (limits.max_connections); retry later");
+    answer(stream, Response { id, result: Err(ErrorStatus::new(Code::ResourceExhausted, msg)) }).await
 }
 
 type Admitted = (Role, Option<Arc<Channel>>);
@@ -608,8 +627,8 @@ mod tests {
     /// What the accept loop does with a connection of `peer`, awaited: the front door,
     /// then the greeting.
     async fn arrive(stream: UnixStream, peer: Peer, state: &Arc<State>) {
-        if let Some((stream, pending)) = front_door(stream, &peer, state) {
-            greet(stream, peer, None, pending, state).await
+        if let Some(stream) = front_door(stream, &peer, state) {
+            greet(stream, peer, None, state).await
         }
     }
 
@@ -809,9 +828,11 @@ mod tests {
         assert!(matches!(msg, ToWorker::Connection(_)), "admitted: {msg:?}");
     }
 
-    /// A listed caller may have `max_pending_per_uid` connections waiting for their Hello;
-    /// one more is refused naming the setting, while other callers are greeted as before,
-    /// and a Hello frees its place.
+    /// A listed caller may have `max_pending_per_uid` connections counted while they wait
+    /// for their Hello. One more silent one is not counted, and is refused naming the
+    /// setting once its moment to say Hello has passed; one more that does say Hello is
+    /// served (a burst is no flood). Other callers are greeted as before, and a Hello frees
+    /// its place.
     #[tokio::test]
     async fn a_caller_may_keep_only_so_many_connections_waiting_for_hello() {
         let (state, worker) = supervisor_with("max_pending_per_uid = 2\nframe_read_timeout = \"1h\"");
@@ -825,10 +846,9 @@ mod tests {
         eventually("two connections wait", || state.admission.pending.of(Pender::Uid(1000)) == 2).await;
         assert_eq!(state.admission.all.open(), 2, "waiting connections count against max_connections");
 
-        let (mut third, accepted) = client().await;
+        let (mut third, accepted) = UnixStream::pair().unwrap();
         arrive(accepted, local, &state).await;
         let resp = answer_to(&mut third).await;
-        assert_eq!(resp.id, 9, "the refusal echoes the Hello it read");
         let e = resp.result.expect_err("over max_pending_per_uid");
         assert_eq!(e.code, Code::ResourceExhausted);
         assert!(
@@ -837,6 +857,12 @@ mod tests {
             e.message
         );
         assert!(!worker_got_anything(&worker).await);
+        assert_eq!(state.admission.all.open(), 2, "the one over the cap was never counted");
+
+        let (_burst, accepted) = client().await;
+        arrive(accepted, local, &state).await;
+        let (msg, _fds) = worker.recv_fds::<ToWorker>().await.unwrap().unwrap();
+        assert!(matches!(msg, ToWorker::Connection(_)), "over the cap but saying Hello: {msg:?}");
 
         // Another uid is not held back by this one's.
         let (mut other, accepted) = client().await;
@@ -862,10 +888,13 @@ mod tests {
         let (msg, _fds) = worker.recv_fds::<ToWorker>().await.unwrap().unwrap();
         assert!(matches!(msg, ToWorker::Connection(_)), "{msg:?}");
         assert_eq!(state.admission.pending.of(Pender::Uid(1000)), 1);
-        let (_fourth, accepted) = client().await;
-        arrive(accepted, local, &state).await;
-        let (msg, _fds) = worker.recv_fds::<ToWorker>().await.unwrap().unwrap();
-        assert!(matches!(msg, ToWorker::Connection(_)), "room again: {msg:?}");
+        let (_silent_again, accepted) = UnixStream::pair().unwrap();
+        let waiting = tokio::spawn({
+            let state = Arc::clone(&state);
+            async move { arrive(accepted, local, &state).await }
+        });
+        eventually("room to wait again", || state.admission.pending.of(Pender::Uid(1000)) == 2).await;
+        waiting.abort();
     }
 
     /// Refused Hellos of one caller reach the tenant's worker folded: the first at once,

@@ -146,7 +146,14 @@ async fn serve(
             accepted = listener.accept() => match accepted {
                 // The front door and the caller's executable, at once: before the caller
                 // can exec another program, and before a stranger is counted anywhere.
-                Ok((stream, _)) => handshake::accepted_local(stream, &state),
+                // Then a turn for the connections accepted so far, and for the reactor to
+                // see their Hellos, before the next accept: a backlog of connections is
+                // greeted as it is taken, not all taken first (and counted as waiting for
+                // a Hello they have long sent, against limits.max_pending_per_uid).
+                Ok((stream, _)) => {
+                    handshake::accepted_local(stream, &state);
+                    tokio::task::yield_now().await;
+                }
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
                     limited_warn!(error = %e, "accept failed");

@@ -45,6 +45,8 @@ pub async fn accept(listener: VsockListener, state: Arc<State>) {
             Ok((stream, addr)) => {
                 let peer = Peer::Vsock { cid: addr.cid(), port: addr.port() };
                 handshake::accepted_guest(stream, peer, &state);
+                // As on the Unix socket: greet what was taken before taking more.
+                tokio::task::yield_now().await;
             }
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
