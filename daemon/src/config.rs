@@ -84,10 +84,11 @@ pub struct LimitsConfig {
     /// Connections one tenant may have open at once.
     #[serde(default = "default_max_connections_per_tenant")]
     pub max_connections_per_tenant: usize,
-    /// Connections one uid (over vsock: one CID) may have open that have not sent their
-    /// Hello yet. Without it, one user of one tenant could hold every place of
-    /// `max_connections` with connections that say nothing, and every tenant would be
-    /// refused until they time out (`frame_read_timeout`).
+    /// Connections one uid (over vsock: one CID) may have counted that have not sent their
+    /// Hello yet; one more gets only a moment to say it, uncounted. Without it, one user of
+    /// one tenant could hold every place of `max_connections` with connections that say
+    /// nothing, and every tenant would be refused until they time out
+    /// (`frame_read_timeout`).
     #[serde(default = "default_max_pending_per_uid")]
     pub max_pending_per_uid: usize,
     /// Requests one connection may have in flight (running, or answered and waiting to be

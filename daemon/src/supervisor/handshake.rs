@@ -428,7 +428,7 @@ where
 /// Passes a refusal to its tenant's worker, for the tenant's audit trail.
 async fn pass_refusal(state: &State, tenant: &TenantName, refusal: Refusal) {
     let Some(link) = state.with_tenant(tenant, |t| t.and_then(|(_, w)| w.link())) else {
-        limited_warn!(%tenant, count = refusal.count, "the tenant's worker is restarting: a denial is not audited");
+        limited_warn!(%tenant, count = refusal.count, "no worker serves the tenant now (restarting or removed): denials not audited");
         return;
     };
     let (peer, count) = (refusal.peer, refusal.count);
