@@ -84,6 +84,13 @@ pub struct LimitsConfig {
     /// Connections one tenant may have open at once.
     #[serde(default = "default_max_connections_per_tenant")]
     pub max_connections_per_tenant: usize,
+    /// Connections one uid (over vsock: one CID) may have counted that have not sent their
+    /// Hello yet; one more gets only a moment to say it, uncounted. Without it, one user of
+    /// one tenant could hold every place of `max_connections` with connections that say
+    /// nothing, and every tenant would be refused until they time out
+    /// (`frame_read_timeout`).
+    #[serde(default = "default_max_pending_per_uid")]
+    pub max_pending_per_uid: usize,
     /// Requests one connection may have in flight (running, or answered and waiting to be
     /// written out); further frames are not read until one finishes.
     #[serde(default = "default_max_in_flight")]
@@ -107,6 +114,7 @@ impl Default for LimitsConfig {
         Self {
             max_connections: default_max_connections(),
             max_connections_per_tenant: default_max_connections_per_tenant(),
+            max_pending_per_uid: default_max_pending_per_uid(),
             max_in_flight_per_connection: default_max_in_flight(),
             frame_read_timeout: default_frame_read_timeout(),
             write_timeout: default_write_timeout(),
@@ -127,6 +135,7 @@ impl LimitsConfig {
         for (f, n, max) in [
             ("max_connections", self.max_connections, Self::MAX_CONNECTIONS),
             ("max_connections_per_tenant", self.max_connections_per_tenant, Self::MAX_CONNECTIONS),
+            ("max_pending_per_uid", self.max_pending_per_uid, Self::MAX_CONNECTIONS),
             ("max_in_flight_per_connection", self.max_in_flight_per_connection, Self::MAX_IN_FLIGHT),
             ("max_batch_items", self.max_batch_items, kekd_proto::MAX_BATCH),
         ] {
@@ -503,6 +512,9 @@ fn default_max_connections() -> usize {
 }
 fn default_max_connections_per_tenant() -> usize {
     256
+}
+fn default_max_pending_per_uid() -> usize {
+    8
 }
 fn default_max_in_flight() -> usize {
     256
@@ -953,6 +965,7 @@ pin_file = "{}"
             "room for both in the 1024 descriptors a service gets by default"
         );
         let conn = cfg.connection_limits();
+        assert_eq!(cfg.limits.max_pending_per_uid, 8);
         assert_eq!(conn, ConnectionLimits::default());
         assert_eq!(conn.max_in_flight, 256);
         assert_eq!(conn.frame_read_timeout, Duration::from_secs(10));
@@ -991,6 +1004,9 @@ pin_file = "{}"
                 "between 1 and 65536",
             ),
             ("max_batch_items = 4097", "limits.max_batch_items", "between 1 and 4096"),
+            ("max_pending_per_uid = 0", "limits.max_pending_per_uid", "between 1 and"),
+            ("max_pending_per_uid = 1048577", "limits.max_pending_per_uid", "between 1 and"),
+            ("max_pending_per_uid = \"8\"", "limits.max_pending_per_uid", ""),
             ("frame_read_timeout = \"10ms\"", "limits.frame_read_timeout", "between 100ms and 1h"),
             ("frame_read_timeout = \"2h\"", "limits.frame_read_timeout", "between 100ms and 1h"),
             ("frame_read_timeout = \"soon\"", "limits.frame_read_timeout", ""),

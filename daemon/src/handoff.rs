@@ -63,6 +63,14 @@ pub struct Refusal {
     /// The status code's name, e.g. `PERMISSION_DENIED`.
     pub code: String,
     pub message: String,
+    /// How many refusals of this caller this one stands for: the supervisor folds repeated
+    /// ones (`supervisor::denials`), and this one names the last of them.
+    #[serde(default = "one")]
+    pub count: u64,
+}
+
+fn one() -> u64 {
+    1
 }
 
 /// Worker to supervisor.

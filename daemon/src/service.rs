@@ -46,16 +46,6 @@ pub enum Peer {
     Vsock { cid: u32, port: u32 },
 }
 
-impl Peer {
-    /// The local process id, for reading its executable; none over vsock.
-    pub fn pid(&self) -> Option<i32> {
-        match *self {
-            Peer::Unix { pid, .. } if pid > 0 => Some(pid),
-            _ => None,
-        }
-    }
-}
-
 /// For logs and error messages: `uid 1000 gid 1000 pid 42`, `vsock cid 5 port 1024`.
 impl std::fmt::Display for Peer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -426,11 +416,13 @@ impl TenantService {
         let _ = self.audit.commit(record).await;
     }
 
-    /// Records a Hello for this tenant that the supervisor's ACL turned away.
+    /// Records Hellos for this tenant that the supervisor's ACL turned away: one record for
+    /// `r.count` of them, folded by the supervisor so that a caller looping on a refused
+    /// Hello cannot flood this trail (docs/FORMATS.md §5, `count`).
     pub async fn audit_supervisor_refusal(&self, r: Refusal) {
-        let shared = RequestPart::refused(&r.peer, r.exe.as_deref(), r.hello_id);
+        let shared = RequestPart::refused(&r.peer, r.exe.as_deref(), r.hello_id, r.count);
         let code = Code::from_str_name(&r.code).unwrap_or(Code::PermissionDenied);
-        self.stats.refused(code);
+        self.stats.refused_many(code, r.count);
         let error = ErrorStatus::new(code, r.message);
         let access = Access::default();
         let it = Item { item: None, access: &access, outcome: Err(&error), detail: None };

@@ -87,6 +87,11 @@ impl Stats {
         self.error(code, 1, 0);
     }
 
+    /// [`Self::refused`], `n` times at once (Hellos the supervisor folded into one).
+    pub fn refused_many(&self, code: Code, n: u64) {
+        self.error(code, n, 0);
+    }
+
     fn error(&self, code: Code, requests: u64, items: u64) {
         if code != Code::Ok {
             if let Some(p) = self.errors.get(code as usize) {

@@ -58,7 +58,9 @@ impl Access {
 #[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, Serialize)]
 pub struct Caller {
     pub peer: Peer,
-    /// The peer's executable (`/proc/<pid>/exe`, read by the supervisor at connect).
+    /// The program the peer ran when the supervisor accepted its connection
+    /// (`/proc/<pid>/exe`, the process pinned by a pidfd). It names, it does not prove:
+    /// the process may have exec'd another program since.
     pub exe: Option<String>,
     pub role: Role,
 }
@@ -133,6 +135,9 @@ struct RequestView<'a> {
     role: Option<Role>,
     #[serde(skip_serializing_if = "Option::is_none")]
     request_id: Option<u64>,
+    /// How many attempts a folded record stands for (refused Hellos).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    count: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     meta: Option<MetaView<'a>>,
 }
@@ -150,17 +155,20 @@ impl RequestPart {
             peer: caller.map(|c| PeerView::of(&c.peer, c.exe.as_deref())),
             role: caller.map(|c| c.role),
             request_id,
+            count: None,
             meta,
         };
         RequestPart(members(&view))
     }
 
-    /// A caller turned away before it had a role (a Hello the ACL refused).
-    pub fn refused(peer: &Peer, exe: Option<&str>, request_id: u64) -> Self {
+    /// Callers turned away before they had a role (Hellos the ACL refused): `count` of
+    /// them, folded into one record that names the last (its peer and Hello id).
+    pub fn refused(peer: &Peer, exe: Option<&str>, request_id: u64, count: u64) -> Self {
         let view = RequestView {
             peer: Some(PeerView::of(peer, exe)),
             role: None,
             request_id: Some(request_id),
+            count: Some(count),
             meta: None,
         };
         RequestPart(members(&view))
@@ -401,6 +409,13 @@ mod tests {
         assert_eq!(v["meta"]["fields"]["ticket"], "CHG-1\n\"x\"");
         assert!(v["meta"].get("data_label").is_none(), "empty metadata is left out");
         assert!(!members.contains('\n'), "one record, one line");
+
+        let refused = RequestPart::refused(&Peer::Unix { uid: 7, gid: 8, pid: 9 }, None, 3, 4812);
+        let v: serde_json::Value = serde_json::from_str(&format!("{{{}}}", refused.0)).unwrap();
+        assert_eq!(v["count"], 4812, "a folded denial says how many attempts it stands for");
+        assert_eq!(v["request_id"], 3);
+        assert!(v.get("role").is_none(), "{v}");
+        assert!(!first.contains("\"count\"") && !members.contains("\"count\""), "only denials count");
 
         let guest = Caller { peer: Peer::Vsock { cid: 5, port: 1024 }, exe: None, role: Role::User };
         let part = RequestPart::new(Some(&guest), Some(8), None);

@@ -5,6 +5,17 @@
 //! pipelined behind it stays in the socket for the worker, and no request or response
 //! ever passes through here.
 //!
+//! The front door comes first, as a connection is accepted and before a byte of it is read
+//! ([`accepted_local`], [`accepted_guest`]): a peer that no tenant's ACL lists (by uid and
+//! primary gid; over vsock, by CID) is closed there, so that strangers never count against
+//! anything the tenants share. The caller's executable is read there too
+//! ([`super::identity`]), from the process that connected. Then a listed caller may have at
+//! most `max_pending_per_uid` connections counted that have not sent their Hello yet, so
+//! that no one user can hold the shared places with silent ones; one more is not counted,
+//! but waits briefly for its Hello (with at most [`REFUSING_AT_ONCE`] others, all callers
+//! together) and is refused if none comes, so that a burst of connections that do say
+//! Hello at once, such as a client opening many, is not refused for being a burst.
+//!
 //! Connection limits: a connection counts against `max_connections` from its accept, and
 //! against its tenant's `max_connections_per_tenant` from its admission, until the worker
 //! serving it closes it. The supervisor no longer holds a handed-over socket, so it passes
@@ -13,7 +24,7 @@
 //! supervisor's end reads EOF then, and the connection stops counting.
 
 use std::collections::HashMap;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -23,7 +34,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::UnixStream;
 use zeroize::Zeroizing;
 
-use super::State;
+use super::denials::{Denials, FoldKey, WINDOW};
+use super::{identity, State};
 use crate::audit::Caller;
 use crate::config::{LimitsConfig, TenantConfig};
 use crate::handoff::{Channel, Handoff, Refusal, ToWorker};
@@ -33,11 +45,13 @@ use crate::service::{Peer, Role};
 /// A worker whose control channel stays full this long is stuck; its callers get
 /// UNAVAILABLE instead of waiting on it.
 const HANDOFF_TIMEOUT: Duration = Duration::from_secs(5);
-/// Connections over `max_connections` whose Hello is awaited (so that the refusal echoes
-/// its id and reaches a client still writing it) at most at once; any more are refused
-/// without waiting.
+/// Connections over `max_connections` or `max_pending_per_uid` whose Hello is awaited
+/// (so that the refusal echoes its id and reaches a client still writing it, or, over
+/// `max_pending_per_uid`, so that a caller's burst of connections saying Hello is served)
+/// at most at once, all callers together; any more are refused without waiting.
 const REFUSING_AT_ONCE: usize = 64;
-/// How long a connection over `max_connections` may take to send its Hello.
+/// How long a connection over `max_connections` or `max_pending_per_uid` may take to send
+/// its Hello.
 const REFUSAL_HELLO_WAIT: Duration = Duration::from_secs(1);
 /// Descriptors a process needs besides its connections' (listeners, control channels,
 /// the key store, the audit trail, the PKCS#11 module's own).
@@ -83,12 +97,87 @@ pub struct Admission {
     /// grow. Kept across reloads and worker restarts, since a draining worker's
     /// connections still count.
     tenants: Mutex<HashMap<TenantName, Arc<Gauge>>>,
+    /// Connections not yet past their Hello, per uid (per CID over vsock).
+    pending: Arc<Pending>,
+    /// Refused Hellos on their way to the tenants' audit trails.
+    denials: Arc<Denials>,
 }
 
 impl Admission {
     fn tenant(&self, name: &TenantName) -> Arc<Gauge> {
         let mut tenants = self.tenants.lock().unwrap_or_else(PoisonError::into_inner);
         Arc::clone(tenants.entry(name.clone()).or_default())
+    }
+}
+
+/// Whom `max_pending_per_uid` counts: a local uid, or a guest's CID.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Pender {
+    Uid(u32),
+    Cid(u32),
+}
+
+impl Pender {
+    fn of(peer: &Peer) -> Self {
+        match *peer {
+            Peer::Unix { uid, .. } => Pender::Uid(uid),
+            Peer::Vsock { cid, .. } => Pender::Cid(cid),
+        }
+    }
+}
+
+impl std::fmt::Display for Pender {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Pender::Uid(uid) => write!(f, "uid {uid}"),
+            Pender::Cid(cid) => write!(f, "vsock cid {cid}"),
+        }
+    }
+}
+
+/// Connections accepted whose Hello has not been read yet, per uid or CID. Only callers
+/// some tenant's ACL lists are counted (strangers are closed first), so the map holds at
+/// most one entry per such caller, and drops it when its count is back to 0.
+#[derive(Debug, Default)]
+pub struct Pending(Mutex<HashMap<Pender, usize>>);
+
+impl Pending {
+    fn try_take(self: &Arc<Self>, who: Pender, limit: usize) -> Option<PendingSlot> {
+        let mut counts = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let n = counts.entry(who).or_default();
+        if *n >= limit {
+            if *n == 0 {
+                counts.remove(&who);
+            }
+            return None;
+        }
+        *n += 1;
+        Some(PendingSlot { who, of: Arc::clone(self) })
+    }
+
+    /// Connections of `who` counted now.
+    #[cfg(test)]
+    fn of(&self, who: Pender) -> usize {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner).get(&who).copied().unwrap_or(0)
+    }
+}
+
+/// One connection waiting for its Hello, counted until dropped.
+#[derive(Debug)]
+pub struct PendingSlot {
+    who: Pender,
+    of: Arc<Pending>,
+}
+
+impl Drop for PendingSlot {
+    fn drop(&mut self) {
+        let mut counts = self.of.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(n) = counts.get_mut(&self.who) {
+            *n -= 1;
+            if *n == 0 {
+                counts.remove(&self.who);
+            }
+        }
     }
 }
 
@@ -146,64 +235,147 @@ impl Acl {
     }
 }
 
-/// A connection on the Unix socket: the peer is who the kernel says (SO_PEERCRED).
-pub async fn connection(stream: UnixStream, state: &State) {
-    let peer = match stream.peer_cred() {
-        Ok(c) => Peer::Unix { uid: c.uid(), gid: c.gid(), pid: c.pid().unwrap_or(0) },
+/// A connection the Unix listener accepted just now: the peer is who the kernel says
+/// (SO_PEERCRED), and its executable is read now, from the process that connected.
+pub fn accepted_local(stream: UnixStream, state: &Arc<State>) {
+    let (peer, pid) = match stream.peer_cred() {
+        Ok(c) => {
+            let pid = c.pid().unwrap_or(0);
+            (Peer::Unix { uid: c.uid(), gid: c.gid(), pid }, pid)
+        }
         Err(e) => {
             limited_warn!(error = %e, "cannot read peer credentials; closing");
             return;
         }
     };
-    greet(stream, peer, state).await
+    let Some(stream) = front_door(stream, &peer, state) else { return };
+    let exe = identity::exe_at_accept(&stream, pid);
+    let state = Arc::clone(state);
+    tokio::spawn(async move { greet(stream, peer, exe, &state).await });
 }
 
-/// Greets one accepted connection, of either transport, and hands it to its tenant's
-/// worker, or answers why not and closes it.
-pub async fn greet<S>(mut stream: S, peer: Peer, state: &State)
+/// A connection a vsock listener accepted just now, from a guest named by its CID.
+pub fn accepted_guest<S>(stream: S, peer: Peer, state: &Arc<State>)
+where
+    S: AsyncRead + AsyncWrite + AsFd + Unpin + Send + 'static,
+{
+    let Some(stream) = front_door(stream, &peer, state) else { return };
+    let state = Arc::clone(state);
+    tokio::spawn(async move { greet(stream, peer, None, &state).await });
+}
+
+/// The front door, before anything is read: closes a stranger (a peer no tenant's ACL
+/// lists), with a rate-limited log line, and lets anyone else in.
+fn front_door<S: AsFd>(stream: S, peer: &Peer, state: &State) -> Option<S> {
+    if listed(state, peer) {
+        return Some(stream);
+    }
+    limited_warn!(%peer, "connection closed at accept: the caller is in no tenant's access list");
+    tell_stranger(&stream, peer);
+    None
+}
+
+/// Whether any tenant's ACL lets `peer` in.
+fn listed(state: &State, peer: &Peer) -> bool {
+    let tenants = state.tenants.read().unwrap_or_else(PoisonError::into_inner);
+    tenants.values().any(|(acl, _)| acl.role(peer).is_some())
+}
+
+/// Tells a stranger why it is closed, if its socket takes the answer at once: nothing is
+/// awaited for a stranger, and its Hello is not read, so the answer carries no id. A
+/// client that writes its Hello after the close sees the connection reset instead.
+fn tell_stranger<S: AsFd>(stream: &S, peer: &Peer) {
+    use nix::sys::socket::{send, MsgFlags};
+    let who = match *peer {
+        Peer::Unix { uid, gid, .. } => format!("uid {uid} gid {gid}"),
+        Peer::Vsock { cid, .. } => format!("vsock cid {cid}"),
+    };
+    let msg = format!("{who} is in no tenant's access list");
+    let mut frame = Vec::new();
+    kekd_proto::encode_response(
+        Response { id: 0, result: Err(ErrorStatus::new(Code::PermissionDenied, msg)) },
+        &mut frame,
+    );
+    let _ = send(stream.as_fd().as_raw_fd(), &frame, MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL);
+}
+
+/// Greets one connection past the front door, of either transport, and hands it to its
+/// tenant's worker, or answers why not and closes it. `exe` is the caller's executable,
+/// read at accept.
+pub async fn greet<S>(mut stream: S, peer: Peer, exe: Option<String>, state: &Arc<State>)
 where
     S: AsyncRead + AsyncWrite + AsFd + Unpin,
 {
     let limits = state.limits();
-    // Counted from here, before the Hello: a client that never sends one holds a
-    // connection too, for up to frame_read_timeout.
-    let Some(counted) = state.admission.all.try_take(limits.max_connections) else {
-        return refuse_over_limit(stream, peer, state, &limits).await;
-    };
-    let wait = limits.frame_read_timeout;
-    let hello = match tokio::time::timeout(wait, read_hello(&mut stream, state.max_frame())).await {
-        Ok(Ok(hello)) => hello,
-        Ok(Err(Some(resp))) => return answer(stream, resp).await,
-        Ok(Err(None)) => return,
-        Err(_) => {
-            limited_info!(%peer, "no hello within {wait:?} (limits.frame_read_timeout); closing");
-            return;
+    let max_pending = limits.max_pending_per_uid;
+    let (counted, hello) = match state.admission.pending.try_take(Pender::of(&peer), max_pending) {
+        Some(_pending) => {
+            // Counted from here, before the Hello: a client that never sends one holds a
+            // connection too, for up to frame_read_timeout.
+            let Some(counted) = state.admission.all.try_take(limits.max_connections) else {
+                return refuse_over_limit(stream, peer, state, &limits).await;
+            };
+            let wait = limits.frame_read_timeout;
+            match tokio::time::timeout(wait, read_hello(&mut stream, state.max_frame())).await {
+                Ok(Ok(hello)) => (counted, hello),
+                Ok(Err(Some(resp))) => return answer(stream, resp).await,
+                Ok(Err(None)) => return,
+                Err(_) => {
+                    limited_info!(%peer, "no hello within {wait:?} (limits.frame_read_timeout); closing");
+                    return;
+                }
+            }
+        }
+        None => {
+            // Over max_pending_per_uid: not counted, but given a moment to say Hello.
+            let hello = match hello_in_passing(&mut stream, state, &limits).await {
+                Some(Ok(hello)) => hello,
+                Some(Err(Some(resp))) => return answer(stream, resp).await,
+                Some(Err(None)) => return,
+                None => {
+                    limited_warn!(%peer, limit = max_pending, "connection refused: the caller has limits.max_pending_per_uid connections waiting for their Hello");
+                    let who = Pender::of(&peer);
+                    let msg = format!(
+                        "{who} has {max_pending} connections open that have not sent their Hello \
+                         (limits.max_pending_per_uid); retry once they have"
+                    );
+                    let resp =
+                        Response { id: 0, result: Err(ErrorStatus::new(Code::ResourceExhausted, msg)) };
+                    return answer(stream, resp).await;
+                }
+            };
+            let Some(counted) = state.admission.all.try_take(limits.max_connections) else {
+                let max = limits.max_connections;
+                limited_warn!(%peer, limit = max, "connection refused: max_connections are open");
+                let msg = format!(
+                    "kekd has its limit of {max} connections open (limits.max_connections); retry later"
+                );
+                let resp =
+                    Response { id: hello.0, result: Err(ErrorStatus::new(Code::ResourceExhausted, msg)) };
+                return answer(stream, resp).await;
+            };
+            (counted, hello)
         }
     };
     let (id, hello) = hello;
-    let exe = peer_exe(&peer);
     let fail = |code, msg: String| Response { id, result: Err(ErrorStatus::new(code, msg)) };
     let (role, link) = match admit(state, &hello, &peer) {
         Ok(admitted) => admitted,
         Err((code, msg)) => {
             if code == Code::PermissionDenied {
-                // The denial goes into the tenant's own audit trail, through its worker.
+                // The denial goes into the tenant's own audit trail, through its worker,
+                // folded with the caller's other refusals by this tenant.
                 let refusal = Refusal {
                     peer,
                     exe,
                     hello_id: id,
                     code: code.as_str_name().to_owned(),
                     message: msg.clone(),
+                    count: 1,
                 };
-                let link = state.with_tenant(&hello.tenant, |t| t.and_then(|(_, w)| w.link()));
-                if let Some(link) = link {
-                    let msg = ToWorker::Refused(refusal);
-                    if tokio::time::timeout(HANDOFF_TIMEOUT, link.send(&msg, None))
-                        .await
-                        .map_or(true, |r| r.is_err())
-                    {
-                        limited_warn!(tenant = %hello.tenant, %peer, "cannot pass a denial to the worker for its audit trail");
-                    }
+                if let Some((first, fold)) = state.admission.denials.note(&hello.tenant, refusal) {
+                    pass_refusal(state, &hello.tenant, first).await;
+                    tokio::spawn(flush_folded(Arc::clone(state), fold));
                 }
             }
             return answer(stream, fail(code, msg)).await;
@@ -253,12 +425,49 @@ where
     answer(stream, fail(Code::Unavailable, refused)).await
 }
 
+/// Passes a refusal to its tenant's worker, for the tenant's audit trail.
+async fn pass_refusal(state: &State, tenant: &TenantName, refusal: Refusal) {
+    let Some(link) = state.with_tenant(tenant, |t| t.and_then(|(_, w)| w.link())) else {
+        limited_warn!(%tenant, count = refusal.count, "no worker serves the tenant now (restarting or removed): denials not audited");
+        return;
+    };
+    let (peer, count) = (refusal.peer, refusal.count);
+    let msg = ToWorker::Refused(refusal);
+    if tokio::time::timeout(HANDOFF_TIMEOUT, link.send(&msg, None)).await.map_or(true, |r| r.is_err()) {
+        limited_warn!(%tenant, %peer, count, "cannot pass a denial to the worker for its audit trail");
+    }
+}
+
+/// Passes on the refusals folded into `fold`, once a window, until a window passes
+/// without any ([`super::denials`]).
+async fn flush_folded(state: Arc<State>, fold: FoldKey) {
+    loop {
+        tokio::time::sleep(WINDOW).await;
+        let Some(folded) = state.admission.denials.take(&fold) else { return };
+        pass_refusal(&state, &fold.tenant, folded).await;
+    }
+}
+
 /// Keeps a handed-over connection counted until its worker closes the lease.
 async fn count_until_closed(mut lease: UnixStream, slots: (Slot, Slot)) {
     // The worker never writes: a read ends at EOF (or an error) once its end is closed.
     let mut byte = [0u8; 1];
     while matches!(lease.read(&mut byte).await, Ok(1..)) {}
     drop(slots);
+}
+
+/// The Hello of a connection over `max_pending_per_uid`, if it comes within
+/// [`REFUSAL_HELLO_WAIT`] (or `frame_read_timeout`, if shorter) and there are fewer than
+/// [`REFUSING_AT_ONCE`] connections waiting like it; `None` if not. The inner result is
+/// [`read_hello`]'s.
+async fn hello_in_passing<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    state: &State,
+    limits: &LimitsConfig,
+) -> Option<Result<(u64, Hello), Option<Response>>> {
+    let _waiting = state.admission.refusing.try_take(REFUSING_AT_ONCE)?;
+    let wait = limits.frame_read_timeout.min(REFUSAL_HELLO_WAIT);
+    tokio::time::timeout(wait, read_hello(stream, state.max_frame())).await.ok()
 }
 
 /// Answers a connection over `max_connections` with RESOURCE_EXHAUSTED and closes it. Its
@@ -284,13 +493,6 @@ where
 }
 
 type Admitted = (Role, Option<Arc<Channel>>);
-
-/// The caller's executable, for the audit trail. Read at connect time by the supervisor
-/// (root), since a worker that dropped privileges cannot read other users' `/proc`.
-fn peer_exe(peer: &Peer) -> Option<String> {
-    let pid = peer.pid()?;
-    std::fs::read_link(format!("/proc/{pid}/exe")).ok().map(|p| p.to_string_lossy().into_owned())
-}
 
 /// The tenant's ACL decides; its worker's current channel (None while restarting) comes
 /// with the decision, read under the same lock.
@@ -390,25 +592,49 @@ mod tests {
         assert_eq!(acl.role(&Peer::Unix { uid: 5, gid: 5, pid: 1 }), None);
     }
 
-    /// The supervisor of one tenant, `acme`, that admits guest CID 5 and local uid 1000,
-    /// and the worker's end of its control channel.
-    fn supervisor() -> (State, Channel) {
+    /// The supervisor of two tenants: `acme`, that admits guest CID 5 and local uid 1000,
+    /// and `other`, that admits guest CID 6 and local uid 5 (so that they are no strangers,
+    /// only not acme's); and the worker's end of acme's control channel.
+    fn supervisor() -> (Arc<State>, Channel) {
         supervisor_with("")
     }
 
     /// [`supervisor`] with these lines in its `[limits]` table.
-    fn supervisor_with(limits: &str) -> (State, Channel) {
+    fn supervisor_with(limits: &str) -> (Arc<State>, Channel) {
         let text = format!(
             "[limits]\n{limits}\n[tenants.acme]\nallow_uids = [1000]\nallow_cids = [5]\n\
-             [tenants.acme.tpm]\ntcti = \"device:/dev/null\"\n"
+             [tenants.acme.tpm]\ntcti = \"device:/dev/null\"\n\
+             [tenants.other]\nallow_uids = [5]\nallow_cids = [6]\n\
+             [tenants.other.tpm]\ntcti = \"device:/dev/null\"\n"
         );
         let cfg = Config::parse(&text).unwrap();
-        let tenant = &cfg.tenants()[0];
-        let (ours, theirs) = handoff::pair().unwrap();
-        let worker =
-            WorkerProcess::attached(WorkerSpec::new(&cfg, tenant), Arc::new(Channel::new(ours).unwrap()));
-        let tenants = BTreeMap::from([(tenant.name.clone(), (Acl::from_config(&tenant.config), worker))]);
-        (State::new(tenants, &cfg), Channel::new(theirs).unwrap())
+        let mut tenants = BTreeMap::new();
+        let mut acme = None;
+        for tenant in cfg.tenants() {
+            let (ours, theirs) = handoff::pair().unwrap();
+            let worker = WorkerProcess::attached(
+                WorkerSpec::new(&cfg, &tenant),
+                Arc::new(Channel::new(ours).unwrap()),
+            );
+            if tenant.name.as_str() == "acme" {
+                acme = Some(Channel::new(theirs).unwrap());
+            }
+            tenants.insert(tenant.name.clone(), (Acl::from_config(&tenant.config), worker));
+        }
+        (Arc::new(State::new(tenants, &cfg)), acme.expect("acme is configured"))
+    }
+
+    /// What the accept loop does with a connection of `peer`, awaited: the front door,
+    /// then the greeting.
+    async fn arrive(stream: UnixStream, peer: Peer, state: &Arc<State>) {
+        if let Some(stream) = front_door(stream, &peer, state) {
+            greet(stream, peer, None, state).await
+        }
+    }
+
+    /// Whether the worker got a control message within a moment.
+    async fn worker_got_anything(worker: &Channel) -> bool {
+        tokio::time::timeout(Duration::from_millis(200), worker.recv_fds::<ToWorker>()).await.is_ok()
     }
 
     /// A client that has sent its Hello for `acme`, and the supervisor's end of it.
@@ -442,7 +668,7 @@ mod tests {
         let (state, worker) = supervisor();
 
         let (mut guest, accepted) = client().await;
-        greet(accepted, Peer::Vsock { cid: 5, port: 1024 }, &state).await;
+        arrive(accepted, Peer::Vsock { cid: 5, port: 1024 }, &state).await;
         let (msg, fds) = worker.recv_fds::<ToWorker>().await.unwrap().unwrap();
         let ToWorker::Connection(handoff) = msg else { panic!("expected a connection, got {msg:?}") };
         let [fd, _lease]: [OwnedFd; 2] = fds.try_into().expect("the socket and its lease");
@@ -463,7 +689,7 @@ mod tests {
             (Peer::Unix { uid: 5, gid: 5, pid: 1 }, "uid 5 gid 5"),
         ] {
             let (mut stranger, accepted) = client().await;
-            greet(accepted, peer, &state).await;
+            arrive(accepted, peer, &state).await;
             let resp = answer_to(&mut stranger).await;
             let e = resp.result.expect_err("refused");
             assert_eq!(e.code, Code::PermissionDenied);
@@ -471,12 +697,13 @@ mod tests {
             let (msg, fd) = worker.recv::<ToWorker>().await.unwrap().unwrap();
             let ToWorker::Refused(refusal) = msg else { panic!("expected a refusal, got {msg:?}") };
             assert_eq!(refusal.peer, peer, "the denial is audited with the caller's identity");
+            assert_eq!(refusal.count, 1, "the first denial passes on by itself");
             assert!(fd.is_none(), "a refused socket stays with the supervisor");
         }
 
         // The local caller the same tenant allows is still handed over as before.
         let (_local, accepted) = client().await;
-        greet(accepted, Peer::Unix { uid: 1000, gid: 1000, pid: 1 }, &state).await;
+        arrive(accepted, Peer::Unix { uid: 1000, gid: 1000, pid: 1 }, &state).await;
         let (msg, _) = worker.recv_fds::<ToWorker>().await.unwrap().unwrap();
         let local = Peer::Unix { uid: 1000, gid: 1000, pid: 1 };
         assert!(
@@ -522,17 +749,16 @@ mod tests {
         let (state, worker) = supervisor_with(
             "max_connections = 2\nmax_connections_per_tenant = 1\nframe_read_timeout = \"200ms\"",
         );
-        let state = Arc::new(state);
         let local = Peer::Unix { uid: 1000, gid: 1000, pid: 1 };
 
         let (_first, accepted) = client().await;
-        greet(accepted, local, &state).await;
+        arrive(accepted, local, &state).await;
         let (_, fds) = worker.recv_fds::<ToWorker>().await.unwrap().unwrap();
         let [_conn, lease]: [OwnedFd; 2] = fds.try_into().expect("the socket and its lease");
         assert_eq!(state.admission.all.open(), 1, "handed over, and still counted");
 
         let (mut second, accepted) = client().await;
-        greet(accepted, local, &state).await;
+        arrive(accepted, local, &state).await;
         let resp = answer_to(&mut second).await;
         assert_eq!(resp.id, 9);
         let e = resp.result.expect_err("over the tenant's limit");
@@ -547,11 +773,11 @@ mod tests {
         let (_silent, accepted) = UnixStream::pair().unwrap();
         let waiting = tokio::spawn({
             let state = Arc::clone(&state);
-            async move { greet(accepted, local, &state).await }
+            async move { arrive(accepted, local, &state).await }
         });
         eventually("the silent connection is counted", || state.admission.all.open() == 2).await;
         let (mut third, accepted) = client().await;
-        greet(accepted, local, &state).await;
+        arrive(accepted, local, &state).await;
         let resp = answer_to(&mut third).await;
         assert_eq!(resp.id, 9, "the refusal echoes the Hello it read");
         let e = resp.result.expect_err("over the overall limit");
@@ -564,8 +790,142 @@ mod tests {
         drop(lease);
         eventually("the lease frees its connection", || state.admission.all.open() == 0).await;
         let (_again, accepted) = client().await;
-        greet(accepted, local, &state).await;
+        arrive(accepted, local, &state).await;
         let (msg, _) = worker.recv_fds::<ToWorker>().await.unwrap().unwrap();
         assert!(matches!(msg, ToWorker::Connection(_)), "admitted again: {msg:?}");
+    }
+
+    /// A peer in no tenant's ACL is closed at once, before it counts against anything and
+    /// before its Hello is read: it is told so (without an id), and no worker hears of it.
+    #[tokio::test]
+    async fn strangers_are_closed_at_accept_and_count_nowhere() {
+        let (state, worker) = supervisor_with("max_connections = 1\nmax_connections_per_tenant = 1");
+        for (peer, who) in [
+            (Peer::Unix { uid: 7, gid: 7, pid: 1 }, "uid 7 gid 7"),
+            (Peer::Vsock { cid: 7, port: 1024 }, "vsock cid 7"),
+        ] {
+            let (mut stranger, accepted) = UnixStream::pair().unwrap();
+            assert!(front_door(accepted, &peer, &state).is_none(), "{peer} is a stranger");
+            let resp = answer_to(&mut stranger).await;
+            let e = resp.result.expect_err("closed");
+            assert_eq!((resp.id, e.code), (0, Code::PermissionDenied));
+            assert!(
+                e.message.contains(who) && e.message.contains("no tenant's access list"),
+                "{}",
+                e.message
+            );
+            let mut rest = Vec::new();
+            stranger.read_to_end(&mut rest).await.unwrap();
+            assert!(rest.is_empty(), "closed after the answer");
+            assert_eq!(state.admission.all.open(), 0);
+            assert_eq!(state.admission.pending.of(Pender::of(&peer)), 0);
+        }
+        assert!(!worker_got_anything(&worker).await, "a stranger is nobody's audit record");
+        // The one place of max_connections is still free for a caller acme lists.
+        let (_local, accepted) = client().await;
+        arrive(accepted, Peer::Unix { uid: 1000, gid: 1000, pid: 1 }, &state).await;
+        let (msg, _) = worker.recv_fds::<ToWorker>().await.unwrap().unwrap();
+        assert!(matches!(msg, ToWorker::Connection(_)), "admitted: {msg:?}");
+    }
+
+    /// A listed caller may have `max_pending_per_uid` connections counted while they wait
+    /// for their Hello. One more silent one is not counted, and is refused naming the
+    /// setting once its moment to say Hello has passed; one more that does say Hello is
+    /// served (a burst is no flood). Other callers are greeted as before, and a Hello frees
+    /// its place.
+    #[tokio::test]
+    async fn a_caller_may_keep_only_so_many_connections_waiting_for_hello() {
+        let (state, worker) = supervisor_with("max_pending_per_uid = 2\nframe_read_timeout = \"1h\"");
+        let local = Peer::Unix { uid: 1000, gid: 1000, pid: 1 };
+        let mut silent = Vec::new();
+        for _ in 0..2 {
+            let (client, accepted) = UnixStream::pair().unwrap();
+            let state = Arc::clone(&state);
+            silent.push((client, tokio::spawn(async move { arrive(accepted, local, &state).await })));
+        }
+        eventually("two connections wait", || state.admission.pending.of(Pender::Uid(1000)) == 2).await;
+        assert_eq!(state.admission.all.open(), 2, "waiting connections count against max_connections");
+
+        let (mut third, accepted) = UnixStream::pair().unwrap();
+        arrive(accepted, local, &state).await;
+        let resp = answer_to(&mut third).await;
+        let e = resp.result.expect_err("over max_pending_per_uid");
+        assert_eq!(e.code, Code::ResourceExhausted);
+        assert!(
+            e.message.contains("uid 1000") && e.message.contains("limits.max_pending_per_uid"),
+            "{}",
+            e.message
+        );
+        assert!(!worker_got_anything(&worker).await);
+        assert_eq!(state.admission.all.open(), 2, "the one over the cap was never counted");
+
+        let (_burst, accepted) = client().await;
+        arrive(accepted, local, &state).await;
+        let (msg, _fds) = worker.recv_fds::<ToWorker>().await.unwrap().unwrap();
+        assert!(matches!(msg, ToWorker::Connection(_)), "over the cap but saying Hello: {msg:?}");
+
+        // Another uid is not held back by this one's.
+        let (mut other, accepted) = client().await;
+        arrive(accepted, Peer::Unix { uid: 5, gid: 5, pid: 1 }, &state).await;
+        assert_eq!(answer_to(&mut other).await.result.expect_err("not acme's").code, Code::PermissionDenied);
+        let (msg, _) = worker.recv_fds::<ToWorker>().await.unwrap().unwrap();
+        assert!(matches!(msg, ToWorker::Refused(_)), "{msg:?}");
+
+        // One of the silent ones says Hello: it is handed over, and its place is free.
+        let (mut late, task) = silent.pop().unwrap();
+        let mut frame = Vec::new();
+        let hello = Hello {
+            protocol_version: kekd_proto::PROTOCOL_VERSION,
+            tenant: TenantName::parse("acme").unwrap(),
+            client_name: "late".into(),
+        };
+        kekd_proto::encode_request(
+            Request { id: 3, metadata: Metadata::default(), op: Op::Hello(hello) },
+            &mut frame,
+        );
+        late.write_all(&frame).await.unwrap();
+        task.await.unwrap();
+        let (msg, _fds) = worker.recv_fds::<ToWorker>().await.unwrap().unwrap();
+        assert!(matches!(msg, ToWorker::Connection(_)), "{msg:?}");
+        assert_eq!(state.admission.pending.of(Pender::Uid(1000)), 1);
+        let (_silent_again, accepted) = UnixStream::pair().unwrap();
+        let waiting = tokio::spawn({
+            let state = Arc::clone(&state);
+            async move { arrive(accepted, local, &state).await }
+        });
+        eventually("room to wait again", || state.admission.pending.of(Pender::Uid(1000)) == 2).await;
+        waiting.abort();
+    }
+
+    /// Refused Hellos of one caller reach the tenant's worker folded: the first at once,
+    /// the others as one refusal with their count at the end of the window, and the counts
+    /// add up to the attempts.
+    #[tokio::test]
+    async fn refusals_reach_the_worker_folded_and_counted() {
+        let (state, worker) = supervisor();
+        let attempts = 50;
+        for pid in 0..attempts {
+            let (mut caller, accepted) = client().await;
+            arrive(accepted, Peer::Unix { uid: 5, gid: 5, pid }, &state).await;
+            assert_eq!(
+                answer_to(&mut caller).await.result.expect_err("refused").code,
+                Code::PermissionDenied
+            );
+        }
+        let mut counted = 0;
+        let mut messages = 0;
+        while counted < attempts as u64 {
+            let next = tokio::time::timeout(Duration::from_secs(5), worker.recv::<ToWorker>()).await;
+            let (msg, _) = next.expect("the fold is flushed within its window").unwrap().unwrap();
+            let ToWorker::Refused(r) = msg else { panic!("expected a refusal, got {msg:?}") };
+            if messages == 0 {
+                assert_eq!((r.count, r.peer), (1, Peer::Unix { uid: 5, gid: 5, pid: 0 }), "the first");
+            }
+            counted += r.count;
+            messages += 1;
+        }
+        assert_eq!(counted, attempts as u64, "the counts add up to the attempts");
+        assert!(messages < 5, "{messages} messages for {attempts} refusals");
+        eventually("the fold ends after a quiet window", || state.admission.denials.open() == 0).await;
     }
 }

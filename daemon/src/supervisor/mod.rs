@@ -1,15 +1,19 @@
 //! The supervisor: the root process that owns the listener and one worker per tenant.
 //!
-//! It never loads a PKCS#11 module or TPM library and never sees key material: it reads
-//! peer credentials and the Hello frame, applies the tenant's ACL, and passes the socket to
-//! the tenant's worker ([`handshake`]); it keeps each worker running ([`process`]).
+//! It never loads a PKCS#11 module or TPM library and never sees key material: it closes
+//! strangers at accept, reads peer credentials ([`identity`]) and the Hello frame, applies
+//! the tenant's ACL, and passes the socket to the tenant's worker ([`handshake`]), its
+//! denials folded for the tenant's audit trail ([`denials`]); it keeps each worker running
+//! ([`process`]).
 //!
 //! Signals: SIGTERM or SIGINT stops accepting, lets every worker drain (bounded by
 //! `shutdown_timeout`), removes the socket and exits 0. SIGHUP re-reads the config: ACLs
 //! change in place, added tenants get a worker, removed ones are stopped, and a worker
 //! whose own settings changed is restarted; all other workers keep running untouched.
 
+mod denials;
 mod handshake;
+mod identity;
 mod process;
 mod vsock;
 
@@ -140,9 +144,15 @@ async fn serve(
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
+                // The front door and the caller's executable, at once: before the caller
+                // can exec another program, and before a stranger is counted anywhere.
+                // Then a turn for the connections accepted so far, and for the reactor to
+                // see their Hellos, before the next accept: a backlog of connections is
+                // greeted as it is taken, not all taken first (and counted as waiting for
+                // a Hello they have long sent, against limits.max_pending_per_uid).
                 Ok((stream, _)) => {
-                    let state = Arc::clone(&state);
-                    tokio::spawn(async move { handshake::connection(stream, &state).await });
+                    handshake::accepted_local(stream, &state);
+                    tokio::task::yield_now().await;
                 }
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.

@@ -44,8 +44,9 @@ pub async fn accept(listener: VsockListener, state: Arc<State>) {
         match listener.accept().await {
             Ok((stream, addr)) => {
                 let peer = Peer::Vsock { cid: addr.cid(), port: addr.port() };
-                let state = Arc::clone(&state);
-                tokio::spawn(async move { handshake::greet(stream, peer, &state).await });
+                handshake::accepted_guest(stream, peer, &state);
+                // As on the Unix socket: greet what was taken before taking more.
+                tokio::task::yield_now().await;
             }
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
