@@ -9,7 +9,10 @@
 //! 3. [`no_dumps`]: `PR_SET_DUMPABLE=0` (no core file, no ptrace or `/proc/<pid>/mem` for the
 //!    same user) and `RLIMIT_CORE=0`, before any key material exists in the process.
 //! 4. The root-key backend is opened (by the worker, not here): this may need root, to read
-//!    the PIN file and the token.
+//!    the PIN file and to lock the token. With `run_as`, the module's own file work (a
+//!    SoftHSM2 token in a directory that user owns) is done with that user's file rights
+//!    ([`FilesAs`]), so that a link the user planted among the token's files leads root
+//!    nowhere the user could not go itself.
 //! 5. [`RunAs::enter`]: groups, then gid, then uid (the other order would leave the process
 //!    unable to change its groups), so the tenant's code runs without root's rights.
 //! 6. [`no_new_privs`]: nothing the worker could exec regains privileges.
@@ -136,6 +139,11 @@ impl RunAs {
         }
     }
 
+    /// This user's file rights for the calling thread, until the guard is dropped.
+    pub fn files_as(&self) -> io::Result<FilesAs> {
+        FilesAs::assume(self.uid, self.gid)
+    }
+
     /// Becomes this user: supplementary groups from the user database, then the gid, then
     /// the uid (real, effective and saved, so nothing can switch back). Leaving root this
     /// way clears every capability.
@@ -150,6 +158,39 @@ impl RunAs {
             return Err(io::Error::other("could regain root after dropping privileges"));
         }
         Ok(())
+    }
+}
+
+/// Another user's file-system identity (setfsuid, setfsgid) on the calling thread while the
+/// process is still root: every open, create and truncate is checked as if that user did
+/// it, and root's file capabilities (CAP_DAC_OVERRIDE, CAP_CHOWN, CAP_FOWNER, ...) are out
+/// of the effective set meanwhile (capabilities(7)). Dropped, the thread is root's again.
+/// Root's supplementary groups still count; the worker sets the user's own at
+/// [`RunAs::enter`].
+#[derive(Debug)]
+pub struct FilesAs {
+    /// The file identity is the thread's: the guard stays on it.
+    _thread: std::marker::PhantomData<*const ()>,
+}
+
+impl FilesAs {
+    pub fn assume(uid: Uid, gid: Gid) -> io::Result<FilesAs> {
+        // The group first, while the fsuid is still root's (changing it needs CAP_SETGID).
+        nix::unistd::setfsgid(gid);
+        nix::unistd::setfsuid(uid);
+        // Neither call reports failure; a second call returns what is in force.
+        if nix::unistd::setfsuid(uid) != uid || nix::unistd::setfsgid(gid) != gid {
+            drop(FilesAs { _thread: std::marker::PhantomData });
+            return Err(io::Error::other(format!("cannot take the file rights of uid {uid} gid {gid}")));
+        }
+        Ok(FilesAs { _thread: std::marker::PhantomData })
+    }
+}
+
+impl Drop for FilesAs {
+    fn drop(&mut self) {
+        nix::unistd::setfsuid(nix::unistd::geteuid());
+        nix::unistd::setfsgid(nix::unistd::getegid());
     }
 }
 

@@ -259,7 +259,7 @@ fn start(spec: &WorkerSpec, backends: Backends) -> Result<Arc<TenantService>, St
                 cfg.create_root_key = false;
                 labels.1 = Some(st.active.clone());
             }
-            Pkcs11RootKey::open(name.as_str(), &cfg, pin, &spec.state_dir.join("locks"))
+            Pkcs11RootKey::open(name.as_str(), &cfg, pin, &spec.state_dir.join("locks"), run_as.as_ref())
                 .map(|k| Arc::new(k) as Arc<dyn RootKey>)
         }
         Opening::Tpm(tpm) => match backends.tpm {

@@ -239,6 +239,60 @@ fn links_planted_by_a_tenants_user_are_refused_by_name_and_followed_nowhere() {
     }
 }
 
+/// SoftHSM2 opens its token's lock files with O_CREAT|O_TRUNC at every start and login,
+/// and the token directory belongs to the tenant's user: links the user plants there must
+/// lead the worker (root while it opens the token) nowhere the user could not go itself.
+#[test]
+fn links_among_the_token_files_lead_root_nowhere() {
+    if !is_root() {
+        eprintln!("SKIPPED (needs root): a worker that starts as root and runs as a user of its own");
+        return;
+    }
+    let user = TestUser::create("token");
+    let (mut kekd, plain, edek) = tenant_run_as(&user);
+    let precious = Precious::new(kekd.dir());
+    let tokens = kekd.softhsm().unwrap().token_dir().to_path_buf();
+    let token =
+        fs::read_dir(&tokens).unwrap().map(|e| e.unwrap().path()).find(|p| p.is_dir()).expect("a token");
+    let mut planted = Vec::new();
+    for entry in fs::read_dir(&token).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "lock") {
+            planted.push(path);
+        }
+    }
+    assert!(!planted.is_empty(), "SoftHSM2 keeps lock files in {}", token.display());
+    // One lock file (token.lock) becomes a dangling link into root's directory, the others
+    // links to root's files, which a truncating open would empty.
+    for (i, lock) in planted.iter().enumerate() {
+        as_user(&user, &["rm", &s(lock)]);
+        let target = if i == 0 { precious.path("created-by-lock") } else { precious.path("no-newline.conf") };
+        as_user(&user, &["ln", "-s", &s(&target), &s(lock)]);
+    }
+
+    let pid = kekd.worker_pid("acme");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGKILL).unwrap();
+    // The new worker opens the token (and SoftHSM2 its lock files) as it starts, whether or
+    // not it then serves.
+    let restarted =
+        |k: &Kekd| k.stderr().matches("worker ready").count() >= 2 || k.stderr().contains("could not start");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !restarted(&kekd) {
+        assert!(std::time::Instant::now() < deadline, "the worker was not restarted:\n{}", kekd.stderr());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    precious.assert_untouched();
+
+    // The operator takes the links away; acme serves again.
+    kekd.kill();
+    for lock in &planted {
+        fs::remove_file(lock).unwrap();
+    }
+    kekd.start();
+    assert_eq!(kekd.unwrap(&edek, &[]).ok(), &plain[..]);
+    precious.assert_untouched();
+}
+
 type Plant = (PathBuf, Box<dyn Fn()>);
 
 /// The user makes `link`, a symbolic link to `target`.

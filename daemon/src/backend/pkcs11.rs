@@ -97,12 +97,15 @@ impl Pkcs11RootKey {
     ///
     /// Holds the module's lock file under `lock_dir` throughout: SoftHSM2 rewrites its token
     /// files on login, and two kekd workers creating the same root key at once would leave
-    /// two keys with one label.
+    /// two keys with one label. With `files_as` (a worker's `run_as` user, while the worker
+    /// is still root), everything after taking that lock runs with the user's file rights:
+    /// the module reads and rewrites the token's files as that user would.
     pub fn open(
         tenant: &str,
         cfg: &Pkcs11Config,
         pin: Zeroizing<String>,
         lock_dir: &Path,
+        files_as: Option<&crate::sandbox::RunAs>,
     ) -> Result<Self, BackendError> {
         let (module, token, label) = (&cfg.module, &cfg.token_label, &cfg.key_label);
         // Read by the module in C_Initialize; the worker's environment was cleared, and one
@@ -112,6 +115,14 @@ impl Pkcs11RootKey {
         }
         let token_lock = TokenLock::open(&TokenLock::path(lock_dir, module, cfg.softhsm2_conf.as_deref()))?;
         let guard = token_lock.acquire()?;
+        // From here the module works on its files (a SoftHSM2 token may be in a directory
+        // the tenant's user owns) with that user's rights only; the lock above is root's.
+        let _files = match files_as {
+            Some(user) => Some(user.files_as().map_err(|e| {
+                BackendError::Internal(format!("cannot open the token as user {:?}: {e}", user.name))
+            })?),
+            None => None,
+        };
         let pkcs11 = library(module, cfg.softhsm2_conf.as_deref())?;
         let failed = |what: &str, e: &CkError| match classify(e) {
             Class::Unreachable | Class::DeadSession => {
@@ -443,7 +454,7 @@ impl RootKey for Pkcs11RootKey {
         cfg.key_label = label.to_owned();
         cfg.create_root_key = true;
         let pin = Zeroizing::new(self.pin.expose_secret().to_owned());
-        Ok(std::sync::Arc::new(Pkcs11RootKey::open(&self.tenant, &cfg, pin, &self.lock_dir)?))
+        Ok(std::sync::Arc::new(Pkcs11RootKey::open(&self.tenant, &cfg, pin, &self.lock_dir, None)?))
     }
 
     fn transport_key(&self, label: &str) -> Result<super::TransportKey, BackendError> {

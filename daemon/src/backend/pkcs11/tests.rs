@@ -26,7 +26,7 @@ fn config(key_label: &str, create_root_key: bool) -> Pkcs11Config {
 
 fn open_with(cfg: &Pkcs11Config) -> Result<Pkcs11RootKey, BackendError> {
     let pin = cfg.read_pin("test").unwrap();
-    Pkcs11RootKey::open("test", cfg, pin, &shared().lock_dir())
+    Pkcs11RootKey::open("test", cfg, pin, &shared().lock_dir(), None)
 }
 
 fn open(key_label: &str, create_root_key: bool) -> Result<Pkcs11RootKey, BackendError> {

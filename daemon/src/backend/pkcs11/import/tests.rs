@@ -106,7 +106,7 @@ fn wrap_with_openssl(pem: &str, algorithm: WrappingAlgorithm, key: &[u8], epheme
 /// Proves that the root key labelled `label` is `key`: a KEK sealed by kekd opens with
 /// AES-256-GCM under `key` in the test, and one sealed in the test unseals in kekd.
 fn assert_serves_with(label: &str, key: &[u8]) {
-    let root = Pkcs11RootKey::open("test", &config(label), pin(), &shared().lock_dir()).unwrap();
+    let root = Pkcs11RootKey::open("test", &config(label), pin(), &shared().lock_dir(), None).unwrap();
     let gcm = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, key).unwrap());
 
     let kek: [u8; KEK_LEN] = random(KEK_LEN).try_into().unwrap();
@@ -474,7 +474,7 @@ fn import_under_an_existing_label_is_refused() {
     // A root key that kekd generated is not replaced either.
     let mut cfg = config("i-generated");
     cfg.create_root_key = true;
-    drop(Pkcs11RootKey::open("test", &cfg, pin(), &shared().lock_dir()).unwrap());
+    drop(Pkcs11RootKey::open("test", &cfg, pin(), &shared().lock_dir(), None).unwrap());
     let transport = imp.transport_key("i-generated").unwrap();
     let wrapped = wrap_with_openssl(&transport.pem, algorithm, &second, 0);
     let msg = config_error(imp.import_root_key("i-generated", algorithm, &wrapped).unwrap_err());
