@@ -4,7 +4,7 @@
 use std::future::Future;
 use std::io;
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -28,23 +28,142 @@ const WRITE_BATCH_BYTES: usize = 256 * 1024;
 /// before the connection is cut: a client that sends that slowly may not read either.
 const STALLED_WRITE_GRACE: Duration = Duration::from_secs(1);
 
-/// Binds the socket, replacing a stale socket file but never a live one.
-pub fn bind(path: &Path, mode: u32) -> std::io::Result<UnixListener> {
-    if path.exists() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::AddrInUse,
-                format!("{} is in use by another kekd", path.display()),
-            ));
+/// Why the listening socket could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum BindError {
+    #[error("{0} is in use by another kekd")]
+    InUse(PathBuf),
+    /// Root never follows a path another user can change (docs/ARCHITECTURE.md, trust
+    /// boundaries): in a directory such a user can write, they could plant or swap the
+    /// socket's name before or after it is made.
+    #[error(
+        "refusing to create the socket {socket}: its directory {dir} {why}; \
+         put the socket in a directory only root (or kekd's own user) can write, such as /run/kekd"
+    )]
+    UnsafeDirectory { socket: PathBuf, dir: PathBuf, why: String },
+    #[error("{what} {}: {source}", path.display())]
+    Io { what: &'static str, path: PathBuf, source: io::Error },
+}
+
+impl From<BindError> for io::Error {
+    fn from(e: BindError) -> Self {
+        let kind = match &e {
+            BindError::InUse(_) => io::ErrorKind::AddrInUse,
+            BindError::UnsafeDirectory { .. } => io::ErrorKind::PermissionDenied,
+            BindError::Io { source, .. } => source.kind(),
+        };
+        io::Error::new(kind, e)
+    }
+}
+
+/// The socket file kekd made, to remove at exit: only while its path still names the very
+/// file bound, so that a socket another kekd made there since is left alone.
+#[derive(Debug)]
+pub struct SocketFile {
+    path: PathBuf,
+    id: (u64, u64),
+}
+
+impl SocketFile {
+    /// Removes the socket file, if its path still names the one bound.
+    pub fn remove(&self) {
+        use std::os::unix::fs::MetadataExt;
+        if let Ok(m) = std::fs::symlink_metadata(&self.path) {
+            if (m.dev(), m.ino()) == self.id {
+                let _ = std::fs::remove_file(&self.path);
+            }
         }
-        std::fs::remove_file(path)?;
     }
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent)?;
+}
+
+/// Binds the socket at `path` with permission bits `mode`, replacing a stale socket file
+/// but never a live one.
+///
+/// The directory must be writable by no one but root and kekd's own user (every directory
+/// above it too, unless it is sticky and what it holds on the way is theirs): anyone else
+/// could put a name of their choosing where the socket goes. The socket is bound in a
+/// private directory made inside that one (mode 0700), given its mode there, and renamed
+/// into place: no moment exists where its path names a file with other permissions, and
+/// nothing is ever removed or chmodded through a path another user could have changed.
+pub fn bind(path: &Path, mode: u32) -> Result<(UnixListener, SocketFile), BindError> {
+    use std::os::unix::fs::MetadataExt;
+    fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> BindError + 'a {
+        move |source| BindError::Io { what, path: path.to_owned(), source }
     }
-    let listener = UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
-    Ok(listener)
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    if !parent.exists() {
+        std::fs::create_dir_all(parent).map_err(io_err("cannot create the directory", parent))?;
+    }
+    check_socket_dir(path, parent)?;
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        return Err(BindError::InUse(path.to_owned()));
+    }
+    let private = tempfile::Builder::new()
+        .prefix(".kekd.")
+        .tempdir_in(parent)
+        .map_err(io_err("cannot create a private directory in", parent))?;
+    let staged = private.path().join("s");
+    let listener = UnixListener::bind(&staged).map_err(io_err("cannot bind", path))?;
+    std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(mode))
+        .map_err(io_err("cannot set the mode of", path))?;
+    let meta = std::fs::symlink_metadata(&staged).map_err(io_err("cannot stat", path))?;
+    // A stale socket file at `path` is replaced in the same step.
+    std::fs::rename(&staged, path).map_err(io_err("cannot move the socket into place at", path))?;
+    Ok((listener, SocketFile { path: path.to_owned(), id: (meta.dev(), meta.ino()) }))
+}
+
+/// Refuses a socket directory (or a directory above it) that a user other than root and
+/// kekd's own can write to.
+fn check_socket_dir(socket: &Path, dir: &Path) -> Result<(), BindError> {
+    let resolve = |what| move |source| BindError::Io { what, path: dir.to_owned(), source };
+    // The path as written (a link on the way sits in a directory it names) and the path it
+    // leads to.
+    let written = std::path::absolute(dir).map_err(resolve("cannot resolve the directory"))?;
+    let real = std::fs::canonicalize(dir).map_err(resolve("cannot resolve the directory"))?;
+    check_dir_chain(socket, &written)?;
+    check_dir_chain(socket, &real)
+}
+
+/// [`check_socket_dir`] along one path: `dir` and each directory above it.
+fn check_dir_chain(socket: &Path, dir: &Path) -> Result<(), BindError> {
+    use std::os::unix::fs::MetadataExt;
+    let me = nix::unistd::geteuid().as_raw();
+    let trusted = |uid: u32| uid == 0 || uid == me;
+    let unsafe_dir = |d: &Path, why: String| BindError::UnsafeDirectory {
+        socket: socket.to_owned(),
+        dir: d.to_owned(),
+        why,
+    };
+    // The socket's own directory, then each one above it; `child_owner` is the owner of
+    // the entry the path goes through next.
+    let mut child_owner: Option<u32> = None;
+    for d in dir.ancestors() {
+        let m = std::fs::metadata(d).map_err(|source| BindError::Io {
+            what: "cannot stat",
+            path: d.to_owned(),
+            source,
+        })?;
+        let mode = m.mode();
+        let sticky = mode & 0o1000 != 0;
+        let what = if child_owner.is_none() { "is" } else { "(above the socket's directory) is" };
+        if !trusted(m.uid()) {
+            return Err(unsafe_dir(d, format!("{what} owned by uid {}", m.uid())));
+        }
+        let writable_by_others = mode & 0o002 != 0 || (mode & 0o020 != 0 && m.gid() != 0);
+        // In a sticky directory others may add names but not move or remove one they do
+        // not own: safe to pass through, not to hold the socket (a name can be planted).
+        let passable = sticky && child_owner.is_some_and(trusted);
+        if writable_by_others && !passable {
+            let by = if mode & 0o002 != 0 { "every user".to_owned() } else { format!("group {}", m.gid()) };
+            let sticky = if sticky { " (sticky, but names can still be planted)" } else { "" };
+            return Err(unsafe_dir(d, format!("{what} writable by {by}: mode {:o}{sticky}", mode & 0o7777)));
+        }
+        child_owner = Some(m.uid());
+    }
+    Ok(())
 }
 
 /// What the next frame of a connection brought.

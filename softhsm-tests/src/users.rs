@@ -56,10 +56,9 @@ impl Drop for TestUser {
         // refuses a user with processes.
         let _ = Command::new("pkill").args(["-KILL", "-U"]).arg(self.uid.to_string()).status();
         for _ in 0..100 {
-            let ok = Command::new("userdel")
-                .arg(&self.name)
-                .output()
-                .is_ok_and(|o| o.status.success() || String::from_utf8_lossy(&o.stderr).contains("does not exist"));
+            let ok = Command::new("userdel").arg(&self.name).output().is_ok_and(|o| {
+                o.status.success() || String::from_utf8_lossy(&o.stderr).contains("does not exist")
+            });
             if ok {
                 return;
             }
