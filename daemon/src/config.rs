@@ -197,6 +197,11 @@ pub struct AuditConfig {
     /// The syslog facility of forwarded records.
     #[serde(default = "default_syslog_facility")]
     pub syslog_facility: String,
+    /// Bytes of records each tenant may add to its trail per day (UTC): one tenant's
+    /// traffic must not fill the disk the others' trails need. Past it that tenant's
+    /// operations fail with RESOURCE_EXHAUSTED, whatever `mode` says, until the day ends.
+    #[serde(default = "default_audit_max_bytes_per_day")]
+    pub max_bytes_per_day: u64,
 }
 
 impl Default for AuditConfig {
@@ -208,6 +213,7 @@ impl Default for AuditConfig {
             fsync_interval: default_fsync_interval(),
             syslog: None,
             syslog_facility: default_syslog_facility(),
+            max_bytes_per_day: default_audit_max_bytes_per_day(),
         }
     }
 }
@@ -255,6 +261,9 @@ pub const SYSLOG_FACILITIES: [(&str, u8); 12] = [
 ];
 
 impl AuditConfig {
+    /// Lowest `max_bytes_per_day`: room for a few hundred records.
+    pub const MIN_BYTES_PER_DAY: u64 = 64 << 10;
+
     pub fn facility(&self) -> Option<u8> {
         SYSLOG_FACILITIES.iter().find(|(n, _)| *n == self.syslog_facility).map(|(_, f)| *f)
     }
@@ -270,6 +279,12 @@ impl AuditConfig {
             if !p.is_absolute() {
                 return Err(ConfigError::new("audit.syslog", "must be an absolute path, e.g. \"/dev/log\""));
             }
+        }
+        if self.max_bytes_per_day < Self::MIN_BYTES_PER_DAY {
+            return Err(ConfigError::new(
+                "audit.max_bytes_per_day",
+                format!("must be at least {} (64 KiB)", Self::MIN_BYTES_PER_DAY),
+            ));
         }
         if self.facility().is_none() {
             let names: Vec<&str> = SYSLOG_FACILITIES.iter().map(|(n, _)| *n).collect();
@@ -488,6 +503,9 @@ fn default_state_dir() -> PathBuf {
 }
 fn default_audit_dir() -> PathBuf {
     DEFAULT_AUDIT_DIR.into()
+}
+fn default_audit_max_bytes_per_day() -> u64 {
+    20 << 30
 }
 fn default_fsync_interval() -> Duration {
     Duration::from_secs(1)
@@ -873,6 +891,7 @@ pin_file = "{}"
         assert_eq!(cfg.audit.mode, AuditMode::FailClosed);
         assert_eq!(cfg.audit.fsync, FsyncPolicy::Interval);
         assert_eq!(cfg.audit.facility(), Some(10));
+        assert_eq!(cfg.audit.max_bytes_per_day, 20 << 30);
         let audit = |table: &str| format!("{}\n[audit]\n{table}\n", with_module(""));
         let cfg = Config::parse(&audit(
             "dir = \"/var/audit\"\nmode = \"best_effort\"\nfsync = \"batch\"\nsyslog = \"/dev/log\"",
@@ -888,6 +907,8 @@ pin_file = "{}"
             ("fsync_interval = \"1h\"", "audit.fsync_interval", "between 10ms and 5m"),
             ("syslog_facility = \"mail\"", "audit.syslog_facility", "unknown facility \"mail\""),
             ("sylog = \"/dev/log\"", "audit.sylog", "unknown field"),
+            ("max_bytes_per_day = 1000", "audit.max_bytes_per_day", "at least 65536"),
+            ("max_bytes_per_day = \"20G\"", "audit.max_bytes_per_day", ""),
         ] {
             let e = Config::parse(&audit(table)).unwrap_err();
             assert_eq!(e.field, field, "{table}: {e}");
