@@ -100,6 +100,13 @@ pub struct LimitsConfig {
     /// Items one batch request may carry.
     #[serde(default = "default_max_batch_items")]
     pub max_batch_items: usize,
+    /// Bytes of answers one tenant's worker may hold unwritten, all its connections
+    /// together (one connection: a quarter of it), counted from when a request starts:
+    /// past it the worker reads no further request of that connection until answers have
+    /// been written. Backpressure, not an error: a tenant whose clients do not read
+    /// cannot take the machine's memory.
+    #[serde(default = "default_max_pending_reply_bytes")]
+    pub max_pending_reply_bytes: usize,
 }
 
 impl Default for LimitsConfig {
@@ -111,6 +118,7 @@ impl Default for LimitsConfig {
             frame_read_timeout: default_frame_read_timeout(),
             write_timeout: default_write_timeout(),
             max_batch_items: default_max_batch_items(),
+            max_pending_reply_bytes: default_max_pending_reply_bytes(),
         }
     }
 }
@@ -121,6 +129,9 @@ impl LimitsConfig {
     pub const MAX_CONNECTIONS: usize = 1 << 20;
     /// Highest `max_in_flight_per_connection`.
     pub const MAX_IN_FLIGHT: usize = 65536;
+    /// Lowest and highest `max_pending_reply_bytes`: room for a few answers, and far more
+    /// memory than a worker should take.
+    pub const PENDING_REPLY_BYTES: std::ops::RangeInclusive<usize> = (1 << 20)..=(1 << 40);
 
     fn validate(&self) -> Result<(), ConfigError> {
         let field = |f: &str| format!("limits.{f}");
@@ -151,6 +162,12 @@ impl LimitsConfig {
         if self.write_timeout < Duration::from_millis(100) || self.write_timeout > Duration::from_secs(3600) {
             return Err(ConfigError::new(field("write_timeout"), "must be between 100ms and 1h"));
         }
+        if !Self::PENDING_REPLY_BYTES.contains(&self.max_pending_reply_bytes) {
+            return Err(ConfigError::new(
+                field("max_pending_reply_bytes"),
+                "must be between 1048576 (1 MiB) and 1099511627776 (1 TiB)",
+            ));
+        }
         Ok(())
     }
 }
@@ -166,6 +183,8 @@ pub struct ConnectionLimits {
     #[serde(with = "humantime_serde")]
     pub write_timeout: Duration,
     pub max_batch_items: usize,
+    /// The worker's budget for answers not yet written, all connections together.
+    pub max_pending_reply_bytes: usize,
 }
 
 impl Default for ConnectionLimits {
@@ -531,6 +550,9 @@ fn default_frame_read_timeout() -> Duration {
 fn default_write_timeout() -> Duration {
     Duration::from_secs(10)
 }
+fn default_max_pending_reply_bytes() -> usize {
+    64 << 20
+}
 fn default_max_batch_items() -> usize {
     kekd_proto::MAX_BATCH
 }
@@ -592,6 +614,7 @@ impl Config {
             frame_read_timeout: l.frame_read_timeout,
             write_timeout: l.write_timeout,
             max_batch_items: l.max_batch_items,
+            max_pending_reply_bytes: l.max_pending_reply_bytes,
         }
     }
 
@@ -980,11 +1003,13 @@ pin_file = "{}"
         assert_eq!(conn.write_timeout, Duration::from_secs(10));
         assert_eq!(conn.max_batch_items, kekd_proto::MAX_BATCH);
         assert_eq!(conn.max_frame_bytes, kekd_proto::DEFAULT_MAX_FRAME);
+        assert_eq!(conn.max_pending_reply_bytes, 64 << 20);
 
         let limits = |table: &str| format!("{}\n[limits]\n{table}\n", with_module(""));
         let cfg = Config::parse(&limits(
             "max_connections = 10\nmax_connections_per_tenant = 3\nmax_in_flight_per_connection = 4\n\
-             frame_read_timeout = \"500ms\"\nwrite_timeout = \"2s\"\nmax_batch_items = 16",
+             frame_read_timeout = \"500ms\"\nwrite_timeout = \"2s\"\nmax_batch_items = 16\n\
+             max_pending_reply_bytes = 8388608",
         ))
         .unwrap();
         assert_eq!(
@@ -995,6 +1020,7 @@ pin_file = "{}"
                 frame_read_timeout: Duration::from_millis(500),
                 write_timeout: Duration::from_secs(2),
                 max_batch_items: 16,
+                max_pending_reply_bytes: 8 << 20,
             }
         );
         assert_eq!((cfg.limits.max_connections, cfg.limits.max_connections_per_tenant), (10, 3));
@@ -1016,6 +1042,7 @@ pin_file = "{}"
             ("frame_read_timeout = \"2h\"", "limits.frame_read_timeout", "between 100ms and 1h"),
             ("frame_read_timeout = \"soon\"", "limits.frame_read_timeout", ""),
             ("write_timeout = \"50ms\"", "limits.write_timeout", "between 100ms and 1h"),
+            ("max_pending_reply_bytes = 1000", "limits.max_pending_reply_bytes", "between 1048576 (1 MiB)"),
             ("max_conections = 5", "limits.max_conections", "unknown field"),
             ("max_connections = -1", "limits.max_connections", ""),
         ] {

@@ -195,6 +195,7 @@ pub fn main(backends: Backends, args: WorkerArgs) -> ExitCode {
         );
     }
 
+    sandbox::bound_malloc();
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("kekd-worker").build()
     {
         Ok(rt) => rt,
@@ -364,6 +365,7 @@ async fn serve(
     let sweeper = tokio::spawn(sweep(Arc::clone(&service)).in_current_span());
     let poller = tokio::spawn(poll_root(Arc::clone(&service), revocation_poll).in_current_span());
     let (stop_tx, stop) = watch::channel(false);
+    let replies = server::ReplyBudget::new(limits.max_pending_reply_bytes);
     let mut connections = JoinSet::new();
     loop {
         tokio::select! {
@@ -377,10 +379,10 @@ async fn serve(
                         tracing::warn!("a connection came without its lease; dropped");
                         continue;
                     };
-                    let (service, stop) = (Arc::clone(&service), stop.clone());
+                    let (service, replies, stop) = (Arc::clone(&service), Arc::clone(&replies), stop.clone());
                     connections.spawn(
                         async move {
-                            connection(service, handoff, fd, limits, stop).await;
+                            connection(service, handoff, fd, limits, replies, stop).await;
                             drop(lease);
                         }
                         .in_current_span(),
@@ -428,6 +430,7 @@ async fn connection(
     handoff: Handoff,
     fd: OwnedFd,
     limits: ConnectionLimits,
+    replies: Arc<server::ReplyBudget>,
     stop: watch::Receiver<bool>,
 ) {
     // The supervisor read the peer from this very socket, so its kind says the transport.
@@ -439,7 +442,7 @@ async fn connection(
             match stream.set_nonblocking(true).and_then(|()| UnixStream::from_std(stream)) {
                 Ok(s) => {
                     let (read, write) = s.into_split();
-                    return greet_and_serve(service, caller, id, read, write, limits, stop).await;
+                    return greet_and_serve(service, caller, id, read, write, limits, replies, stop).await;
                 }
                 Err(e) => e,
             }
@@ -447,7 +450,7 @@ async fn connection(
         Peer::Vsock { .. } => match tokio_vsock::VsockStream::new(vsock::VsockStream::from(fd)) {
             Ok(s) => {
                 let (read, write) = s.into_split();
-                return greet_and_serve(service, caller, id, read, write, limits, stop).await;
+                return greet_and_serve(service, caller, id, read, write, limits, replies, stop).await;
             }
             Err(e) => e,
         },
@@ -457,6 +460,7 @@ async fn connection(
 
 /// Answers the Hello the supervisor read, then serves the connection. Crate-visible for
 /// the fuzz targets (`crate::fuzzing`).
+#[allow(clippy::too_many_arguments)] // each is one thing the connection is served with
 pub(crate) async fn greet_and_serve<R, W>(
     service: Arc<TenantService>,
     caller: Arc<Caller>,
@@ -464,6 +468,7 @@ pub(crate) async fn greet_and_serve<R, W>(
     read: R,
     mut write: W,
     limits: ConnectionLimits,
+    replies: Arc<server::ReplyBudget>,
     stop: watch::Receiver<bool>,
 ) where
     R: AsyncRead + Unpin,
@@ -474,7 +479,7 @@ pub(crate) async fn greet_and_serve<R, W>(
     if server::send(&mut write, hello).await.is_err() {
         return;
     }
-    server::serve(service, caller, read, write, limits, stop).await;
+    server::serve(service, caller, read, write, limits, replies, stop).await;
 }
 
 async fn sweep(service: Arc<TenantService>) {
@@ -520,6 +525,7 @@ mod tests {
             Handoff { caller, hello_id: 1 },
             theirs.into(),
             ConnectionLimits::default(),
+            server::ReplyBudget::new(ConnectionLimits::default().max_pending_reply_bytes),
             stop,
         ));
 
