@@ -203,7 +203,9 @@ fn unread_answers_are_held_to_the_tenant_budget_and_their_memory_given_back() {
     }
     drop(conns);
     let closed = Instant::now();
-    let settled = before + (16 << 20);
+    // Back within 8 MiB of its size before the attack (measured: 20 MiB before, 21 after;
+    // without the trim once the budget is whole again it kept some 35 MiB).
+    let settled = before + (8 << 20);
     let mut after = rss(worker);
     while after > settled && closed.elapsed() < Duration::from_secs(30) {
         std::thread::sleep(Duration::from_millis(100));
