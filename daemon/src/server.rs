@@ -3,7 +3,6 @@
 
 use std::future::Future;
 use std::io;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -247,12 +246,15 @@ impl SocketFile {
 ///
 /// The directory must be writable by no one but root and kekd's own user (every directory
 /// above it too, unless it is sticky and what it holds on the way is theirs): anyone else
-/// could put a name of their choosing where the socket goes. The socket is bound in a
-/// private directory made inside that one (mode 0700), given its mode there, and renamed
-/// into place: no moment exists where its path names a file with other permissions, and
-/// nothing is ever removed or chmodded through a path another user could have changed.
+/// could put a name of their choosing where the socket goes, or swap the socket for a link
+/// before it is chmodded. The socket is created with its mode (the process's umask is set
+/// to the mode's complement around bind), so it is never chmodded by path and no moment
+/// exists where it has other permissions. Not a `bind` in a private directory and a rename
+/// into place: the socket's address (`ss -xl`, /proc/net/unix) would stay the private
+/// path. The umask is the process's: this runs at start, before the supervisor starts any
+/// worker or creates any other file.
 pub fn bind(path: &Path, mode: u32) -> Result<(UnixListener, SocketFile), BindError> {
-    use std::os::unix::fs::MetadataExt;
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
     fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> BindError + 'a {
         move |source| BindError::Io { what, path: path.to_owned(), source }
     }
@@ -267,17 +269,24 @@ pub fn bind(path: &Path, mode: u32) -> Result<(UnixListener, SocketFile), BindEr
     if std::os::unix::net::UnixStream::connect(path).is_ok() {
         return Err(BindError::InUse(path.to_owned()));
     }
-    let private = tempfile::Builder::new()
-        .prefix(".kekd.")
-        .tempdir_in(parent)
-        .map_err(io_err("cannot create a private directory in", parent))?;
-    let staged = private.path().join("s");
-    let listener = UnixListener::bind(&staged).map_err(io_err("cannot bind", path))?;
-    std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(mode))
-        .map_err(io_err("cannot set the mode of", path))?;
-    let meta = std::fs::symlink_metadata(&staged).map_err(io_err("cannot stat", path))?;
-    // A stale socket file at `path` is replaced in the same step.
-    std::fs::rename(&staged, path).map_err(io_err("cannot move the socket into place at", path))?;
+    match std::fs::symlink_metadata(path) {
+        // A stale socket; its directory is trusted, so its name is what it says.
+        Ok(m) if m.file_type().is_socket() => {
+            std::fs::remove_file(path).map_err(io_err("cannot remove the stale socket", path))?
+        }
+        Ok(_) => {
+            let e = io::Error::new(io::ErrorKind::AlreadyExists, "it exists and is not a socket");
+            return Err(BindError::Io { what: "refusing to replace", path: path.to_owned(), source: e });
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_err("cannot stat", path)(e)),
+    }
+    let umask = nix::sys::stat::Mode::from_bits_truncate(!mode & 0o777);
+    let before = nix::sys::stat::umask(umask);
+    let bound = UnixListener::bind(path);
+    nix::sys::stat::umask(before);
+    let listener = bound.map_err(io_err("cannot bind", path))?;
+    let meta = std::fs::symlink_metadata(path).map_err(io_err("cannot stat", path))?;
     Ok((listener, SocketFile { path: path.to_owned(), id: (meta.dev(), meta.ino()) }))
 }
 
