@@ -8,8 +8,8 @@
 //! and a trail that spans an upgrade mixes the two layouts, so both are accepted. The
 //! records of a tenant form one chain across its files, given oldest first.
 //!
-//! What a pass proves: the files hold one unbroken chain from their first record to
-//! [`Summary::head`]. The hash is unkeyed, so whoever can write the files can also rewrite
+//! What a pass proves: the files hold one unbroken chain from the tenant's first record
+//! (seq 1), or from the [`Start`] given, to [`Summary::head`]. The hash is unkeyed, so whoever can write the files can also rewrite
 //! the chain from some record on, or cut records off its end; only comparing `head` (or a
 //! later record's `prev`) with a copy kept elsewhere detects that.
 
@@ -42,6 +42,38 @@ const LAYOUTS: &str = "malformed: seq and prev are neither the first two members
                        ({\"seq\":N,\"prev\":\"<64 lowercase hex>\",…}, before 2026-11-24) \
                        nor the two before hash ({…,\"seq\":N,\"prev\":\"<64 lowercase hex>\",\"hash\":…})";
 
+/// Where the chain must start.
+///
+/// By default at the tenant's first record ever (seq 1, `prev` all zeros): otherwise
+/// removing the oldest records, or a whole first day, would leave a trail that verifies.
+/// An operator who archives old days verifies the rest from the last record the archived
+/// files verified to, as printed by that verify: `SEQ:HASH`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Start {
+    /// seq 1, with `prev` [`GENESIS_PREV`].
+    #[default]
+    Genesis,
+    /// Right after the record `seq` whose hash is `hash` (lowercase hex).
+    After { seq: u64, hash: String },
+}
+
+/// A `SEQ:HASH` that is not one.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not SEQ:HASH (a record's seq, a colon and its hash as 64 lowercase hex digits)")]
+pub struct BadStart(String);
+
+impl std::str::FromStr for Start {
+    type Err = BadStart;
+
+    fn from_str(text: &str) -> Result<Start, BadStart> {
+        let bad = || BadStart(text.to_owned());
+        let (seq, hash) = text.split_once(':').ok_or_else(bad)?;
+        let seq = seq.parse::<u64>().ok().filter(|&s| s > 0).ok_or_else(bad)?;
+        let hash = lower_hex(hash.as_bytes()).ok_or_else(bad)?;
+        Ok(Start::After { seq, hash: hash.to_owned() })
+    }
+}
+
 /// A chain that verified.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Summary {
@@ -55,6 +87,14 @@ pub struct Summary {
     pub last_seq: Option<u64>,
     /// `hash` of the last record (lowercase hex); `None` when there are no records.
     pub head: Option<String>,
+}
+
+impl Summary {
+    /// Where a verify of the files after these starts, once these are archived: the last
+    /// record's `SEQ:HASH`, as [`Start`] parses it.
+    pub fn last(&self) -> Option<String> {
+        Some(format!("{}:{}", self.last_seq?, self.head.as_ref()?))
+    }
 }
 
 /// The first record that breaks the chain.
@@ -100,10 +140,10 @@ impl fmt::Display for VerifyError {
 
 impl std::error::Error for VerifyError {}
 
-/// Verifies the chain across `paths`, in the order given (oldest first), stopping at the
-/// first broken record.
-pub fn verify_files(paths: &[PathBuf]) -> Result<Summary, VerifyError> {
-    let mut chain = Chain::default();
+/// Verifies the chain across `paths`, in the order given (oldest first), from `start`,
+/// stopping at the first broken record.
+pub fn verify_files(paths: &[PathBuf], start: &Start) -> Result<Summary, VerifyError> {
+    let mut chain = Chain { start: start.clone(), ..Chain::default() };
     for path in paths {
         verify_file(&mut chain, path)?;
     }
@@ -148,6 +188,8 @@ struct Problem {
 /// The chain so far.
 #[derive(Default)]
 struct Chain {
+    /// What the first record must follow.
+    start: Start,
     records: u64,
     first_seq: Option<u64>,
     /// `seq` and `hash` of the last record.
@@ -199,13 +241,34 @@ impl Chain {
         if seq == 0 {
             return fail("malformed: seq 0 (the first record is seq 1)".into());
         }
-        match &self.last {
-            None if seq == 1 && prev != GENESIS_PREV => {
+        match (&self.last, &self.start) {
+            (None, Start::Genesis) if seq != 1 => {
+                return fail(format!(
+                    "expected seq 1, found {seq}: the trail's first records are missing (seq 1 to {}). \
+                     If older days were archived, verify the rest with --from SEQ:HASH, the last record \
+                     a verify of the archived files printed",
+                    seq - 1
+                ));
+            }
+            (None, Start::Genesis) if prev != GENESIS_PREV => {
                 return fail(format!("seq 1 has prev {prev}, not {HASH_HEX_LEN} zeros"));
             }
-            // A chain that starts later is checked from its first record on.
-            None => {}
-            Some((last_seq, last_hash)) => {
+            (None, Start::Genesis) => {}
+            (None, Start::After { seq: after, hash }) => {
+                let expected = after.saturating_add(1);
+                if seq != expected {
+                    let what = if seq > expected { "missing" } else { "duplicated or reordered" };
+                    return fail(format!(
+                        "expected seq {expected} (the record after --from {after}:…), found {seq}: records are {what}"
+                    ));
+                }
+                if prev != hash {
+                    return fail(format!(
+                        "does not chain to --from: prev {prev}, but --from gives seq {after} the hash {hash}"
+                    ));
+                }
+            }
+            (Some((last_seq, last_hash)), _) => {
                 let Some(expected) = last_seq.checked_add(1) else {
                     return fail(format!("seq overflow after {last_seq}"));
                 };
@@ -445,7 +508,7 @@ mod tests {
     }
 
     fn broken(paths: &[PathBuf]) -> Broken {
-        match verify_files(paths) {
+        match verify_files_g(paths) {
             Err(VerifyError::Broken(b)) => b,
             other => panic!("expected a broken chain, got {other:?}"),
         }
@@ -467,7 +530,7 @@ mod tests {
         );
         let dir = Dir::new();
         let path = dir.write("new.jsonl", &line);
-        let summary = verify_files(&[path]).unwrap();
+        let summary = verify_files_g(&[path]).unwrap();
         assert_eq!(
             summary.head.as_deref(),
             Some("57dab98d8dcf744556009d7f8032bf799b6c1595263dea324896ae4094104fd3")
@@ -478,7 +541,7 @@ mod tests {
              \"hash\":\"341da382c839d70836d5542b26de1971118d2eeb3b9b53ed2dd8f4bb92fd72bc\"}}\n"
         );
         let path = dir.write("a.jsonl", &line);
-        let summary = verify_files(&[path]).unwrap();
+        let summary = verify_files_g(&[path]).unwrap();
         assert_eq!(
             summary.head.as_deref(),
             Some("341da382c839d70836d5542b26de1971118d2eeb3b9b53ed2dd8f4bb92fd72bc")
@@ -495,14 +558,14 @@ mod tests {
         let body = format!("{{\"seq\":1,\"prev\":\"{GENESIS_PREV}\"}}");
         let hash = hex(&Sha256::digest(body.as_bytes()));
         let path = dir.write("b.jsonl", format!("{},\"hash\":\"{hash}\"}}\n", &body[..body.len() - 1]));
-        assert_eq!(verify_files(&[path]).unwrap().records, 1);
+        assert_eq!(verify_files_g(&[path]).unwrap().records, 1);
     }
 
     #[test]
     fn a_valid_chain_across_files_verifies() {
         let dir = Dir::new();
         let paths = dir.two_days(|_, _| {});
-        let summary = verify_files(&paths).unwrap();
+        let summary = verify_files_g(&paths).unwrap();
         let expected_head = stated_hash(&chain(1, 10)[9]);
         assert_eq!(
             summary,
@@ -516,22 +579,84 @@ mod tests {
         );
     }
 
+    /// Verifies from the genesis record.
+    fn verify_files_g(paths: &[PathBuf]) -> Result<Summary, VerifyError> {
+        verify_files(paths, &Start::Genesis)
+    }
+
+    /// Cutting the first records (or a whole first day) off a trail leaves a chain that is
+    /// whole from there on: only requiring the genesis record shows the cut.
     #[test]
-    fn a_chain_may_start_after_seq_1() {
+    fn a_chain_without_its_first_records_is_refused_unless_told_where_it_starts() {
         let dir = Dir::new();
-        let path = dir.write("a.jsonl", chain(41, 3).concat());
-        let s = verify_files(&[path]).unwrap();
-        assert_eq!((s.records, s.first_seq, s.last_seq), (3, Some(41), Some(43)));
+        let lines = chain(1, 10);
+        let days = dir.split(lines.clone(), |_, _| {});
+        assert_broken(
+            &days[1..],
+            0,
+            1,
+            Some(6),
+            "expected seq 1, found 6: the trail's first records are missing (seq 1 to 5)",
+        );
+        let cut = dir.write("cut.jsonl", lines[2..].concat());
+        assert_broken(std::slice::from_ref(&cut), 0, 1, Some(3), "--from SEQ:HASH");
+
+        // The first day verified on its own says where the second starts.
+        let first = verify_files_g(&days[..1]).unwrap();
+        let from: Start = first.last().unwrap().parse().unwrap();
+        assert_eq!(from, Start::After { seq: 5, hash: stated_hash(&lines[4]) });
+        let s = verify_files(&days[1..], &from).unwrap();
+        assert_eq!((s.records, s.first_seq, s.last_seq), (5, Some(6), Some(10)));
+        assert_eq!(s.last(), verify_files_g(&days).unwrap().last());
+
+        // A start that is not the record before: a gap, a repeat, or another hash.
+        for (seq, hash, problem) in [
+            (
+                4,
+                stated_hash(&lines[3]),
+                "expected seq 5 (the record after --from 4:…), found 6: records are missing",
+            ),
+            (
+                6,
+                stated_hash(&lines[5]),
+                "expected seq 7 (the record after --from 6:…), found 6: records are duplicated",
+            ),
+            (5, "ab".repeat(32), "does not chain to --from"),
+        ] {
+            match verify_files(&days[1..], &Start::After { seq, hash }) {
+                Err(VerifyError::Broken(b)) => {
+                    assert_eq!((&b.file, b.line, b.seq), (&days[1], 1, Some(6)), "{b}");
+                    assert!(b.problem.contains(problem), "expected {problem:?} in {b}");
+                }
+                other => panic!("expected a broken chain, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_start_is_seq_colon_hash() {
+        let hash = "ab".repeat(32);
+        assert_eq!(format!("40:{hash}").parse(), Ok(Start::After { seq: 40, hash: hash.clone() }));
+        for bad in [
+            hash.clone(),
+            format!("0:{hash}"),
+            format!("x:{hash}"),
+            format!("40:{}", "AB".repeat(32)),
+            "40:abc".into(),
+        ] {
+            let e = bad.parse::<Start>().unwrap_err();
+            assert!(e.to_string().contains("SEQ:HASH"), "{e}");
+        }
     }
 
     #[test]
     fn empty_files_are_allowed() {
         let dir = Dir::new();
         let empty = dir.write("empty.jsonl", "");
-        let s = verify_files(&[empty.clone(), empty.clone()]).unwrap();
+        let s = verify_files_g(&[empty.clone(), empty.clone()]).unwrap();
         assert_eq!(s, Summary { records: 0, files: 2, first_seq: None, last_seq: None, head: None });
         let full = dir.write("full.jsonl", chain(1, 3).concat());
-        let s = verify_files(&[empty.clone(), full, empty]).unwrap();
+        let s = verify_files_g(&[empty.clone(), full, empty]).unwrap();
         assert_eq!((s.records, s.files, s.first_seq, s.last_seq), (3, 3, Some(1), Some(3)));
     }
 
@@ -605,8 +730,20 @@ mod tests {
         let dir = Dir::new();
         let mut paths = dir.two_days(|_, _| {});
         paths.reverse();
-        // The later file alone is a chain starting at 6; the earlier one cannot follow it.
-        assert_broken(&paths, 1, 1, Some(1), "expected seq 11, found 1: records are duplicated or reordered");
+        // The later file does not start the trail.
+        assert_broken(&paths, 0, 1, Some(6), "expected seq 1, found 6");
+        // And given where it starts, the earlier one cannot follow it.
+        let from = Start::After { seq: 5, hash: stated_hash(&chain(1, 10)[4]) };
+        match verify_files(&paths, &from) {
+            Err(VerifyError::Broken(b)) => {
+                assert_eq!((&b.file, b.line, b.seq), (&paths[1], 1, Some(1)), "{b}");
+                assert!(
+                    b.problem.contains("expected seq 11, found 1: records are duplicated or reordered"),
+                    "{b}"
+                );
+            }
+            other => panic!("expected a broken chain, got {other:?}"),
+        }
     }
 
     #[test]
@@ -732,7 +869,7 @@ mod tests {
         let dir = Dir::new();
         let lines = chain_of(old_record, 1, 10, None);
         let head = stated_hash(&lines[9]);
-        let s = verify_files(&dir.split(lines, |_, _| {})).unwrap();
+        let s = verify_files_g(&dir.split(lines, |_, _| {})).unwrap();
         assert_eq!((s.records, s.first_seq, s.last_seq, s.head), (10, Some(1), Some(10), Some(head)));
     }
 
@@ -745,7 +882,7 @@ mod tests {
             let at = usize::try_from(old).unwrap();
             assert!(lines[at - 1].starts_with("{\"seq\":") && lines[at].starts_with("{\"time\":"));
             let head = stated_hash(&lines[9]);
-            let s = verify_files(&dir.split(lines, |_, _| {})).unwrap();
+            let s = verify_files_g(&dir.split(lines, |_, _| {})).unwrap();
             assert_eq!(
                 (s.records, s.last_seq, s.head),
                 (10, Some(10), Some(head)),
@@ -825,7 +962,7 @@ mod tests {
             })
             .collect();
         let path = dir.write("a.jsonl", lines.concat());
-        assert_eq!(verify_files(&[path]).unwrap().last_seq, Some(4));
+        assert_eq!(verify_files_g(&[path]).unwrap().last_seq, Some(4));
         // A broken record is named by its own seq, in either layout, not the nested one.
         for at in [1, 3] {
             let mut edited = lines.clone();
@@ -940,7 +1077,7 @@ mod tests {
         let dir = Dir::new();
         let good = dir.write("a.jsonl", chain(1, 2).concat());
         let missing = dir.0.path().join("missing.jsonl");
-        match verify_files(&[good, missing.clone()]) {
+        match verify_files_g(&[good, missing.clone()]) {
             Err(VerifyError::Io { path, error }) => {
                 assert_eq!(path, missing);
                 assert_eq!(error.kind(), io::ErrorKind::NotFound);

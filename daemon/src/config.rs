@@ -107,6 +107,13 @@ pub struct LimitsConfig {
     /// Items one batch request may carry.
     #[serde(default = "default_max_batch_items")]
     pub max_batch_items: usize,
+    /// Bytes of answers one tenant's worker may hold unwritten, all its connections
+    /// together (one connection: a quarter of it), counted from when a request starts:
+    /// past it the worker reads no further request of that connection until answers have
+    /// been written. Backpressure, not an error: a tenant whose clients do not read
+    /// cannot take the machine's memory.
+    #[serde(default = "default_max_pending_reply_bytes")]
+    pub max_pending_reply_bytes: usize,
 }
 
 impl Default for LimitsConfig {
@@ -119,6 +126,7 @@ impl Default for LimitsConfig {
             frame_read_timeout: default_frame_read_timeout(),
             write_timeout: default_write_timeout(),
             max_batch_items: default_max_batch_items(),
+            max_pending_reply_bytes: default_max_pending_reply_bytes(),
         }
     }
 }
@@ -129,6 +137,9 @@ impl LimitsConfig {
     pub const MAX_CONNECTIONS: usize = 1 << 20;
     /// Highest `max_in_flight_per_connection`.
     pub const MAX_IN_FLIGHT: usize = 65536;
+    /// Lowest and highest `max_pending_reply_bytes`: room for a few answers, and far more
+    /// memory than a worker should take.
+    pub const PENDING_REPLY_BYTES: std::ops::RangeInclusive<usize> = (1 << 20)..=(1 << 40);
 
     fn validate(&self) -> Result<(), ConfigError> {
         let field = |f: &str| format!("limits.{f}");
@@ -160,6 +171,12 @@ impl LimitsConfig {
         if self.write_timeout < Duration::from_millis(100) || self.write_timeout > Duration::from_secs(3600) {
             return Err(ConfigError::new(field("write_timeout"), "must be between 100ms and 1h"));
         }
+        if !Self::PENDING_REPLY_BYTES.contains(&self.max_pending_reply_bytes) {
+            return Err(ConfigError::new(
+                field("max_pending_reply_bytes"),
+                "must be between 1048576 (1 MiB) and 1099511627776 (1 TiB)",
+            ));
+        }
         Ok(())
     }
 }
@@ -175,6 +192,8 @@ pub struct ConnectionLimits {
     #[serde(with = "humantime_serde")]
     pub write_timeout: Duration,
     pub max_batch_items: usize,
+    /// The worker's budget for answers not yet written, all connections together.
+    pub max_pending_reply_bytes: usize,
 }
 
 impl Default for ConnectionLimits {
@@ -206,6 +225,11 @@ pub struct AuditConfig {
     /// The syslog facility of forwarded records.
     #[serde(default = "default_syslog_facility")]
     pub syslog_facility: String,
+    /// Bytes of records each tenant may add to its trail per day (UTC): one tenant's
+    /// traffic must not fill the disk the others' trails need. Past it that tenant's
+    /// operations fail with RESOURCE_EXHAUSTED, whatever `mode` says, until the day ends.
+    #[serde(default = "default_audit_max_bytes_per_day")]
+    pub max_bytes_per_day: u64,
 }
 
 impl Default for AuditConfig {
@@ -217,6 +241,7 @@ impl Default for AuditConfig {
             fsync_interval: default_fsync_interval(),
             syslog: None,
             syslog_facility: default_syslog_facility(),
+            max_bytes_per_day: default_audit_max_bytes_per_day(),
         }
     }
 }
@@ -264,6 +289,9 @@ pub const SYSLOG_FACILITIES: [(&str, u8); 12] = [
 ];
 
 impl AuditConfig {
+    /// Lowest `max_bytes_per_day`: room for a few hundred records.
+    pub const MIN_BYTES_PER_DAY: u64 = 64 << 10;
+
     pub fn facility(&self) -> Option<u8> {
         SYSLOG_FACILITIES.iter().find(|(n, _)| *n == self.syslog_facility).map(|(_, f)| *f)
     }
@@ -279,6 +307,12 @@ impl AuditConfig {
             if !p.is_absolute() {
                 return Err(ConfigError::new("audit.syslog", "must be an absolute path, e.g. \"/dev/log\""));
             }
+        }
+        if self.max_bytes_per_day < Self::MIN_BYTES_PER_DAY {
+            return Err(ConfigError::new(
+                "audit.max_bytes_per_day",
+                format!("must be at least {} (64 KiB)", Self::MIN_BYTES_PER_DAY),
+            ));
         }
         if self.facility().is_none() {
             let names: Vec<&str> = SYSLOG_FACILITIES.iter().map(|(n, _)| *n).collect();
@@ -498,6 +532,9 @@ fn default_state_dir() -> PathBuf {
 fn default_audit_dir() -> PathBuf {
     DEFAULT_AUDIT_DIR.into()
 }
+fn default_audit_max_bytes_per_day() -> u64 {
+    20 << 30
+}
 fn default_fsync_interval() -> Duration {
     Duration::from_secs(1)
 }
@@ -524,6 +561,9 @@ fn default_frame_read_timeout() -> Duration {
 }
 fn default_write_timeout() -> Duration {
     Duration::from_secs(10)
+}
+fn default_max_pending_reply_bytes() -> usize {
+    64 << 20
 }
 fn default_max_batch_items() -> usize {
     kekd_proto::MAX_BATCH
@@ -586,6 +626,7 @@ impl Config {
             frame_read_timeout: l.frame_read_timeout,
             write_timeout: l.write_timeout,
             max_batch_items: l.max_batch_items,
+            max_pending_reply_bytes: l.max_pending_reply_bytes,
         }
     }
 
@@ -885,6 +926,7 @@ pin_file = "{}"
         assert_eq!(cfg.audit.mode, AuditMode::FailClosed);
         assert_eq!(cfg.audit.fsync, FsyncPolicy::Interval);
         assert_eq!(cfg.audit.facility(), Some(10));
+        assert_eq!(cfg.audit.max_bytes_per_day, 20 << 30);
         let audit = |table: &str| format!("{}\n[audit]\n{table}\n", with_module(""));
         let cfg = Config::parse(&audit(
             "dir = \"/var/audit\"\nmode = \"best_effort\"\nfsync = \"batch\"\nsyslog = \"/dev/log\"",
@@ -900,6 +942,8 @@ pin_file = "{}"
             ("fsync_interval = \"1h\"", "audit.fsync_interval", "between 10ms and 5m"),
             ("syslog_facility = \"mail\"", "audit.syslog_facility", "unknown facility \"mail\""),
             ("sylog = \"/dev/log\"", "audit.sylog", "unknown field"),
+            ("max_bytes_per_day = 1000", "audit.max_bytes_per_day", "at least 65536"),
+            ("max_bytes_per_day = \"20G\"", "audit.max_bytes_per_day", ""),
         ] {
             let e = Config::parse(&audit(table)).unwrap_err();
             assert_eq!(e.field, field, "{table}: {e}");
@@ -972,11 +1016,13 @@ pin_file = "{}"
         assert_eq!(conn.write_timeout, Duration::from_secs(10));
         assert_eq!(conn.max_batch_items, kekd_proto::MAX_BATCH);
         assert_eq!(conn.max_frame_bytes, kekd_proto::DEFAULT_MAX_FRAME);
+        assert_eq!(conn.max_pending_reply_bytes, 64 << 20);
 
         let limits = |table: &str| format!("{}\n[limits]\n{table}\n", with_module(""));
         let cfg = Config::parse(&limits(
             "max_connections = 10\nmax_connections_per_tenant = 3\nmax_in_flight_per_connection = 4\n\
-             frame_read_timeout = \"500ms\"\nwrite_timeout = \"2s\"\nmax_batch_items = 16",
+             frame_read_timeout = \"500ms\"\nwrite_timeout = \"2s\"\nmax_batch_items = 16\n\
+             max_pending_reply_bytes = 8388608",
         ))
         .unwrap();
         assert_eq!(
@@ -987,6 +1033,7 @@ pin_file = "{}"
                 frame_read_timeout: Duration::from_millis(500),
                 write_timeout: Duration::from_secs(2),
                 max_batch_items: 16,
+                max_pending_reply_bytes: 8 << 20,
             }
         );
         assert_eq!((cfg.limits.max_connections, cfg.limits.max_connections_per_tenant), (10, 3));
@@ -1011,6 +1058,7 @@ pin_file = "{}"
             ("frame_read_timeout = \"2h\"", "limits.frame_read_timeout", "between 100ms and 1h"),
             ("frame_read_timeout = \"soon\"", "limits.frame_read_timeout", ""),
             ("write_timeout = \"50ms\"", "limits.write_timeout", "between 100ms and 1h"),
+            ("max_pending_reply_bytes = 1000", "limits.max_pending_reply_bytes", "between 1048576 (1 MiB)"),
             ("max_conections = 5", "limits.max_conections", "unknown field"),
             ("max_connections = -1", "limits.max_connections", ""),
         ] {

@@ -52,6 +52,12 @@ pub enum Error {
     /// `audit.mode = "fail_closed"` and the operation's audit record was not written.
     #[error("the audit record of this operation could not be written, so its result is withheld (see the kekd log)")]
     AuditUnavailable,
+    /// The tenant's audit records of the day reached `audit.max_bytes_per_day`.
+    #[error(
+        "this tenant's audit records reached their daily limit of {0} bytes (audit.max_bytes_per_day): \
+         operations fail until the day ends (UTC) or the limit is raised"
+    )]
+    AuditDailyCap(u64),
 }
 
 fn backend_code(e: &BackendError) -> Code {
@@ -83,6 +89,7 @@ impl Error {
             Error::NotAdmin { .. } => Code::PermissionDenied,
             Error::OverBudget { .. } => Code::ResourceExhausted,
             Error::AuditUnavailable => Code::Unavailable,
+            Error::AuditDailyCap(_) => Code::ResourceExhausted,
             Error::AuditOpen(_) => Code::Internal,
             Error::BelowMinDecrypt { .. }
             | Error::TenantDestroyed(_)

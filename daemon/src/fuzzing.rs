@@ -103,6 +103,7 @@ pub fn serve_in_memory(scratch: &Path, input: &[u8]) -> usize {
             read,
             write,
             ConnectionLimits::default(),
+            crate::server::ReplyBudget::new(ConnectionLimits::default().max_pending_reply_bytes),
             stop,
         );
         let sending = async move {

@@ -58,6 +58,41 @@ pub fn no_dumps() -> io::Result<()> {
     setrlimit(Resource::RLIMIT_CORE, 0, 0).map_err(io::Error::from)
 }
 
+/// Large buffers (at least this) are mapped and unmapped on their own, never carved out
+/// of malloc's arenas: glibc's default raises this threshold to the size of any such
+/// buffer freed, up to 32 MiB, after which a burst of large answers and audit groups stays
+/// in the arenas once freed.
+const MMAP_THRESHOLD: i32 = 128 << 10;
+/// malloc arenas: glibc makes up to eight per core, one per thread that finds the others
+/// busy, and memory freed in one is reused only by threads on it. The worker's threads
+/// are its runtime's (one per core) and a few more.
+const ARENAS: i32 = 2;
+
+/// Holds malloc to what the worker uses, so that its memory follows what it holds
+/// (`limits.max_pending_reply_bytes`). The worker clears its environment, so the
+/// `MALLOC_*` variables cannot do this. Call before the runtime starts its threads.
+pub fn bound_malloc() {
+    // SAFETY: mallopt takes two integers and changes only malloc's tuning; it is called
+    // before the runtime's threads start, and malloc serialises it anyway.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
+        libc::mallopt(libc::M_ARENA_MAX, ARENAS);
+    }
+}
+
+/// Gives the memory malloc holds free back to the system: after a burst (many large
+/// answers held at once) glibc keeps the freed memory in its arenas, and the worker would
+/// go on holding its peak for good. Costs a walk over the free chunks: call it once a
+/// burst is over, not per request.
+pub fn release_free_memory() {
+    // SAFETY: malloc_trim takes no pointer and touches no live allocation: it returns
+    // pages of free chunks to the kernel (madvise MADV_DONTNEED, brk), calls the seccomp
+    // policy allows.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// `PR_SET_NO_NEW_PRIVS`: set-uid binaries and file capabilities stop working for this
 /// process and anything it runs.
 pub fn no_new_privs() -> io::Result<()> {

@@ -14,7 +14,7 @@ use kekd_proto::{
 };
 use zeroize::Zeroizing;
 
-use crate::audit::{Access, Audit, Caller, Item, KekFrom, Records, RequestPart, Stamp};
+use crate::audit::{Access, Audit, Caller, Item, KekFrom, Records, RequestPart, Stamp, WriteError};
 use crate::backend::{BackendError, RootKey, WrappingAlgorithm};
 use crate::cache::{Kek, KekCache, LeaseState, LoadError, Source};
 use crate::clock::BootInstant;
@@ -369,6 +369,15 @@ impl TenantService {
         let stats = Arc::clone(&self.stats);
         // Counted as answered: a withheld answer is the UNAVAILABLE the client gets.
         let then: crate::audit::Then = Box::new(move |written| match written {
+            // A tenant past its daily audit budget is not served, whatever the mode: the
+            // budget is what keeps it from filling the disk.
+            Err(WriteError::DailyCap { cap, .. }) => {
+                limited_debug!(%tenant, op = event, "answer withheld: the tenant reached audit.max_bytes_per_day");
+                drop(result);
+                let result = Err(Error::AuditDailyCap(cap).status());
+                stats.served(served, &result);
+                deliver(Response { id, result })
+            }
             Err(e) if fail_closed => {
                 limited_debug!(%tenant, op = event, error = %e, "answer withheld: its audit record was not written");
                 drop(result);

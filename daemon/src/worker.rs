@@ -196,6 +196,7 @@ pub fn main(backends: Backends, args: WorkerArgs) -> ExitCode {
         );
     }
 
+    sandbox::bound_malloc();
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("kekd-worker").build()
     {
         Ok(rt) => rt,
@@ -369,6 +370,7 @@ async fn serve(
     let sweeper = tokio::spawn(sweep(Arc::clone(&service)).in_current_span());
     let poller = tokio::spawn(poll_root(Arc::clone(&service), revocation_poll).in_current_span());
     let (stop_tx, stop) = watch::channel(false);
+    let replies = server::ReplyBudget::new(limits.max_pending_reply_bytes);
     let mut connections = JoinSet::new();
     loop {
         tokio::select! {
@@ -382,10 +384,10 @@ async fn serve(
                         tracing::warn!("a connection came without its lease; dropped");
                         continue;
                     };
-                    let (service, stop) = (Arc::clone(&service), stop.clone());
+                    let (service, replies, stop) = (Arc::clone(&service), Arc::clone(&replies), stop.clone());
                     connections.spawn(
                         async move {
-                            connection(service, handoff, fd, limits, stop).await;
+                            connection(service, handoff, fd, limits, replies, stop).await;
                             drop(lease);
                         }
                         .in_current_span(),
@@ -433,6 +435,7 @@ async fn connection(
     handoff: Handoff,
     fd: OwnedFd,
     limits: ConnectionLimits,
+    replies: Arc<server::ReplyBudget>,
     stop: watch::Receiver<bool>,
 ) {
     // The supervisor read the peer from this very socket, so its kind says the transport.
@@ -444,7 +447,7 @@ async fn connection(
             match stream.set_nonblocking(true).and_then(|()| UnixStream::from_std(stream)) {
                 Ok(s) => {
                     let (read, write) = s.into_split();
-                    return greet_and_serve(service, caller, id, read, write, limits, stop).await;
+                    return greet_and_serve(service, caller, id, read, write, limits, replies, stop).await;
                 }
                 Err(e) => e,
             }
@@ -452,7 +455,7 @@ async fn connection(
         Peer::Vsock { .. } => match tokio_vsock::VsockStream::new(vsock::VsockStream::from(fd)) {
             Ok(s) => {
                 let (read, write) = s.into_split();
-                return greet_and_serve(service, caller, id, read, write, limits, stop).await;
+                return greet_and_serve(service, caller, id, read, write, limits, replies, stop).await;
             }
             Err(e) => e,
         },
@@ -462,6 +465,7 @@ async fn connection(
 
 /// Answers the Hello the supervisor read, then serves the connection. Crate-visible for
 /// the fuzz targets (`crate::fuzzing`).
+#[allow(clippy::too_many_arguments)] // each is one thing the connection is served with
 pub(crate) async fn greet_and_serve<R, W>(
     service: Arc<TenantService>,
     caller: Arc<Caller>,
@@ -469,6 +473,7 @@ pub(crate) async fn greet_and_serve<R, W>(
     read: R,
     mut write: W,
     limits: ConnectionLimits,
+    replies: Arc<server::ReplyBudget>,
     stop: watch::Receiver<bool>,
 ) where
     R: AsyncRead + Unpin,
@@ -479,7 +484,7 @@ pub(crate) async fn greet_and_serve<R, W>(
     if server::send(&mut write, hello).await.is_err() {
         return;
     }
-    server::serve(service, caller, read, write, limits, stop).await;
+    server::serve(service, caller, read, write, limits, replies, stop).await;
 }
 
 async fn sweep(service: Arc<TenantService>) {
@@ -525,6 +530,7 @@ mod tests {
             Handoff { caller, hello_id: 1 },
             theirs.into(),
             ConnectionLimits::default(),
+            server::ReplyBudget::new(ConnectionLimits::default().max_pending_reply_bytes),
             stop,
         ));
 

@@ -329,3 +329,59 @@ fn a_bench_run_is_audited_item_by_item() {
     assert!(unwraps.iter().all(|u| u["outcome"] == "ok"));
     verify(&kekd.audit_files("acme")).ok();
 }
+
+/// The trail's start cannot be cut off unnoticed (issue 19, point 5b): verify requires the
+/// genesis record unless told, with `--from SEQ:HASH`, the last record of what was removed,
+/// which every verify prints for this purpose.
+#[test]
+fn records_cut_off_the_start_are_refused_unless_verify_is_told_where_the_trail_resumes() {
+    let kekd = Kekd::builder().tenant(Tenant::owned_by_me("acme")).start();
+    let (_, edek) = kekd.generate("default", &[]);
+    for _ in 0..4 {
+        kekd.unwrap(&edek, &[]).ok();
+    }
+    let files = kekd.audit_files("acme");
+    let text = fs::read_to_string(files.last().unwrap()).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(lines.len() >= 6, "{text}");
+    let seq_of = |line: &str| serde_json::from_str::<Value>(line).unwrap()["seq"].as_u64().unwrap();
+    assert_eq!(seq_of(lines[0]), 1, "the real trail begins with the genesis record");
+
+    // The real trail as two days, and the first day archived (removed).
+    let dir = kekd.dir().join("archived");
+    fs::create_dir(&dir).unwrap();
+    let day1 = write_lines(&dir, "2026-11-22.jsonl", &lines[..3]);
+    let day2 = write_lines(&dir, "2026-11-23.jsonl", &lines[3..]);
+    let why = assert_broken(std::slice::from_ref(&day2), &day2, 1);
+    assert!(why.contains(&format!("record seq {}", seq_of(lines[3]))), "{why}");
+    assert!(why.contains("expected seq 1, found 4"), "the gap is named: {why}");
+    assert!(why.contains("--from SEQ:HASH"), "the way to continue is named: {why}");
+
+    // What the verify of the archived day printed is where the rest resumes.
+    let printed = verify(std::slice::from_ref(&day1)).ok_str().to_owned();
+    let last = printed
+        .lines()
+        .find_map(|l| l.strip_prefix("last: "))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap_or_else(|| panic!("verify prints the last record as SEQ:HASH: {printed}"));
+    let hash3 = serde_json::from_str::<Value>(lines[2]).unwrap()["hash"].as_str().unwrap().to_owned();
+    assert_eq!(last, format!("3:{hash3}"));
+    let rest = Kekctl::new().args(["audit", "verify", "--from", last]).arg(&day2).run().ok_str().to_owned();
+    assert!(rest.contains(&format!("seq 4..{}", lines.len())), "{rest}");
+    // The JSON form says it too, and the whole trail ends where the two parts do.
+    let whole = Kekctl::new().json().args(["audit", "verify"]).arg(&day1).arg(&day2).run().json();
+    let tail = Kekctl::new().json().args(["audit", "verify", "--from", last]).arg(&day2).run().json();
+    assert_eq!(whole["last"], tail["last"], "{whole} {tail}");
+
+    // A --from that is not the removed part's last record is refused, naming it.
+    let wrong = format!("2:{hash3}");
+    let out = Kekctl::new().args(["audit", "verify", "--from", &wrong]).arg(&day2).run();
+    assert_eq!(out.code, exit::AUDIT_BROKEN, "{out:?}");
+    assert!(out.stderr.contains("expected seq 3 (the record after --from 2:…), found 4"), "{}", out.stderr);
+
+    // The live file itself, its first records cut in place: refused too.
+    let live = files.last().unwrap();
+    fs::write(live, lines[2..].iter().map(|l| format!("{l}\n")).collect::<String>()).unwrap();
+    let why = assert_broken(std::slice::from_ref(live), live, 1);
+    assert!(why.contains("expected seq 1, found 3"), "{why}");
+}

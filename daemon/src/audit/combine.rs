@@ -11,9 +11,10 @@
 use std::sync::{Mutex, PoisonError};
 
 use super::record::Records;
+use super::Written;
 
 /// What a request does once its records were written, or could not be.
-pub type Then = Box<dyn FnOnce(Result<(), String>) + Send>;
+pub type Then = Box<dyn FnOnce(Written) + Send>;
 
 #[derive(Default)]
 pub struct Combiner {
@@ -35,12 +36,7 @@ struct State {
 impl Combiner {
     /// Adds `records` to the pending group; `then` runs once the group is written by
     /// `write` (which is never called twice at once).
-    pub async fn commit_then(
-        &self,
-        records: Records,
-        then: Then,
-        write: impl Fn(Vec<Records>) -> Result<(), String>,
-    ) {
+    pub async fn commit_then(&self, records: Records, then: Then, write: impl Fn(Vec<Records>) -> Written) {
         {
             let mut s = self.lock();
             s.pending.push(records);
@@ -65,7 +61,7 @@ impl Combiner {
     }
 
     /// Writes what is pending now, outside any task (shutdown).
-    pub fn flush(&self, write: impl Fn(Vec<Records>) -> Result<(), String>) {
+    pub fn flush(&self, write: impl Fn(Vec<Records>) -> Written) {
         let lead = Lead { combiner: self, write: &write, armed: false };
         while !self.lock().leading && lead.write_group() {}
     }
@@ -75,13 +71,13 @@ impl Combiner {
     }
 }
 
-struct Lead<'a, W: Fn(Vec<Records>) -> Result<(), String>> {
+struct Lead<'a, W: Fn(Vec<Records>) -> Written> {
     combiner: &'a Combiner,
     write: &'a W,
     armed: bool,
 }
 
-impl<W: Fn(Vec<Records>) -> Result<(), String>> Lead<'_, W> {
+impl<W: Fn(Vec<Records>) -> Written> Lead<'_, W> {
     /// Writes the pending group and answers its members; false (and the lead given up, in
     /// the same critical section a newcomer checks it in) when there is none.
     fn write_group(&self) -> bool {
@@ -102,7 +98,7 @@ impl<W: Fn(Vec<Records>) -> Result<(), String>> Lead<'_, W> {
     }
 }
 
-impl<W: Fn(Vec<Records>) -> Result<(), String>> Drop for Lead<'_, W> {
+impl<W: Fn(Vec<Records>) -> Written> Drop for Lead<'_, W> {
     fn drop(&mut self) {
         if self.armed {
             while self.write_group() {}
@@ -128,11 +124,7 @@ mod tests {
         r
     }
 
-    async fn commit(
-        c: &Combiner,
-        n: usize,
-        write: impl Fn(Vec<Records>) -> Result<(), String>,
-    ) -> Result<(), String> {
+    async fn commit(c: &Combiner, n: usize, write: impl Fn(Vec<Records>) -> Written) -> Written {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let then: Then = Box::new(move |r| {
             let _ = tx.send(r);
@@ -174,9 +166,10 @@ mod tests {
     #[tokio::test]
     async fn a_failed_group_fails_its_requests_and_the_next_one_may_succeed() {
         let c = Combiner::default();
-        let fail = |_: Vec<Records>| Err("disk full".to_string());
-        assert_eq!(commit(&c, 1, fail).await, Err("disk full".into()));
-        assert_eq!(commit(&c, 2, fail).await, Err("disk full".into()));
+        let disk_full = || super::super::WriteError::Failed("disk full".into());
+        let fail = |_: Vec<Records>| Err(disk_full());
+        assert_eq!(commit(&c, 1, fail).await, Err(disk_full()));
+        assert_eq!(commit(&c, 2, fail).await, Err(disk_full()));
         assert_eq!(commit(&c, 1, |_| Ok(())).await, Ok(()));
     }
 

@@ -27,7 +27,7 @@ use crate::sandbox::RunAs;
 /// Most records written in one go by the writer thread; more wait for the next write.
 const MAX_GROUP: usize = 8192;
 
-type Done = oneshot::Sender<Result<(), String>>;
+type Done = oneshot::Sender<Written>;
 pub use combine::Then;
 
 enum Msg {
@@ -61,10 +61,21 @@ pub struct Audit {
     mode: AuditMode,
 }
 
-/// The record could not be written; the message is for the log, not the client.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct AuditError(pub String);
+/// Why records were not written: told to every request of the group.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WriteError {
+    /// The trail cannot be written; the message, with its cause, is for the log, not the
+    /// client.
+    #[error("{0}")]
+    Failed(String),
+    /// The tenant's records of the day reached `audit.max_bytes_per_day`: its operations
+    /// fail, whatever `audit.mode` says, until the day (UTC) ends. Nothing was written.
+    #[error("the tenant's audit records of {date} (UTC) reached audit.max_bytes_per_day ({cap} bytes)")]
+    DailyCap { cap: u64, date: String },
+}
+
+/// Whether a group of records was written.
+pub type Written = Result<(), WriteError>;
 
 impl Audit {
     /// Opens `<dir>/<tenant>/`, continuing the chain from its newest record, and starts the
@@ -83,8 +94,9 @@ impl Audit {
                 .give_tree(user.uid, user.gid)
                 .map_err(|e| format!("cannot hand {} to user {:?}: {e}", path.display(), user.name))?;
         }
-        let (w, recovered) = writer::Writer::open(dir, cfg.fsync)
+        let (mut w, recovered) = writer::Writer::open(dir, cfg.fsync)
             .map_err(|e| format!("cannot continue the audit trail in {}: {e}", path.display()))?;
+        w.set_max_bytes_per_day(cfg.max_bytes_per_day);
         let mut opened = serde_json::json!({ "opened": { "pid": std::process::id(), "seq": w.head().seq } });
         if recovered.dropped_bytes > 0 {
             let file = recovered.file.as_ref().map(|f| f.display().to_string());
@@ -96,7 +108,7 @@ impl Audit {
             opened["dropped_incomplete_record_bytes"] = recovered.dropped_bytes.into();
         }
         let syslog = cfg.syslog.as_deref().map(|p| syslog::Syslog::new(p, cfg.facility().unwrap_or(10)));
-        let core = Core { w, tenant: tenant.to_owned(), mode: cfg.mode, syslog, outage: None };
+        let core = Core { w, tenant: tenant.to_owned(), mode: cfg.mode, syslog, outage: None, capped: None };
         let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
             std::thread::Builder::new()
                 .name(name.into())
@@ -134,20 +146,20 @@ impl Audit {
                 if let Err(mpsc::SendError(Msg::Write(_, Some(then)))) =
                     tx.send(Msg::Write(Box::new(records), Some(then)))
                 {
-                    then(Err("the audit writer has stopped".into()));
+                    then(Err(WriteError::Failed("the audit writer has stopped".into())));
                 }
             }
         }
     }
 
     /// Writes `records` and waits until they are written (by policy, on disk).
-    pub async fn commit(&self, records: Records) -> Result<(), AuditError> {
+    pub async fn commit(&self, records: Records) -> Written {
         let (done, wait) = oneshot::channel();
         let then: Then = Box::new(move |r| {
             let _ = done.send(r);
         });
         self.commit_then(records, then).await;
-        wait.await.map_err(|_| AuditError("the audit writer has stopped".into()))?.map_err(AuditError)
+        wait.await.map_err(|_| WriteError::Failed("the audit writer has stopped".into()))?
     }
 
     /// Writes an event nobody waits on (a lease change).
@@ -205,11 +217,13 @@ fn sync_every(core: &Mutex<Core>, stop: &AtomicBool, every: Duration) {
     while !stop.load(Ordering::SeqCst) {
         std::thread::park_timeout(every);
         let file = lock(core).w.take_dirty();
-        if let Some(f) = file {
-            match f.sync_data() {
+        match file {
+            Some(f) => match f.sync_data() {
                 Ok(()) => writer::release_cache(&f),
                 Err(e) => tracing::error!(error = %e, "cannot fsync the audit trail"),
-            }
+            },
+            // Nothing written for an interval: a burst's buffer goes back.
+            None => lock(core).w.release_buffer(),
         }
     }
 }
@@ -246,6 +260,7 @@ fn group_commit(mut core: Core, rx: mpsc::Receiver<Msg>) {
         if result.is_ok() {
             core.forward();
         }
+        core.w.release_buffer();
         if let Some(done) = close {
             core.sync();
             let _ = done.send(Ok(()));
@@ -269,10 +284,12 @@ struct Core {
     mode: AuditMode,
     syslog: Option<syslog::Syslog>,
     outage: Option<Outage>,
+    /// The day whose records reached `audit.max_bytes_per_day`, once the trail says so.
+    capped: Option<String>,
 }
 
 impl Core {
-    fn write_and_forward(&mut self, group: Vec<Records>) -> Result<(), String> {
+    fn write_and_forward(&mut self, group: Vec<Records>) -> Written {
         let result = self.write(group);
         if result.is_ok() {
             self.forward();
@@ -288,7 +305,7 @@ impl Core {
         }
     }
 
-    fn write(&mut self, mut group: Vec<Records>) -> Result<(), String> {
+    fn write(&mut self, mut group: Vec<Records>) -> Written {
         let count = group.iter().map(Records::len).sum::<usize>() as u64;
         if count == 0 {
             return Ok(());
@@ -310,7 +327,12 @@ impl Core {
                 }
                 Ok(())
             }
-            Err(e) => {
+            Err(writer::AppendError::DailyCap { cap, date }) => {
+                let error = WriteError::DailyCap { cap, date };
+                self.note_cap(&error);
+                Err(error)
+            }
+            Err(writer::AppendError::Io(e)) => {
                 let error = e.to_string();
                 match &mut self.outage {
                     Some(o) => o.unwritten += count,
@@ -330,8 +352,29 @@ impl Core {
                         });
                     }
                 }
-                Err(error)
+                Err(WriteError::Failed(error))
             }
+        }
+    }
+
+    /// Once a day, when its records first reach `audit.max_bytes_per_day`: one record past
+    /// the limit says so (the trail tells why it stops), and the log says it once.
+    fn note_cap(&mut self, error: &WriteError) {
+        let WriteError::DailyCap { cap, date } = error else { return };
+        if self.capped.as_ref() == Some(date) {
+            return;
+        }
+        self.capped = Some(date.clone());
+        tracing::error!(
+            max_bytes_per_day = cap,
+            date,
+            "this tenant's audit records reached audit.max_bytes_per_day: its operations fail with RESOURCE_EXHAUSTED until the day (UTC) ends"
+        );
+        let status = kekd_proto::ErrorStatus::new(kekd_proto::Code::ResourceExhausted, error.to_string());
+        let detail = serde_json::json!({ "max_bytes_per_day": cap, "date": date });
+        let note = Records::event(&self.tenant, "audit", Err(&status), detail);
+        if let Err(e) = self.w.append_past_cap(&[note]) {
+            tracing::error!(error = %e, "cannot record that the daily audit limit was reached");
         }
     }
 

@@ -28,6 +28,9 @@ const RECHECK: Duration = Duration::from_millis(200);
 /// every tenant's open file holds that much reserved until its day ends.
 const PREALLOCATE: u64 = 1 << 20;
 
+/// The write buffer kept while the trail is idle; a larger one (a burst's) is freed.
+const KEEP_BUFFER: usize = 1 << 20;
+
 /// `,"hash":"` + 64 hex + `"}`.
 pub const HASH_SUFFIX_LEN: usize = 75;
 const GENESIS: [u8; 32] = [0; 32];
@@ -66,10 +69,50 @@ struct DayFile {
     id: (u64, u64),
 }
 
+/// Why records were not appended.
+#[derive(Debug, thiserror::Error)]
+pub enum AppendError {
+    #[error(transparent)]
+    Io(#[from] io::Error),
+    /// The day's file would grow past `audit.max_bytes_per_day`: nothing was written.
+    #[error("the records of {date} (UTC) reached audit.max_bytes_per_day ({cap} bytes)")]
+    DailyCap { cap: u64, date: String },
+}
+
+/// The bytes written on one day, against `audit.max_bytes_per_day`: one tenant's records
+/// must not take the disk the others' need. Counted from the day file's length when it
+/// is opened (so a restart does not reset it) and carried over when the file is moved
+/// away and continued in a new one the same day (so rotation does not reset it either).
+#[derive(Debug)]
+struct DayBudget {
+    cap: u64,
+    date: String,
+    bytes: u64,
+}
+
+impl Default for DayBudget {
+    fn default() -> Self {
+        Self { cap: u64::MAX, date: String::new(), bytes: 0 }
+    }
+}
+
+impl DayBudget {
+    /// The bytes written on `day`'s date so far.
+    fn spent(&self, day: &DayFile) -> u64 {
+        if self.date == day.date {
+            self.bytes.max(day.len)
+        } else {
+            day.len
+        }
+    }
+}
+
 pub struct Writer {
     /// The tenant's audit directory, which its `run_as` user can write: every file in it
     /// is reached by descriptor, never through a link (crate::dirfd).
     dir: Dir,
+    /// `audit.max_bytes_per_day`, and what today's records took of it.
+    budget: DayBudget,
     head: Head,
     /// `head.hash` in hex: the next record's `prev`.
     head_hex: [u8; 64],
@@ -115,6 +158,7 @@ impl Writer {
         }
         let w = Writer {
             dir,
+            budget: DayBudget::default(),
             head,
             head_hex: to_hex(&head.hash),
             day: None,
@@ -140,11 +184,39 @@ impl Writer {
         })
     }
 
+    /// Frees a write buffer a burst made large. For when the trail is idle: a burst's
+    /// largest group must not stay in memory for good, but one freed at every write
+    /// would cost fresh pages at every write while groups are large. Forgets the lines of
+    /// the last write ([`Self::written`]).
+    pub fn release_buffer(&mut self) {
+        if self.buf.capacity() > KEEP_BUFFER {
+            self.buf = Vec::new();
+            self.ends = Vec::new();
+        }
+    }
+
+    /// Holds each day's records to `cap` bytes (`audit.max_bytes_per_day`).
+    pub fn set_max_bytes_per_day(&mut self, cap: u64) {
+        self.budget.cap = cap;
+    }
+
     /// Chains and writes `records`, all or nothing. In `Record` mode each record is
-    /// fsynced on its own; in `Batch` mode once, after the last.
-    pub fn append(&mut self, records: &[Records]) -> io::Result<()> {
+    /// fsynced on its own; in `Batch` mode once, after the last. Refused, with nothing
+    /// written, when the day's records would grow past `audit.max_bytes_per_day`.
+    pub fn append(&mut self, records: &[Records]) -> Result<(), AppendError> {
+        self.append_within(records, true)
+    }
+
+    /// [`Self::append`] past `audit.max_bytes_per_day`: for the one record that says the
+    /// day's limit was reached, so that the trail tells why it stops.
+    pub fn append_past_cap(&mut self, records: &[Records]) -> Result<(), AppendError> {
+        self.append_within(records, false)
+    }
+
+    fn append_within(&mut self, records: &[Records], capped: bool) -> Result<(), AppendError> {
         self.buf.clear();
         self.ends.clear();
+
         let Some(date) = records.iter().filter(|r| r.len() > 0).map(|r| r.date).max() else {
             return Ok(());
         };
@@ -163,6 +235,16 @@ impl Writer {
         }
         let day = self.day.as_mut().expect("opened above");
         let start = day.len;
+        let spent = self.budget.spent(day);
+        let after = spent.saturating_add(self.buf.len() as u64);
+        if capped && after > self.budget.cap {
+            self.ends.clear();
+            // The day is over for this tenant, smaller records too: its operations fail
+            // from here on, not only those whose records no longer fit.
+            self.budget.date.clone_from(&day.date);
+            self.budget.bytes = u64::MAX;
+            return Err(AppendError::DailyCap { cap: self.budget.cap, date: day.date.clone() });
+        }
         reserve_ahead(day, start + self.buf.len() as u64);
         let res = match self.policy {
             _ if cfg!(feature = "bench-audit-no-write") => Ok(()),
@@ -175,11 +257,15 @@ impl Writer {
             let _ = day.file.set_len(start);
             self.day = None;
             self.ends.clear();
-            return Err(e);
+            return Err(e.into());
         }
         if !cfg!(feature = "bench-audit-no-write") {
             day.len = start + self.buf.len() as u64;
         }
+        if self.budget.date != day.date {
+            self.budget.date.clone_from(&day.date);
+        }
+        self.budget.bytes = after;
         self.head = head;
         self.head_hex = head_hex;
         self.dirty = self.policy == FsyncPolicy::Interval;
@@ -556,6 +642,48 @@ mod tests {
         assert_eq!(w.head(), head);
         w.append(&[entry(3)]).unwrap();
         assert_eq!(w.head().seq, 3);
+    }
+
+    /// `audit.max_bytes_per_day`: a write that would cross it is refused whole, the chain
+    /// stays where it was, a restart counts what the day's file holds, and the next day
+    /// starts afresh.
+    #[test]
+    fn a_day_is_held_to_its_byte_budget_across_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let day = dir.path().join("2026-11-23.jsonl");
+        let (mut w, _) = Writer::open(held(dir.path()), FsyncPolicy::Interval).unwrap();
+        w.append(&[entry(1)]).unwrap();
+        let one = std::fs::metadata(&day).unwrap().len();
+        // Room for three records of this size, not four.
+        w.set_max_bytes_per_day(3 * one + one / 2);
+        w.append(&[entry(2), entry(3)]).unwrap();
+        let head = w.head();
+        match w.append(&[entry(4)]) {
+            Err(AppendError::DailyCap { cap, date }) => {
+                assert_eq!((cap, date.as_str()), (3 * one + one / 2, "2026-11-23"));
+            }
+            other => panic!("expected the daily cap, got {other:?}"),
+        }
+        assert_eq!(w.head(), head, "nothing was chained");
+        assert_eq!(lines(&day).len(), 3, "nothing was written");
+        assert_eq!(w.written().count(), 0);
+        // Smaller records too, once the day's budget ran out.
+        let small = Records::raw("2026-11-23", "{}");
+        assert!(matches!(w.append(&[small]), Err(AppendError::DailyCap { .. })));
+        // The one record that says the cap was reached goes past it.
+        w.append_past_cap(&[entry(4)]).unwrap();
+        assert_eq!(lines(&day).len(), 4);
+        drop(w);
+
+        let (mut w, _) = Writer::open(held(dir.path()), FsyncPolicy::Interval).unwrap();
+        w.set_max_bytes_per_day(4 * one + one / 2);
+        assert!(
+            matches!(w.append(&[entry(5)]), Err(AppendError::DailyCap { .. })),
+            "a restart counts the file"
+        );
+        let next = Records::raw("2026-11-24", "{\"time\":\"2026-11-24T00:00:00.000Z\",\"n\":5}");
+        w.append(&[next]).unwrap();
+        assert_eq!(w.head().seq, 5, "the next day has a budget of its own");
     }
 
     #[test]

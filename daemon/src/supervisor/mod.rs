@@ -114,8 +114,8 @@ async fn serve(
         Ok(tenants) => tenants,
         Err(e) => {
             drop(listener);
-            if let Some(path) = &own_socket {
-                let _ = std::fs::remove_file(path);
+            if let Some(file) = &own_socket {
+                file.remove();
             }
             return Err(e);
         }
@@ -172,8 +172,8 @@ async fn serve(
     }
     drop(listener);
     // An activated socket's file is systemd's: it keeps listening for the next start.
-    if let Some(path) = &own_socket {
-        let _ = std::fs::remove_file(path);
+    if let Some(file) = &own_socket {
+        file.remove();
     }
     let workers = std::mem::take(&mut *state.tenants.write().unwrap_or_else(PoisonError::into_inner));
     futures_join(workers.into_values().map(|(_, w)| w.stop())).await;
@@ -190,7 +190,7 @@ async fn serve(
 fn unix_listener(
     cfg: &Config,
     activated: &mut Vec<Activated>,
-) -> Result<(UnixListener, String, Option<PathBuf>), StartError> {
+) -> Result<(UnixListener, String, Option<crate::server::SocketFile>), StartError> {
     let io = |what: String| move |source| StartError::Io { what, source };
     let mut unix = activation::take_family(activated, Family::Unix);
     if unix.len() > 1 {
@@ -217,9 +217,9 @@ fn unix_listener(
             Ok((listener, shown, None))
         }
         None => {
-            let listener = crate::server::bind(&cfg.socket, cfg.socket_mode()?)
-                .map_err(io(format!("cannot listen on {}", cfg.socket.display())))?;
-            Ok((listener, cfg.socket.display().to_string(), Some(cfg.socket.clone())))
+            let (listener, file) = crate::server::bind(&cfg.socket, cfg.socket_mode()?)
+                .map_err(|e| io(format!("cannot listen on {}", cfg.socket.display()))(e.into()))?;
+            Ok((listener, cfg.socket.display().to_string(), Some(file)))
         }
     }
 }

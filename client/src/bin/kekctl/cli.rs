@@ -207,11 +207,19 @@ pub enum AuditCommand {
             the order given, so give a tenant's files oldest first. Prints the number of records \
             and the hash of the last one (compare it with a copy kept elsewhere: the chain \
             alone cannot show records cut off its end, or a chain rewritten from some record \
-            on). A broken chain names its first broken record as FILE:LINE and exits 11.")]
+            on). The first file must begin with the tenant's first record (seq 1), or else the \
+            records before it were removed; a trail whose older days were archived is verified \
+            with --from SEQ:HASH, the last record a verify of the archived files printed (every \
+            verify prints its last record so). A broken chain names its first broken record as \
+            FILE:LINE and exits 11.")]
     Verify {
         /// Audit log files (`<tenant>/<YYYY-MM-DD>.jsonl`), oldest first
         #[arg(value_name = "FILE", required = true)]
         files: Vec<PathBuf>,
+        /// The files continue the trail after this record (as printed by the verify of the
+        /// files before them), instead of starting at seq 1
+        #[arg(long, value_name = "SEQ:HASH")]
+        from: Option<kekd_client::audit::Start>,
     },
 }
 
@@ -472,8 +480,11 @@ mod tests {
         let mut cli = parse(&["audit", "verify", "a.jsonl", "b.jsonl", "--json"]).unwrap();
         assert!(cli.global.offline);
         cli.global.args.tenant = None;
-        let Command::Audit(AuditCommand::Verify { files }) = cli.command else { panic!("not audit verify") };
+        let Command::Audit(AuditCommand::Verify { files, from }) = cli.command else {
+            panic!("not audit verify")
+        };
         assert_eq!(files, [PathBuf::from("a.jsonl"), PathBuf::from("b.jsonl")]);
+        assert_eq!(from, None);
         let s = cli.global.settings().unwrap();
         assert!(s.tenant.is_none());
         assert!(s.json);
@@ -481,5 +492,15 @@ mod tests {
         let err = parse(&["audit", "verify"]).err().unwrap();
         assert_eq!(err.exit_code(), 2);
         assert!(err.to_string().contains("FILE"), "{err}");
+
+        let hash = "ab".repeat(32);
+        let cli = parse(&["audit", "verify", "--from", &format!("41:{hash}"), "b.jsonl"]).unwrap();
+        let Command::Audit(AuditCommand::Verify { from, .. }) = cli.command else {
+            panic!("not audit verify")
+        };
+        assert_eq!(from, Some(kekd_client::audit::Start::After { seq: 41, hash }));
+        let err = parse(&["audit", "verify", "--from", "41", "b.jsonl"]).err().unwrap();
+        assert_eq!(err.exit_code(), 2);
+        assert!(err.to_string().contains("SEQ:HASH"), "{err}");
     }
 }

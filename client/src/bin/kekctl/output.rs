@@ -347,7 +347,9 @@ fn table<const N: usize>(header: [&str; N], rows: impl Iterator<Item = [String; 
     out
 }
 
-/// `ok: 1234 records in 3 files, seq 1..1234, head <hash>`; without records just the counts.
+/// `ok: 1234 records in 3 files, seq 1..1234, head <hash>`, then the last record as
+/// `--from` takes it, for the verify of later files once these are archived; without
+/// records just the counts.
 pub fn audit_ok_text(s: &Summary) -> String {
     let plural = |n: u64, what: &str| format!("{n} {what}{}", if n == 1 { "" } else { "s" });
     let mut text = format!("ok: {} in {}", plural(s.records, "record"), plural(s.files as u64, "file"));
@@ -355,6 +357,9 @@ pub fn audit_ok_text(s: &Summary) -> String {
         text.push_str(&format!(", seq {first}..{last}, head {head}"));
     }
     text.push('\n');
+    if let Some(last) = s.last() {
+        text.push_str(&format!("last: {last} (verify the files after these alone with --from {last})\n"));
+    }
     text
 }
 
@@ -366,10 +371,11 @@ struct AuditOkView<'a> {
     first_seq: Option<u64>,
     last_seq: Option<u64>,
     head: Option<&'a str>,
+    last: Option<String>,
 }
 
-/// `{"ok":true,"records":…,"files":…,"first_seq":…,"last_seq":…,"head":"…"}`; the last three
-/// are null when there are no records.
+/// `{"ok":true,"records":…,"files":…,"first_seq":…,"last_seq":…,"head":"…","last":"SEQ:HASH"}`;
+/// the last four are null when there are no records.
 pub fn audit_ok_json(s: &Summary) -> String {
     json_line(&AuditOkView {
         ok: true,
@@ -378,6 +384,7 @@ pub fn audit_ok_json(s: &Summary) -> String {
         first_seq: s.first_seq,
         last_seq: s.last_seq,
         head: s.head.as_deref(),
+        last: s.last(),
     })
 }
 
@@ -587,17 +594,21 @@ mod tests {
         };
         assert_eq!(
             audit_ok_text(&summary),
-            format!("ok: 1234 records in 3 files, seq 1..1234, head {}\n", "ab".repeat(32))
+            format!(
+                "ok: 1234 records in 3 files, seq 1..1234, head {h}\n\
+                 last: 1234:{h} (verify the files after these alone with --from 1234:{h})\n",
+                h = "ab".repeat(32)
+            )
         );
         assert_eq!(
             audit_ok_json(&summary),
-            format!("{{\"ok\":true,\"records\":1234,\"files\":3,\"first_seq\":1,\"last_seq\":1234,\"head\":\"{}\"}}\n", "ab".repeat(32))
+            format!("{{\"ok\":true,\"records\":1234,\"files\":3,\"first_seq\":1,\"last_seq\":1234,\"head\":\"{h}\",\"last\":\"1234:{h}\"}}\n", h = "ab".repeat(32))
         );
         let empty = Summary { records: 0, files: 1, first_seq: None, last_seq: None, head: None };
         assert_eq!(audit_ok_text(&empty), "ok: 0 records in 1 file\n");
         assert_eq!(
             audit_ok_json(&empty),
-            "{\"ok\":true,\"records\":0,\"files\":1,\"first_seq\":null,\"last_seq\":null,\"head\":null}\n"
+            "{\"ok\":true,\"records\":0,\"files\":1,\"first_seq\":null,\"last_seq\":null,\"head\":null,\"last\":null}\n"
         );
         let broken = Broken {
             file: "acme/2026-11-23.jsonl".into(),

@@ -108,7 +108,9 @@ pub async fn run(command: Command, s: Settings) -> Result<(), CliError> {
             };
             write_stdout(text.as_bytes())
         }
-        Command::Audit(AuditCommand::Verify { files }) => audit_verify(&s, &files),
+        Command::Audit(AuditCommand::Verify { files, from }) => {
+            audit_verify(&s, &files, &from.unwrap_or_default())
+        }
         Command::Bench(args) => bench(&s, args).await,
     }
 }
@@ -160,8 +162,8 @@ async fn bench(s: &Settings, args: BenchArgs) -> Result<(), CliError> {
 
 /// Offline: reads the files and never connects. A broken chain is an error (on stderr, and
 /// with `--json` also as an object on stdout, so scripts get the details either way).
-fn audit_verify(s: &Settings, files: &[PathBuf]) -> Result<(), CliError> {
-    match kekd_client::audit::verify_files(files) {
+fn audit_verify(s: &Settings, files: &[PathBuf], from: &kekd_client::audit::Start) -> Result<(), CliError> {
+    match kekd_client::audit::verify_files(files, from) {
         Ok(summary) => {
             let text = if s.json { output::audit_ok_json(&summary) } else { output::audit_ok_text(&summary) };
             write_stdout(text.as_bytes())
