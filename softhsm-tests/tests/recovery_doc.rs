@@ -255,6 +255,19 @@ fn pkcs11_recipes_recover_a_rotated_root_and_a_chain() {
     );
     assert_eq!(chained, chained_dek);
 
+    // §6.4 without a KEK names the one it needs.
+    let vars = [
+        common.clone(),
+        vec![
+            var("TENANT", "acme"),
+            var("EDEK", edek_file(&work, "no-kek.edek", &chained_edek)),
+            var("DEK", work.join("no-kek.dek")),
+        ],
+    ]
+    .concat();
+    let out = run_recipes(&["edek-unwrap"], &work, &vars);
+    assert!(out.code != 0 && out.stderr.contains("KEK of 'billing/invoices' version 1"), "{}", out.stderr);
+
     // §6.2 sends a chained record to §6.3 rather than misreading it.
     let vars = [
         common.clone(),
@@ -284,8 +297,8 @@ fn tpm_recipes_recover_pcr_bound_keys_and_a_chain() {
     assert!(kekd.stop_with(Signal::SIGTERM).success(), "{}", kekd.stderr());
 
     let store = kekd.dir().join("state");
-    let root = record(&store, "acme", "default", 1)["root"].as_str().unwrap().to_owned();
-    assert!(root.starts_with("tpm ") && root.contains("pcrs=sha256:16"), "{root}");
+    let described = record(&store, "acme", "default", 1)["root"].as_str().unwrap().to_owned();
+    assert!(described.starts_with("tpm ") && described.contains("pcrs=sha256:16"), "{described}");
     let swtpm = kekd.swtpm("acme");
     let common = vec![var("STORE", &store), var("TPM2TOOLS_TCTI", swtpm.tcti())];
     let work = work_dir(kekd.dir());
@@ -302,6 +315,39 @@ fn tpm_recipes_recover_pcr_bound_keys_and_a_chain() {
         "chain",
     );
     assert_eq!(chained, chained_dek);
+    assert_eq!(swtpm.transient_handles(), Vec::<u32>::new(), "the recipe left objects in the TPM");
+
+    // A persistent primary (`primary_handle`): the template's key, made persistent as an
+    // operator would; a handle that holds nothing fails, so the variable is what is used.
+    let tools = |args: &[&str]| {
+        let mut cmd = Command::new(args[0]);
+        cmd.args(&args[1..]).current_dir(&work).env("TPM2TOOLS_TCTI", swtpm.tcti());
+        let out = run_command(cmd, Vec::new());
+        assert_eq!(out.code, 0, "{args:?}: {}", out.stderr);
+    };
+    tools(&["tpm2_createprimary", "-Q", "-C", "o", "-g", "sha256", "-G", "ecc256:aes128cfb", "-c", "p.ctx"]);
+    tools(&["tpm2_evictcontrol", "-Q", "-C", "o", "-c", "p.ctx", "0x81000011"]);
+    tools(&["tpm2_flushcontext", "-t"]);
+    let by_handle = |handle: &str, kek: &Path| {
+        let mut vars = common.clone();
+        vars.extend([
+            var("PRIMARY_HANDLE", handle),
+            var("TENANT", "acme"),
+            var("KEY", "billing"),
+            var("VERSION", "1"),
+            var("KEK", kek),
+        ]);
+        run_recipes(&root, &work, &vars)
+    };
+    let out = by_handle("0x81000011", &work.join("persistent.kek"));
+    assert_eq!(out.code, 0, "tpm-unseal-kek with PRIMARY_HANDLE failed:\n{}", out.stderr);
+    assert_eq!(
+        read_secret(&work.join("persistent.kek"), 32),
+        read_secret(&work.join("chain.parent.kek"), 32)
+    );
+    let out = by_handle("0x81000012", &work.join("nothing.kek"));
+    assert_ne!(out.code, 0, "tpm-unseal-kek ignored PRIMARY_HANDLE:\n{}", out.stderr);
+    assert!(!work.join("nothing.kek").exists());
     assert_eq!(swtpm.transient_handles(), Vec::<u32>::new(), "the recipe left objects in the TPM");
 
     // The PCR policy holds: once PCR 16 changes, the recipe cannot unseal.
