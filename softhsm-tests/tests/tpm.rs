@@ -51,6 +51,24 @@ fn an_extended_pcr_refuses_cold_unwraps_and_flushes_the_cache() {
     assert!(s["backend_error"].as_str().unwrap().contains("PCR policy"), "{s}");
 }
 
+/// A PCR policy without parameter encryption (swtpm's default): the policy session that
+/// authorises the unseal has no key to encrypt the response with, and must not ask for it
+/// (TPM_RC_SYMMETRIC otherwise).
+#[test]
+fn a_pcr_policy_without_parameter_encryption_unseals() {
+    let mut kekd = Kekd::builder().tenant(tpm_tenant("acme").pcrs(&[16]).parameter_encryption(false)).start();
+    let describe = status(&kekd)["backend"].as_str().unwrap().to_owned();
+    assert!(
+        describe.contains("pcrs=sha256:16") && describe.contains("parameter_encryption=off"),
+        "{describe}"
+    );
+    let edek = kekd.wrap("default", b"a secret under a PCR policy", &[]);
+    // A new worker has no KEK cached: the unwrap unseals under the policy.
+    kekd.restart_after_kill();
+    assert_eq!(status(&kekd)["cached_keks"], 0);
+    assert_eq!(kekd.unwrap(&edek, &[]).ok(), b"a secret under a PCR policy");
+}
+
 /// Point 5: swtpm killed under load and started again on the same state. Cached KEKs
 /// serve throughout; cold unwraps are UNAVAILABLE while it is down and work again within
 /// 5 s of its return.

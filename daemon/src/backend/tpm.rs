@@ -303,7 +303,7 @@ impl RootKey for TpmRootKey {
             let sensitive = SensitiveData::try_from(data.to_vec()).map_err(at("prepare the KEK"))?;
             let session =
                 if encrypt { Some(salted_session(ctx, primary.handle, SessionType::Hmac)?) } else { None };
-            let created = with_session(ctx, session, Direction::ToTpm, |ctx| {
+            let created = with_session(ctx, session, Some(Direction::ToTpm), |ctx| {
                 let created = ctx.create(primary.handle, public, None, Some(sensitive), None, None);
                 Ok(created.map_err(at("create the sealed object"))?)
             })?;
@@ -439,7 +439,10 @@ fn unseal_object(
     } else {
         None
     };
-    with_session(ctx, session, Direction::FromTpm, |ctx| {
+    // Only a salted session has a key to encrypt the response with: a plain policy session
+    // (parameter encryption off) that asks for it is refused with TPM_RC_SYMMETRIC.
+    let direction = encrypt.then_some(Direction::FromTpm);
+    with_session(ctx, session, direction, |ctx| {
         ctx.unseal(object.into()).map_err(|error| match classify(&error) {
             Class::Policy => OpError::Backend(BackendError::Refused(format!(
                 "PCR policy not satisfied: PCRs {} do not hold the values this KEK was sealed under",
@@ -460,19 +463,22 @@ enum Direction {
 }
 
 /// Runs `f` authorised by `session` (or the empty password when `None`), then flushes
-/// the session whatever `f` returned.
+/// the session whatever `f` returned. With a `direction`, the session (a salted one) also
+/// encrypts the secret that travels that way.
 fn with_session<T>(
     ctx: &mut Context,
     session: Option<AuthSession>,
-    direction: Direction,
+    direction: Option<Direction>,
     f: impl FnOnce(&mut Context) -> Result<T, OpError>,
 ) -> Result<T, OpError> {
     let Some(session) = session else {
         return ctx.execute_with_session(Some(AuthSession::Password), f);
     };
+    let attrs = SessionAttributesBuilder::new().with_continue_session(true);
     let (attrs, mask) = match direction {
-        Direction::ToTpm => SessionAttributesBuilder::new().with_continue_session(true).with_decrypt(true),
-        Direction::FromTpm => SessionAttributesBuilder::new().with_continue_session(true).with_encrypt(true),
+        Some(Direction::ToTpm) => attrs.with_decrypt(true),
+        Some(Direction::FromTpm) => attrs.with_encrypt(true),
+        None => attrs,
     }
     .build();
     let result = ctx
