@@ -484,6 +484,13 @@ pub struct Pkcs11Config {
     /// is cleared), e.g. `{ P11_KIT_SERVER_ADDRESS = "unix:path=/run/hsm.sock" }`.
     #[serde(default)]
     pub module_env: BTreeMap<String, String>,
+    /// Adopt a root key that can leave its HSM (a public object, extractable, not
+    /// sensitive, or not AES-256): an escrowed key, kept elsewhere too on purpose. Off, such
+    /// a key is refused at start, since the point of an HSM root key is that nobody can
+    /// take it away; on, the exception is logged at each start and shown by `kekctl
+    /// status`, so that it stays visible for as long as it lasts.
+    #[serde(default)]
+    pub allow_exportable_root: bool,
 }
 
 fn default_socket() -> PathBuf {
@@ -836,6 +843,17 @@ pin_file = "{}"
         assert_eq!(e.field, "vsock_port", "{e}");
         let e = Config::parse(&format!("vsock_prot = 7000\n{}", guests("3"))).unwrap_err();
         assert!(e.to_string().contains("vsock_prot"), "a typo is named: {e}");
+    }
+
+    #[test]
+    fn allow_exportable_root_is_off_unless_set_and_a_typo_is_named() {
+        let cfg = Config::parse(&with_module("")).unwrap();
+        assert!(!cfg.tenants["acme"].pkcs11.as_ref().unwrap().allow_exportable_root);
+        let cfg = Config::parse(&format!("{}allow_exportable_root = true\n", with_module(""))).unwrap();
+        assert!(cfg.tenants["acme"].pkcs11.as_ref().unwrap().allow_exportable_root);
+        let e = Config::parse(&format!("{}allow_exportable_roots = true\n", with_module(""))).unwrap_err();
+        assert_eq!(e.field, "tenants.acme.pkcs11.allow_exportable_roots", "{e}");
+        assert!(e.problem.contains("unknown field"), "{e}");
     }
 
     #[test]
