@@ -213,11 +213,22 @@ fn an_escrowed_root_key_is_adopted_visibly_at_every_start() {
     pkcs11_tool_key(&kekd, &pin, &["--key-type", "AES:32", "--private", "--sensitive", "--extractable"]);
     assert_names_only(&refused(&mut kekd), "CKA_EXTRACTABLE", "CKA_EXTRACTABLE is true");
 
+    // A typo in the setting is named, not taken for "off".
     let config = kekd.config_text();
-    kekd.write_config_text(
-        &config
-            .replace("create_root_key = false\n", "create_root_key = false\nallow_exportable_root = true\n"),
+    let with = |line: &str| {
+        config.replace("create_root_key = false\n", &format!("create_root_key = false\n{line}\n"))
+    };
+    kekd.write_config_text(&with("allow_exportable_roots = true"));
+    let out = kekd.check_config();
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    assert!(
+        out.stderr.starts_with("tenants.acme.pkcs11.allow_exportable_roots: unknown field"),
+        "{}",
+        out.stderr
     );
+
+    kekd.write_config_text(&with("allow_exportable_root = true"));
+    kekd.check_config().ok();
     for start in 1..=2 {
         kekd.start();
         let log = kekd.wait_for_log("adopted by exception", std::time::Duration::from_secs(5));

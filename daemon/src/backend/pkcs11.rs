@@ -188,7 +188,7 @@ impl Pkcs11RootKey {
             let list: Vec<String> = exceptions.iter().map(ToString::to_string).collect();
             tracing::warn!(
                 tenant, token = %token, key = %label,
-                "root key adopted by exception (allow_exportable_root = true), although it can leave its HSM: {}",
+                "root key adopted by exception (allow_exportable_root = true): {}",
                 list.join("; ")
             );
         }
