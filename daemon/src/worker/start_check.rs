@@ -100,3 +100,37 @@ pub fn unreadable_by(user: &RunAs, dir: &Path) -> Option<(PathBuf, io::Error)> {
     let _files = user.files_as().ok()?;
     unreadable(dir)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    #[test]
+    fn the_first_token_file_a_user_cannot_read_is_named() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("SKIPPED (needs root): looks with another user's file rights");
+            return;
+        }
+        let nobody = RunAs::resolve("nobody").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let mode =
+            |p: &Path, m: u32| std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap();
+        mode(dir.path(), 0o755);
+        let token = dir.path().join("0a1b-token");
+        std::fs::create_dir(&token).unwrap();
+        let object = token.join("token.object");
+        std::fs::write(&object, b"x").unwrap();
+        for (dir_mode, file_mode, expected) in
+            [(0o755, 0o644, None), (0o700, 0o644, Some(&token)), (0o755, 0o600, Some(&object))]
+        {
+            mode(&token, dir_mode);
+            mode(&object, file_mode);
+            let found = unreadable_by(&nobody, dir.path());
+            assert_eq!(found.as_ref().map(|(p, _)| p), expected, "{dir_mode:o}/{file_mode:o}: {found:?}");
+            assert!(found.is_none_or(|(_, e)| e.kind() == io::ErrorKind::PermissionDenied));
+            assert!(unreadable(dir.path()).is_none(), "root reads everything");
+        }
+    }
+}
