@@ -107,7 +107,7 @@ pub fn shortfalls(attrs: &[Attribute]) -> Vec<Shortfall> {
             Attribute::ValueLen(n) => len = usize::from(*n),
             Attribute::Encrypt(b) => encrypt = *b,
             Attribute::Decrypt(b) => decrypt = *b,
-            // An empty list means no restriction (PKCS#11 3.0, §4.4).
+            // Tokens (SoftHSM2 among them) read an empty list as no restriction.
             Attribute::AllowedMechanisms(m) => gcm = m.is_empty() || m.contains(&MechanismType::AES_GCM),
             _ => {}
         }
