@@ -182,6 +182,7 @@ fn handle(op: Op, keys: &Keys) -> Result<Reply, ErrorStatus> {
             memory_locked: true,
             worker_pid: 4242,
             lease: "online".into(),
+            root_key_exceptions: Vec::new(),
             key_versions: Vec::new(),
             operations: Vec::new(),
             errors: Vec::new(),

@@ -26,6 +26,15 @@ pub struct ConfigError {
     pub problem: String,
 }
 
+/// A valid configuration that will likely not work as meant; the message starts with the
+/// dotted path of the field, like a [`ConfigError`]'s.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {problem}")]
+pub struct ConfigWarning {
+    pub field: String,
+    pub problem: String,
+}
+
 impl ConfigError {
     pub fn new(field: impl Into<String>, problem: impl Into<String>) -> Self {
         Self { field: field.into(), problem: problem.into() }
@@ -518,7 +527,41 @@ pub struct Pkcs11Config {
     /// is cleared), e.g. `{ P11_KIT_SERVER_ADDRESS = "unix:path=/run/hsm.sock" }`.
     #[serde(default)]
     pub module_env: BTreeMap<String, String>,
+    /// Adopt a root key that can leave its HSM (a public object, extractable, not
+    /// sensitive, or not AES-256): an escrowed key, kept elsewhere too on purpose. Off, such
+    /// a key is refused at start, since the point of an HSM root key is that nobody can
+    /// take it away; on, the exception is logged at each start and shown by `kekctl
+    /// status`, so that it stays visible for as long as it lasts.
+    #[serde(default)]
+    pub allow_exportable_root: bool,
 }
+
+/// Where a tenant's PKCS#11 token lives, as an operator would look for it: the SoftHSM2
+/// token directory when the configuration tells it (its files are what a `run_as` user
+/// must own), else the token's label and module.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenLocation {
+    SoftHsm2 { tokendir: PathBuf, token_label: String },
+    Module { token_label: String, module: PathBuf },
+}
+
+impl std::fmt::Display for TokenLocation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TokenLocation::SoftHsm2 { tokendir, token_label } => {
+                write!(f, "SoftHSM2 token directory {} (token {token_label:?})", tokendir.display())
+            }
+            TokenLocation::Module { token_label, module } => {
+                write!(f, "token {token_label:?} of PKCS#11 module {}", module.display())
+            }
+        }
+    }
+}
+
+/// SoftHSM2's configuration file when nothing names another (Debian's build).
+const SOFTHSM2_DEFAULT_CONF: &str = "/etc/softhsm/softhsm2.conf";
+/// SoftHSM2's token directory when its configuration names none (Debian's build).
+const SOFTHSM2_DEFAULT_TOKENDIR: &str = "/var/lib/softhsm/tokens";
 
 fn default_socket() -> PathBuf {
     DEFAULT_SOCKET.into()
@@ -717,6 +760,51 @@ impl Config {
         Ok(())
     }
 
+    /// What is valid but will likely not work, for `check-config`: tenants whose workers
+    /// run as different users (or one as root) on one SoftHSM2 token directory. A `run_as`
+    /// worker opens its token with its user's file rights, so that user must own the
+    /// token's files; two users cannot both own them, and a root worker would work among
+    /// files a user can replace.
+    pub fn warnings(&self) -> Vec<ConfigWarning> {
+        // Users compared by uid ("0" is "root"); unset is the daemon's own user, root.
+        type Sharer<'a> = (&'a str, Option<&'a str>, Option<u32>);
+        let mut by_dir: BTreeMap<PathBuf, Vec<Sharer<'_>>> = BTreeMap::new();
+        for (name, t) in &self.tenants {
+            let Some(dir) = t.pkcs11.as_ref().and_then(Pkcs11Config::softhsm2_tokendir) else { continue };
+            let dir = std::fs::canonicalize(&dir).unwrap_or(dir);
+            let uid = match &t.run_as {
+                Some(u) => RunAs::resolve(u).ok().map(|r| r.uid.as_raw()),
+                None => Some(0),
+            };
+            by_dir.entry(dir).or_default().push((name, t.run_as.as_deref(), uid));
+        }
+        let user = |u: Option<&str>| match u {
+            Some(u) => format!("{u:?}"),
+            None => "unset: the worker runs as root".to_owned(),
+        };
+        let mut warnings = Vec::new();
+        for (dir, tenants) in by_dir {
+            let Some(&(first, first_user, first_uid)) = tenants.first() else { continue };
+            for &(other, other_user, other_uid) in &tenants[1..] {
+                if other_uid != first_uid {
+                    warnings.push(ConfigWarning {
+                        field: format!("tenants.{other}.run_as"),
+                        problem: format!(
+                            "tenants.{first}.run_as ({}) and tenants.{other}.run_as ({}) share the SoftHSM2 \
+                             token directory {}: one user must own a token directory, so one of these \
+                             workers will not start or will work among files another user can replace; \
+                             give each user a token directory of its own (softhsm2_conf)",
+                            user(first_user),
+                            user(other_user),
+                            dir.display()
+                        ),
+                    });
+                }
+            }
+        }
+        warnings
+    }
+
     /// The configured tenants, validated.
     pub fn tenants(&self) -> Vec<Tenant> {
         self.tenants
@@ -727,6 +815,42 @@ impl Config {
 }
 
 impl Pkcs11Config {
+    /// The SoftHSM2 configuration the module reads: `softhsm2_conf`, else `SOFTHSM2_CONF`
+    /// in `module_env`, else SoftHSM2's default when the module is SoftHSM2 (the worker's
+    /// environment is cleared, so nothing else can name one). `None`: not SoftHSM2.
+    pub fn softhsm2_conf_path(&self) -> Option<PathBuf> {
+        if let Some(conf) = &self.softhsm2_conf {
+            return Some(conf.clone());
+        }
+        if let Some(conf) = self.module_env.get("SOFTHSM2_CONF") {
+            return Some(conf.into());
+        }
+        let name = self.module.file_name()?.to_string_lossy();
+        name.starts_with("libsofthsm2").then(|| SOFTHSM2_DEFAULT_CONF.into())
+    }
+
+    /// The SoftHSM2 token directory (`directories.tokendir` of [`Self::softhsm2_conf_path`]),
+    /// when the module is SoftHSM2 and its configuration can be read.
+    pub fn softhsm2_tokendir(&self) -> Option<PathBuf> {
+        let conf = self.softhsm2_conf_path()?;
+        let text = std::fs::read_to_string(conf).ok()?;
+        let named = text.lines().find_map(|line| {
+            let (key, value) = line.split_once('=')?;
+            (key.trim() == "directories.tokendir").then(|| PathBuf::from(value.trim()))
+        });
+        Some(named.unwrap_or_else(|| SOFTHSM2_DEFAULT_TOKENDIR.into()))
+    }
+
+    /// Where the token is, for messages about it.
+    pub fn token_location(&self) -> TokenLocation {
+        match self.softhsm2_tokendir() {
+            Some(tokendir) => TokenLocation::SoftHsm2 { tokendir, token_label: self.token_label.clone() },
+            None => {
+                TokenLocation::Module { token_label: self.token_label.clone(), module: self.module.clone() }
+            }
+        }
+    }
+
     fn validate(&self, field: &str) -> Result<(), ConfigError> {
         let f = |s: &str| format!("{field}.{s}");
         if let Err(e) = std::fs::File::open(&self.module) {
@@ -877,6 +1001,60 @@ pin_file = "{}"
         assert_eq!(e.field, "vsock_port", "{e}");
         let e = Config::parse(&format!("vsock_prot = 7000\n{}", guests("3"))).unwrap_err();
         assert!(e.to_string().contains("vsock_prot"), "a typo is named: {e}");
+    }
+
+    #[test]
+    fn allow_exportable_root_is_off_unless_set_and_a_typo_is_named() {
+        let cfg = Config::parse(&with_module("")).unwrap();
+        assert!(!cfg.tenants["acme"].pkcs11.as_ref().unwrap().allow_exportable_root);
+        let cfg = Config::parse(&format!("{}allow_exportable_root = true\n", with_module(""))).unwrap();
+        assert!(cfg.tenants["acme"].pkcs11.as_ref().unwrap().allow_exportable_root);
+        let e = Config::parse(&format!("{}allow_exportable_roots = true\n", with_module(""))).unwrap_err();
+        assert_eq!(e.field, "tenants.acme.pkcs11.allow_exportable_roots", "{e}");
+        assert!(e.problem.contains("unknown field"), "{e}");
+    }
+
+    #[test]
+    fn tenants_of_different_users_on_one_softhsm2_token_directory_are_warned_of() {
+        let dir = tempfile::tempdir().unwrap();
+        let conf = |name: &str, tokendir: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(
+                &path,
+                format!("# a comment\ndirectories.tokendir = {tokendir}\nlog.level = ERROR\n"),
+            )
+            .unwrap();
+            path
+        };
+        let (shared, also_shared, own) =
+            (conf("a.conf", "/var/t"), conf("b.conf", "/var/t"), conf("c.conf", "/var/u"));
+        let tenant = |name: &str, user: &str, conf: &Path| {
+            let run_as = if user.is_empty() { String::new() } else { format!("run_as = \"{user}\"\n") };
+            format!(
+                "[tenants.{name}]\nallow_uids = [1000]\n{run_as}[tenants.{name}.pkcs11]\nmodule = \"/bin/sh\"\n\
+                 token_label = \"{name}\"\nkey_label = \"root\"\npin_file = \"{}\"\nsofthsm2_conf = \"{}\"\n",
+                pin_file().display(),
+                conf.display()
+            )
+        };
+        let warnings = |text: String| Config::parse(&text).unwrap().warnings();
+
+        let w = warnings(tenant("a", "root", &shared) + &tenant("b", "nobody", &also_shared));
+        let [w] = &w[..] else { panic!("{w:?}") };
+        assert_eq!(w.field, "tenants.b.run_as");
+        for part in ["tenants.a.run_as (\"root\")", "tenants.b.run_as (\"nobody\")", "/var/t"] {
+            assert!(w.problem.contains(part), "{part}: {w}");
+        }
+        let w = warnings(tenant("a", "", &shared) + &tenant("b", "nobody", &shared));
+        assert!(matches!(&w[..], [w] if w.problem.contains("unset: the worker runs as root")), "{w:?}");
+        assert_eq!(warnings(tenant("a", "root", &shared) + &tenant("b", "0", &shared)), [], "one user");
+        assert_eq!(
+            warnings(tenant("a", "root", &shared) + &tenant("b", "nobody", &own)),
+            [],
+            "two directories"
+        );
+        let p11 = Config::parse(&tenant("a", "", &shared)).unwrap().tenants["a"].pkcs11.clone().unwrap();
+        assert_eq!(p11.token_location().to_string(), "SoftHSM2 token directory /var/t (token \"a\")");
     }
 
     #[test]

@@ -63,7 +63,9 @@ pub enum Error {
 fn backend_code(e: &BackendError) -> Code {
     match e {
         BackendError::Unreachable(_) => Code::Unavailable,
-        BackendError::Refused(_) | BackendError::Config(_) => Code::FailedPrecondition,
+        BackendError::Refused(_) | BackendError::Config(_) | BackendError::Rejected(_) => {
+            Code::FailedPrecondition
+        }
         BackendError::DataInvalid | BackendError::Internal(_) => Code::Internal,
     }
 }

@@ -115,6 +115,10 @@ pub fn main() -> ExitCode {
     let res = match cli.command {
         Command::CheckConfig { config } => match Config::load(&config) {
             Ok(cfg) => {
+                // On stderr, like errors, so scripts that read stdout see the same line.
+                for warning in cfg.warnings() {
+                    eprintln!("warning: {warning}");
+                }
                 println!("config OK: {} tenant(s)", cfg.tenants.len());
                 return ExitCode::SUCCESS;
             }

@@ -853,6 +853,7 @@ impl TenantService {
     async fn status(&self, role: Role) -> StatusInfo {
         let backend = self.active_root();
         let describe = backend.describe();
+        let root_key_exceptions = backend.exceptions();
         let health =
             tokio::task::spawn_blocking(move || backend.canary()).await.expect("canary does not panic");
         match &health {
@@ -874,6 +875,7 @@ impl TenantService {
             uptime_seconds: BootInstant::now().since(self.started).as_secs(),
             memory_locked: self.cache.memory_locked(),
             worker_pid: std::process::id(),
+            root_key_exceptions,
             lease: match self.cache.lease_state() {
                 LeaseState::Online => "online",
                 LeaseState::Grace => "grace",

@@ -43,6 +43,8 @@ use crate::secret::LockedArena;
 use crate::server;
 use crate::service::{Peer, TenantService};
 
+mod start_check;
+
 /// Everything a worker needs to open and serve its tenant, sent as its first control
 /// message. Two equal specs mean a running worker can keep running across a config
 /// reload; access rules are not part of it, since the supervisor alone applies them.
@@ -262,16 +264,24 @@ fn start(spec: &WorkerSpec, backends: Backends) -> Result<Arc<TenantService>, St
             }
             Pkcs11RootKey::open(name.as_str(), &cfg, pin, &spec.state_dir.join("locks"), run_as.as_ref())
                 .map(|k| Arc::new(k) as Arc<dyn RootKey>)
+                .map_err(|e| {
+                    // The module's errors say nothing of files ("no token labelled ..."):
+                    // when the user cannot read the token's, say that instead.
+                    let problem =
+                        run_as.as_ref().and_then(|user| token_files_problem(p11, user, Rights::StillRoot));
+                    problem.map_or_else(|| e.to_string(), |p| p.to_string())
+                })?
         }
         Opening::Tpm(tpm) => match backends.tpm {
-            Some(open) => open(&name, tpm),
-            None => Err(BackendError::Config(format!(
-                "tenants.{name}.tpm: TPM tenants are served by {TPM_WORKER}, not `kekd worker`"
-            ))),
+            Some(open) => open(&name, tpm).map_err(|e| e.to_string())?,
+            None => {
+                return Err(format!(
+                    "tenants.{name}.tpm: TPM tenants are served by {TPM_WORKER}, not `kekd worker`"
+                ))
+            }
         },
-    }
-    .map_err(|e| e.to_string())?;
-    let service = open_tenant(spec, root, tenant_dir, &name, run_as.as_ref())
+    };
+    let service = open_tenant(spec, Arc::clone(&root), tenant_dir, &name, run_as.as_ref())
         .map_err(|e| e.to_string())?
         .with_root_labels(labels.0, labels.1);
     if let Some(user) = &run_as {
@@ -295,7 +305,53 @@ fn start(spec: &WorkerSpec, backends: Backends) -> Result<Arc<TenantService>, St
         ),
         SeccompMode::Off => tracing::warn!("no seccomp filter (seccomp = \"off\")"),
     }
+    // Last, with every right the worker will serve with and none more: what the root key
+    // needs beyond them shows now, not at the first request.
+    if let Err(source) = start_check::first_use(&*root) {
+        let pkcs11 = match backend {
+            BackendConfig::Pkcs11(p11) => Some(p11),
+            BackendConfig::Tpm(_) => None,
+        };
+        if let Some(problem) = pkcs11
+            .zip(run_as.as_ref())
+            .and_then(|(p11, user)| token_files_problem(p11, user, Rights::AlreadyTheUsers))
+        {
+            return Err(problem.to_string());
+        }
+        let who = match &run_as {
+            Some(user) => format!("user {:?}", user.name),
+            None => format!("the worker (uid {})", nix::unistd::geteuid()),
+        };
+        let token = pkcs11.map_or_else(|| root.describe(), |p11| p11.token_location().to_string());
+        return Err(start_check::StartCheckError::FirstUse { who, token, source }.to_string());
+    }
     Ok(Arc::new(service))
+}
+
+/// Whose rights the worker has when it looks at the token's files.
+#[derive(Clone, Copy)]
+enum Rights {
+    /// Root's: look with the user's file rights (`RunAs::files_as`).
+    StillRoot,
+    /// Dropped to the user already.
+    AlreadyTheUsers,
+}
+
+/// The SoftHSM2 token file `user` cannot read, when the token is SoftHSM2's (whose files
+/// the user must own) and there is one.
+fn token_files_problem(
+    p11: &crate::config::Pkcs11Config,
+    user: &RunAs,
+    rights: Rights,
+) -> Option<start_check::StartCheckError> {
+    let token = p11.token_location();
+    let crate::config::TokenLocation::SoftHsm2 { tokendir, .. } = &token else { return None };
+    let tokendir = tokendir.clone();
+    let (path, source) = match rights {
+        Rights::StillRoot => start_check::unreadable_by(user, &tokendir)?,
+        Rights::AlreadyTheUsers => start_check::unreadable(&tokendir)?,
+    };
+    Some(start_check::StartCheckError::TokenFiles { user: user.name.clone(), token, tokendir, path, source })
 }
 
 /// A backend about to be opened, with what it needs from the environment.

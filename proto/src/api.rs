@@ -739,6 +739,9 @@ pub struct StatusInfo {
     pub operations: Vec<OpCount>,
     /// Error answers since the worker started, per code (those that occurred).
     pub errors: Vec<ErrorCount>,
+    /// What the tenant's configuration excused in its root key (`allow_exportable_root`),
+    /// one line per attribute; empty for a root key that stays in its HSM.
+    pub root_key_exceptions: Vec<String>,
 }
 
 /// The requests of one operation a worker served, failed ones included.
@@ -876,6 +879,7 @@ impl From<Response> for pb::Response {
                         memory_locked: s.memory_locked,
                         worker_pid: s.worker_pid,
                         lease: s.lease,
+                        root_key_exceptions: s.root_key_exceptions,
                         key_versions: s.key_versions.into_iter().map(Into::into).collect(),
                         operations: s
                             .operations
@@ -1050,6 +1054,7 @@ impl TryFrom<pb::Response> for Response {
                 memory_locked: s.memory_locked,
                 worker_pid: s.worker_pid,
                 lease: s.lease,
+                root_key_exceptions: s.root_key_exceptions,
                 key_versions: s.key_versions.into_iter().map(key_info_from).collect::<Result<_, _>>()?,
                 operations: s
                     .operations
@@ -1286,6 +1291,7 @@ mod tests {
             memory_locked: true,
             worker_pid: 1234,
             lease: "online".into(),
+            root_key_exceptions: vec!["CKA_EXTRACTABLE is true".into()],
             key_versions: vec![KeyInfo {
                 name: KeyName::parse("default").unwrap(),
                 active_version: 2,

@@ -126,6 +126,7 @@ fn ok(req: &Request) -> Result<Reply, ErrorStatus> {
             memory_locked: true,
             worker_pid: 1,
             lease: "online".into(),
+            root_key_exceptions: Vec::new(),
             key_versions: Vec::new(),
             operations: Vec::new(),
             errors: Vec::new(),

@@ -28,6 +28,14 @@ pub trait RootKey: Send + Sync {
     /// For status and logs, e.g. `pkcs11 token="kekd" key="acme-root"`. No secrets.
     fn describe(&self) -> String;
 
+    /// Why this root key falls short of one that stays in its HSM, each as the tenant's
+    /// configuration allowed it (an escrowed PKCS#11 key, `allow_exportable_root`): shown
+    /// by status, so that an exception is never silent. Empty for a key that cannot leave,
+    /// which a TPM's sealing parent never can.
+    fn exceptions(&self) -> Vec<String> {
+        Vec::new()
+    }
+
     /// Another root key of the same tenant in the same place, found by `label` or created
     /// under it: the target of a root key rotation. A backend whose root key has no label
     /// to choose (a TPM's storage primary follows its owner seed) answers with a
@@ -70,6 +78,10 @@ pub enum BackendError {
     /// The backend is misconfigured (module cannot load, token or key not found, bad PIN).
     #[error("{0}")]
     Config(String),
+    /// The key found is not one kekd adopts as a root key (it could leave the HSM, or
+    /// cannot seal with AES-GCM); names each attribute at fault.
+    #[error(transparent)]
+    Rejected(#[from] pkcs11::adopt::Rejected),
     #[error("root-key backend error: {0}")]
     Internal(String),
 }

@@ -25,6 +25,7 @@
 //! session is replaced, a vanished slot is found again by token label, a stale key handle is
 //! found again by key label, and a lost login is redone, each once per operation.
 
+pub mod adopt;
 mod errors;
 pub mod import;
 mod library;
@@ -39,7 +40,7 @@ use cryptoki::context::Pkcs11;
 use cryptoki::error::{Error as CkError, RvError};
 use cryptoki::mechanism::aead::GcmParams;
 use cryptoki::mechanism::Mechanism;
-use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
+use cryptoki::object::{Attribute, KeyType, ObjectClass, ObjectHandle};
 use cryptoki::session::{Session, SessionState, UserType};
 use cryptoki::slot::Slot;
 use cryptoki::types::{AuthPin, Ulong};
@@ -88,6 +89,9 @@ pub struct Pkcs11RootKey {
     lock_dir: PathBuf,
     /// `None` after a reset of the sessions: found again by label before the next use.
     key: Mutex<Option<ObjectHandle>>,
+    /// What `allow_exportable_root` excused in this key (see `adopt`); empty for a key that
+    /// stays in its HSM.
+    exceptions: Vec<adopt::Shortfall>,
     sessions: Mutex<Vec<Session>>,
 }
 
@@ -176,13 +180,17 @@ impl Pkcs11RootKey {
                 )))
             }
         };
-        let usable = may_encrypt_and_decrypt(&session, key, label, token)
-            .map_err(|e| failed("read the root key's attributes", &e))?;
-        if !usable {
-            return Err(BackendError::Config(format!(
-                "root key {label:?} on token {token:?} is not allowed to encrypt and decrypt \
-                 (CKA_ENCRYPT and CKA_DECRYPT must be true)"
-            )));
+        let shortfalls =
+            adopt::assess(&session, key).map_err(|e| failed("read the root key's attributes", &e))?;
+        let exceptions = adopt::decide(tenant, label, token, shortfalls, cfg.allow_exportable_root)?;
+        if !exceptions.is_empty() {
+            // At every start, not once: the exception lasts as long as the setting does.
+            let list: Vec<String> = exceptions.iter().map(ToString::to_string).collect();
+            tracing::warn!(
+                tenant, token = %token, key = %label,
+                "root key adopted by exception (allow_exportable_root = true): {}",
+                list.join("; ")
+            );
         }
 
         drop(guard);
@@ -199,6 +207,7 @@ impl Pkcs11RootKey {
             cfg: cfg.clone(),
             lock_dir: lock_dir.to_owned(),
             key: Mutex::new(Some(key)),
+            exceptions,
             sessions: Mutex::new(vec![session]),
         })
     }
@@ -470,6 +479,10 @@ impl RootKey for Pkcs11RootKey {
         self.importer()?.import_root_key(label, algorithm, wrapped)
     }
 
+    fn exceptions(&self) -> Vec<String> {
+        self.exceptions.iter().map(ToString::to_string).collect()
+    }
+
     fn describe(&self) -> String {
         format!(
             "pkcs11 module={} token={:?} key={:?}",
@@ -532,46 +545,6 @@ fn root_key_template(label: &str) -> Vec<Attribute> {
         Attribute::Modifiable(false),
         Attribute::Label(label.as_bytes().to_vec()),
     ]
-}
-
-/// Whether the key may do the two things a root key does. A key that could leave the token,
-/// or is not AES-256, works but falls short of what an HSM is for: warn rather than refuse,
-/// since the operator may have imported it on purpose (e.g. escrowed) and refusing would lock
-/// them out of their data.
-fn may_encrypt_and_decrypt(
-    session: &Session,
-    key: ObjectHandle,
-    label: &str,
-    token: &str,
-) -> Result<bool, CkError> {
-    use AttributeType as A;
-    let attrs =
-        session.get_attributes(key, &[A::Encrypt, A::Decrypt, A::Sensitive, A::Extractable, A::ValueLen])?;
-    let (mut encrypt, mut decrypt, mut sensitive, mut extractable, mut len) = (false, false, false, true, 0);
-    for attr in attrs {
-        match attr {
-            Attribute::Encrypt(b) => encrypt = b,
-            Attribute::Decrypt(b) => decrypt = b,
-            Attribute::Sensitive(b) => sensitive = b,
-            Attribute::Extractable(b) => extractable = b,
-            Attribute::ValueLen(n) => len = usize::from(n),
-            _ => {}
-        }
-    }
-    if extractable || !sensitive {
-        tracing::warn!(
-            token,
-            key = label,
-            extractable,
-            sensitive,
-            "the root key can leave the token (CKA_EXTRACTABLE true or CKA_SENSITIVE false)"
-        );
-    }
-    // 0: not reported (SoftHSM 2.6.1 leaves CKA_VALUE_LEN unset on unwrapped keys).
-    if len != KEK_LEN && len != 0 {
-        tracing::warn!(token, key = label, bytes = len, "the root key is not AES-256");
-    }
-    Ok(encrypt && decrypt)
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {

@@ -207,6 +207,9 @@ struct StatusView<'a> {
     memory_locked: bool,
     worker_pid: u32,
     lease: &'a str,
+    /// What `allow_exportable_root` excused in the root key; empty for one that stays in
+    /// its HSM.
+    root_key_exceptions: &'a [String],
     /// Empty unless the caller is an admin of the tenant.
     key_versions: Vec<KeyView<'a>>,
     /// By operation name; only operations served at least once.
@@ -233,6 +236,7 @@ fn status_view(s: &StatusInfo) -> StatusView<'_> {
         memory_locked: s.memory_locked,
         worker_pid: s.worker_pid,
         lease: &s.lease,
+        root_key_exceptions: &s.root_key_exceptions,
         key_versions: s.key_versions.iter().map(key_view).collect(),
         operations: s
             .operations
@@ -306,6 +310,10 @@ pub fn status_text(s: &StatusInfo) -> String {
         uptime(s.uptime_seconds),
         yes_no(s.memory_locked),
     );
+    // Right under the facts, not in a table further down: an exception is easy to miss.
+    for exception in &s.root_key_exceptions {
+        out.push_str(&format!("root key exception (allow_exportable_root): {exception}\n"));
+    }
     if !s.key_versions.is_empty() {
         out.push('\n');
         out.push_str(&keys_table(&s.key_versions));
@@ -508,6 +516,7 @@ mod tests {
             memory_locked: true,
             worker_pid: 4242,
             lease: "online".into(),
+            root_key_exceptions: Vec::new(),
             key_versions: vec![key_info()],
             operations: vec![
                 OpCount { operation: "generate".into(), requests: 2, items: 20 },

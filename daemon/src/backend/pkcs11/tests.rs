@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use cryptoki::context::{CInitializeArgs, CInitializeFlags};
+use cryptoki::object::AttributeType;
 use cryptoki::session::Session;
 
 use super::*;
@@ -21,6 +22,7 @@ fn config(key_label: &str, create_root_key: bool) -> Pkcs11Config {
         create_root_key,
         softhsm2_conf: Some(t.conf.clone()),
         module_env: Default::default(),
+        allow_exportable_root: false,
     }
 }
 
@@ -260,8 +262,32 @@ fn pkcs11_unusable_root_key_is_a_config_error() {
     }
     with_admin(|admin| admin.generate_key(&Mechanism::AesKeyGen, &template)).unwrap();
     let err = open("t-no-decrypt", false).err().unwrap();
-    let BackendError::Config(msg) = &err else { panic!("{err:?}") };
-    assert!(msg.contains("CKA_DECRYPT"), "{msg}");
+    let BackendError::Rejected(rejected) = &err else { panic!("{err:?}") };
+    assert_eq!(rejected.shortfalls, [adopt::Shortfall::NoDecrypt]);
+    assert!(err.to_string().contains("CKA_DECRYPT is false"), "{err}");
+    let mut cfg = config("t-no-decrypt", false);
+    cfg.allow_exportable_root = true;
+    assert!(matches!(open_with(&cfg), Err(BackendError::Rejected(_))), "escrow does not make it work");
+}
+
+#[test]
+fn pkcs11_extractable_root_key_is_refused_unless_escrow_is_allowed() {
+    let mut template = root_key_template("t-extractable");
+    for attr in &mut template {
+        if let Attribute::Extractable(b) = attr {
+            *b = true;
+        }
+    }
+    with_admin(|admin| admin.generate_key(&Mechanism::AesKeyGen, &template)).unwrap();
+    let err = open("t-extractable", false).err().unwrap();
+    let BackendError::Rejected(rejected) = &err else { panic!("{err:?}") };
+    assert_eq!(rejected.shortfalls, [adopt::Shortfall::Extractable]);
+    let mut cfg = config("t-extractable", false);
+    cfg.allow_exportable_root = true;
+    let root = open_with(&cfg).unwrap();
+    assert_eq!(root.exceptions(), [adopt::Shortfall::Extractable.to_string()]);
+    root.canary().unwrap();
+    assert!(open("t-round-trip-escrow", true).unwrap().exceptions().is_empty(), "a key kekd makes has none");
 }
 
 #[test]
