@@ -286,8 +286,9 @@ pub struct KeyStore {
 
 impl KeyStore {
     /// Opens (creating if needed) the tenant's store under `state_dir` and loads every
-    /// key; see [`open_in`](Self::open_in).
-    #[cfg(test)]
+    /// key; see [`open_in`](Self::open_in). For tests and the fuzz targets, which own their
+    /// state directory.
+    #[cfg(any(test, feature = "fuzzing"))]
     pub fn open(state_dir: &Path, tenant: &TenantName, root: String) -> Result<KeyStore, StoreError> {
         let [_, _, tenant_dir] = open_tenant_dir(state_dir, tenant)?;
         Self::open_in(tenant_dir, tenant, root)
