@@ -166,7 +166,7 @@ impl SessionPool {
         let mut st = self.lock();
         st.follow(generation);
         let idle = std::mem::take(&mut st.idle);
-        st.open -= idle.len();
+        st.open = st.open.saturating_sub(idle.len());
         idle
     }
 
@@ -185,6 +185,6 @@ impl State {
         for stale in self.idle.drain(..) {
             std::mem::forget(stale);
         }
-        *self = State { idle: std::mem::take(&mut self.idle), open: 0, lost: 0, generation, ceiling: None };
+        (self.open, self.lost, self.generation, self.ceiling) = (0, 0, generation, None);
     }
 }
