@@ -277,7 +277,12 @@ impl Pkcs11RootKey {
                     self.lib.start_over(seen, &cause, &self.token_lock)?;
                 }
                 Failure::StartOver(cause) => return Err(BackendError::Unreachable(cause)),
-                Failure::Busy => return Err(self.no_session()),
+                Failure::Busy => {
+                    return Err(BackendError::Unreachable(format!(
+                        "{what} on token {:?}: CKR_SESSION_COUNT (the token has no session to spare)",
+                        self.token_label
+                    )))
+                }
                 Failure::Final(e) => return Err(e),
             }
         }
