@@ -534,6 +534,20 @@ pub struct Pkcs11Config {
     /// status`, so that it stays visible for as long as it lasts.
     #[serde(default)]
     pub allow_exportable_root: bool,
+    /// Sessions the tenant's worker has open on the token at most, idle or in use: HSMs
+    /// limit sessions per application or token, so a burst of requests waits for a session
+    /// rather than taking them all.
+    #[serde(default = "default_max_sessions")]
+    pub max_sessions: usize,
+}
+
+/// Default of `pkcs11.max_sessions`.
+pub const DEFAULT_MAX_SESSIONS: usize = 16;
+/// The most `pkcs11.max_sessions` may be: more is a typo, not a token.
+pub const MAX_MAX_SESSIONS: usize = 1024;
+
+fn default_max_sessions() -> usize {
+    DEFAULT_MAX_SESSIONS
 }
 
 /// Where a tenant's PKCS#11 token lives, as an operator would look for it: the SoftHSM2
@@ -885,6 +899,12 @@ impl Pkcs11Config {
                 ));
             }
         }
+        if !(1..=MAX_MAX_SESSIONS).contains(&self.max_sessions) {
+            return Err(ConfigError::new(
+                f("max_sessions"),
+                format!("must be between 1 and {MAX_MAX_SESSIONS}"),
+            ));
+        }
         if let Some(c) = &self.softhsm2_conf {
             if let Err(e) = std::fs::File::open(c) {
                 return Err(ConfigError::new(
@@ -1095,6 +1115,15 @@ pin_file = "{}"
         assert!(e.problem.contains("/nonexistent/lib.so"), "{e}");
         let e = Config::parse(&with_module("").replace("[tenants.acme]", "[tenants.Acme]")).unwrap_err();
         assert_eq!(e.field, "tenants.Acme", "{e}");
+        for bad in ["0", "1025"] {
+            let text = format!("{}max_sessions = {bad}\n", with_module(""));
+            let e = Config::parse(&text).unwrap_err();
+            assert_eq!(e.field, "tenants.acme.pkcs11.max_sessions", "{e}");
+        }
+        let cfg = Config::parse(&format!("{}max_sessions = 4\n", with_module(""))).unwrap();
+        assert_eq!(cfg.tenants["acme"].pkcs11.as_ref().unwrap().max_sessions, 4);
+        let cfg = Config::parse(&with_module("")).unwrap();
+        assert_eq!(cfg.tenants["acme"].pkcs11.as_ref().unwrap().max_sessions, DEFAULT_MAX_SESSIONS);
     }
 
     #[test]

@@ -18,6 +18,28 @@
  * then forwards the call. kekd's seccomp policy does not allow that call, so a worker
  * that enforces it is killed by SIGSYS on the spot.
  *
+ * Three more words in the flag file inject the faults a real token produces, each through one
+ * check (injected_fault) at the top of every forwarded call; see "Injected faults" below:
+ *
+ *   device-removed    the token was pulled: slot calls return CKR_TOKEN_NOT_PRESENT, session
+ *                     calls CKR_DEVICE_REMOVED; the sessions open at that moment answer
+ *                     CKR_SESSION_HANDLE_INVALID once the token is back (a re-plugged token
+ *                     forgets them).
+ *   session-closed    the sessions open at that moment answer CKR_SESSION_CLOSED (the HSM
+ *                     dropped them); new sessions work.
+ *   not-initialised   every call returns CKR_CRYPTOKI_NOT_INITIALIZED until the application
+ *                     calls C_Finalize and C_Initialize again (once per time the word appears).
+ *   max-sessions=N    C_OpenSession returns CKR_SESSION_COUNT while N sessions are open;
+ *   [delay=MS]        with delay=MS, each C_Encrypt and C_Decrypt first sleeps MS ms (a
+ *                     network HSM's round trip), so that a burst holds sessions long enough
+ *                     to overlap.
+ *
+ * Whatever the flag says, the proxy counts the sessions the application has open, and while
+ * it says max-sessions=N it writes `open=A peak=B refused=C` to the file <flag>.sessions each
+ * time the peak or the refusals grow: the most sessions the process ever had open at once, and
+ * how many C_OpenSession calls it turned away. C_Finalize forgets every session (the module
+ * closes them).
+ *
  * Only C_GetFunctionList is exported (built with -fvisibility=hidden), so an application
  * never binds to the proxy's wrappers by symbol and never reaches the real module around
  * them. There is no C_GetInterface: PKCS#11 3.0 callers fall back to the 2.40 list.
@@ -105,9 +127,12 @@ static int flag_says_syscall(void) {
     return n >= 7 && strncmp(buf, "syscall", 7) == 0;
 }
 
+/* Whether the flag file names an injected fault rather than a cut link (below). */
+static int flag_names_fault(void);
+
 /* Whether the link is cut now; reports each change of state on stderr. */
 static int link_down(void) {
-    int down = access(flag_path, F_OK) == 0 && !flag_says_syscall();
+    int down = access(flag_path, F_OK) == 0 && !flag_says_syscall() && !flag_names_fault();
     if (atomic_exchange(&reported_down, down) != down) {
         if (down) {
             fprintf(stderr, "pkcs11_outage: link to %s cut (%s exists): CKR_DEVICE_ERROR\n", module_path,
@@ -118,6 +143,196 @@ static int link_down(void) {
     }
     return down;
 }
+
+
+/* ---------------------------------------------------------------------------------------
+ * Injected faults (device-removed, session-closed, not-initialised, max-sessions=N)
+ *
+ * Self-contained: the flag's word is read by current_fault(); injected_fault() is the one
+ * check each forwarded call makes, and the session bookkeeping below is updated by the
+ * wrappers of C_OpenSession, C_CloseSession, C_CloseAllSessions and C_Finalize.
+ */
+
+enum fault { FAULT_NONE, FAULT_DEVICE_REMOVED, FAULT_SESSION_CLOSED, FAULT_NOT_INITIALISED, FAULT_MAX_SESSIONS };
+
+#define MAX_TRACKED 4096
+
+static pthread_mutex_t fault_lock = PTHREAD_MUTEX_INITIALIZER;
+/* The fault seen by the last call, to act once when a new one starts. */
+static int fault_seen = FAULT_NONE;
+/* not-initialised: set when the fault starts, cleared by the application's C_Initialize. */
+static int uninitialised;
+/* Sessions the application has open (as the proxy forwarded them), and those a fault killed
+ * with the answer they give from then on (the real session stays open until C_Finalize or
+ * C_CloseSession, so its handle is not reused meanwhile). */
+static CK_SESSION_HANDLE open_handles[MAX_TRACKED];
+static size_t open_count;
+static CK_SESSION_HANDLE dead_handles[MAX_TRACKED];
+static CK_RV dead_rv[MAX_TRACKED];
+static size_t dead_count;
+static size_t peak_open;
+static unsigned long refused_opens;
+static atomic_long session_cap = -1;
+static atomic_long op_delay_ms;
+
+/* The fault the flag file names now (FAULT_NONE: none, or another word); sets session_cap. */
+static int current_fault(void) {
+    char buf[64] = {0};
+    int fd = open(flag_path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return FAULT_NONE;
+    ssize_t n = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    if (n <= 0) return FAULT_NONE;
+    if (strncmp(buf, "device-removed", 14) == 0) return FAULT_DEVICE_REMOVED;
+    if (strncmp(buf, "session-closed", 14) == 0) return FAULT_SESSION_CLOSED;
+    if (strncmp(buf, "not-initialised", 15) == 0) return FAULT_NOT_INITIALISED;
+    if (strncmp(buf, "max-sessions=", 13) == 0) {
+        session_cap = strtol(buf + 13, NULL, 10);
+        const char *delay = strstr(buf, "delay=");
+        op_delay_ms = delay != NULL ? strtol(delay + 6, NULL, 10) : 0;
+        return FAULT_MAX_SESSIONS;
+    }
+    return FAULT_NONE;
+}
+
+static int flag_names_fault(void) {
+    return current_fault() != FAULT_NONE;
+}
+
+/* Writes <flag>.sessions; the caller holds fault_lock. */
+static void report_sessions(void) {
+    char path[4096], tmp[4200], line[128];
+    snprintf(path, sizeof path, "%s.sessions", flag_path);
+    snprintf(tmp, sizeof tmp, "%s.tmp.%d", path, (int)getpid());
+    int len = snprintf(line, sizeof line, "open=%zu peak=%zu refused=%lu\n", open_count, peak_open,
+                       refused_opens);
+    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    if (fd < 0) return;
+    ssize_t w = write(fd, line, (size_t)len);
+    close(fd);
+    if (w == len) rename(tmp, path);
+}
+
+/* The sessions open now die, answering `rv` from now on; the caller holds fault_lock. */
+static void kill_open_sessions(CK_RV rv) {
+    for (size_t i = 0; i < open_count && dead_count < MAX_TRACKED; i++) {
+        dead_handles[dead_count] = open_handles[i];
+        dead_rv[dead_count++] = rv;
+    }
+}
+
+/* What a dead session answers, or CKR_OK for a live one; the caller holds fault_lock. */
+static CK_RV dead_session_rv(CK_SESSION_HANDLE s) {
+    for (size_t i = 0; i < dead_count; i++)
+        if (dead_handles[i] == s) return dead_rv[i];
+    return CKR_OK;
+}
+
+static void forget_handle(CK_SESSION_HANDLE *list, CK_RV *rvs, size_t *count, CK_SESSION_HANDLE s) {
+    for (size_t i = 0; i < *count; i++) {
+        if (list[i] == s) {
+            list[i] = list[*count - 1];
+            if (rvs) rvs[i] = rvs[*count - 1];
+            (*count)--;
+            return;
+        }
+    }
+}
+
+/* Whether `name` takes a slot id (or nothing session-like) first rather than a session. */
+static int slot_call(const char *name) {
+    static const char *const slot_calls[] = {
+        "C_GetSlotList", "C_GetSlotInfo", "C_GetTokenInfo", "C_GetMechanismList", "C_GetMechanismInfo",
+        "C_InitToken", "C_OpenSession", "C_CloseAllSessions", "C_WaitForSlotEvent", NULL};
+    for (int i = 0; slot_calls[i]; i++)
+        if (strcmp(name, slot_calls[i]) == 0) return 1;
+    return 0;
+}
+
+/* The one check of each forwarded call: the answer the injected fault gives `name` (whose
+ * first argument is `first`: a session handle, or a slot id), or CKR_OK to forward it. */
+static CK_RV injected_fault(const char *name, CK_ULONG first) {
+    int fault = current_fault();
+    CK_RV rv = CKR_OK;
+    pthread_mutex_lock(&fault_lock);
+    if (fault != fault_seen) {
+        if (fault == FAULT_DEVICE_REMOVED) kill_open_sessions(CKR_SESSION_HANDLE_INVALID);
+        if (fault == FAULT_SESSION_CLOSED) kill_open_sessions(CKR_SESSION_CLOSED);
+        if (fault == FAULT_NOT_INITIALISED) uninitialised = 1;
+        if (fault != FAULT_NONE && fault != FAULT_MAX_SESSIONS)
+            fprintf(stderr, "pkcs11_outage: injected fault %d starts\n", fault);
+        fault_seen = fault;
+    }
+    int session = !slot_call(name);
+    if (uninitialised) {
+        rv = CKR_CRYPTOKI_NOT_INITIALIZED;
+    } else if (fault == FAULT_DEVICE_REMOVED) {
+        if (strcmp(name, "C_GetSlotList") != 0 && strcmp(name, "C_GetSlotInfo") != 0 &&
+            strcmp(name, "C_WaitForSlotEvent") != 0)
+            rv = session ? CKR_DEVICE_REMOVED : CKR_TOKEN_NOT_PRESENT;
+    } else if (session) {
+        rv = dead_session_rv((CK_SESSION_HANDLE)first);
+    }
+    pthread_mutex_unlock(&fault_lock);
+    long delay = op_delay_ms;
+    if (fault == FAULT_MAX_SESSIONS && delay > 0 &&
+        (strcmp(name, "C_Encrypt") == 0 || strcmp(name, "C_Decrypt") == 0))
+        usleep((useconds_t)delay * 1000);
+    return rv;
+}
+
+/* C_OpenSession with the session count and cap. */
+static CK_RV open_counted(CK_SLOT_ID id, CK_FLAGS f, CK_VOID_PTR app, CK_NOTIFY notify,
+                          CK_SESSION_HANDLE_PTR out) {
+    int capped = current_fault() == FAULT_MAX_SESSIONS;
+    pthread_mutex_lock(&fault_lock);
+    if (capped && session_cap >= 0 && open_count >= (size_t)session_cap) {
+        refused_opens++;
+        report_sessions();
+        pthread_mutex_unlock(&fault_lock);
+        return CKR_SESSION_COUNT;
+    }
+    CK_RV rv = real->C_OpenSession(id, f, app, notify, out);
+    if (rv == CKR_OK && out != NULL && open_count < MAX_TRACKED) {
+        open_handles[open_count++] = *out;
+        if (open_count > peak_open) {
+            peak_open = open_count;
+            if (capped) report_sessions();
+        }
+    }
+    pthread_mutex_unlock(&fault_lock);
+    return rv;
+}
+
+/* C_CloseSession, forgetting the session whatever the module answers. */
+static CK_RV close_counted(CK_SESSION_HANDLE s) {
+    pthread_mutex_lock(&fault_lock);
+    CK_RV dead = dead_session_rv(s);
+    forget_handle(open_handles, NULL, &open_count, s);
+    forget_handle(dead_handles, dead_rv, &dead_count, s);
+    pthread_mutex_unlock(&fault_lock);
+    CK_RV rv = real->C_CloseSession(s);
+    return dead != CKR_OK ? dead : rv;
+}
+
+static void forget_all_sessions(void) {
+    pthread_mutex_lock(&fault_lock);
+    open_count = 0;
+    dead_count = 0;
+    pthread_mutex_unlock(&fault_lock);
+}
+
+/* C_Initialize ends a not-initialised fault, C_Finalize closes every session. */
+static void fault_saw_initialize(CK_RV rv) {
+    pthread_mutex_lock(&fault_lock);
+    if (rv == CKR_OK && uninitialised) {
+        uninitialised = 0;
+        fprintf(stderr, "pkcs11_outage: re-initialised by the application\n");
+    }
+    pthread_mutex_unlock(&fault_lock);
+}
+
+#define FIRST_ARG(a, ...) a
 
 /* Forwarded always: loading and unloading the library, and its static information. */
 #define PASS(name, params, args)                                                                   \
@@ -132,6 +347,8 @@ static int link_down(void) {
     static CK_RV proxy_##name params {                                                             \
         if (real == NULL) return CKR_CRYPTOKI_NOT_INITIALIZED;                                     \
         if (real->name == NULL) return CKR_FUNCTION_NOT_SUPPORTED;                                 \
+        CK_RV fault = injected_fault(#name, (CK_ULONG)(FIRST_ARG args));                           \
+        if (fault != CKR_OK) return fault;                                                         \
         if (link_down()) return CKR_DEVICE_ERROR;                                                  \
         return real->name args;                                                                    \
     }
@@ -147,17 +364,49 @@ static int link_down(void) {
             int fd = socket(AF_PACKET, SOCK_RAW | SOCK_CLOEXEC, htons(ETH_P_ALL));                 \
             if (fd >= 0) close(fd);                                                                \
         }                                                                                          \
+        CK_RV fault = injected_fault(#name, (CK_ULONG)(FIRST_ARG args));                           \
+        if (fault != CKR_OK) return fault;                                                         \
         if (link_down()) return CKR_DEVICE_ERROR;                                                  \
         return real->name args;                                                                    \
     }
+
+/* PROXY, forwarding through `via` (session bookkeeping) instead of the real function. */
+#define PROXY_VIA(name, params, args, via)                                                         \
+    static CK_RV proxy_##name params {                                                             \
+        if (real == NULL) return CKR_CRYPTOKI_NOT_INITIALIZED;                                     \
+        if (real->name == NULL) return CKR_FUNCTION_NOT_SUPPORTED;                                 \
+        CK_RV fault = injected_fault(#name, (CK_ULONG)(FIRST_ARG args));                           \
+        if (fault != CKR_OK) return fault;                                                         \
+        if (link_down()) return CKR_DEVICE_ERROR;                                                  \
+        return via args;                                                                           \
+    }
+
+/* C_Initialize and C_Finalize: forwarded always, and seen by the fault injection. */
+static CK_RV proxy_C_Initialize(CK_VOID_PTR a) {
+    if (real == NULL) return CKR_CRYPTOKI_NOT_INITIALIZED;
+    CK_RV rv = real->C_Initialize(a);
+    fault_saw_initialize(rv);
+    return rv;
+}
+
+static CK_RV proxy_C_Finalize(CK_VOID_PTR a) {
+    if (real == NULL) return CKR_CRYPTOKI_NOT_INITIALIZED;
+    CK_RV rv = real->C_Finalize(a);
+    forget_all_sessions();
+    return rv;
+}
+
+static CK_RV close_all_counted(CK_SLOT_ID id) {
+    CK_RV rv = real->C_CloseAllSessions(id);
+    if (rv == CKR_OK) forget_all_sessions();
+    return rv;
+}
 
 #define S CK_SESSION_HANDLE s
 #define M CK_MECHANISM_PTR m
 #define BUF(n) CK_BYTE_PTR n, CK_ULONG n##_len
 #define OUT(n) CK_BYTE_PTR n, CK_ULONG_PTR n##_len
 
-PASS(C_Initialize, (CK_VOID_PTR a), (a))
-PASS(C_Finalize, (CK_VOID_PTR a), (a))
 PASS(C_GetInfo, (CK_INFO_PTR a), (a))
 
 PROXY(C_GetSlotList, (CK_BBOOL p, CK_SLOT_ID_PTR l, CK_ULONG_PTR n), (p, l, n))
@@ -168,10 +417,10 @@ PROXY(C_GetMechanismInfo, (CK_SLOT_ID id, CK_MECHANISM_TYPE t, CK_MECHANISM_INFO
 PROXY(C_InitToken, (CK_SLOT_ID id, BUF(pin), CK_UTF8CHAR_PTR label), (id, pin, pin_len, label))
 PROXY(C_InitPIN, (S, BUF(pin)), (s, pin, pin_len))
 PROXY(C_SetPIN, (S, BUF(old), BUF(new)), (s, old, old_len, new, new_len))
-PROXY(C_OpenSession, (CK_SLOT_ID id, CK_FLAGS f, CK_VOID_PTR app, CK_NOTIFY notify, CK_SESSION_HANDLE_PTR out),
-      (id, f, app, notify, out))
-PROXY(C_CloseSession, (S), (s))
-PROXY(C_CloseAllSessions, (CK_SLOT_ID id), (id))
+PROXY_VIA(C_OpenSession, (CK_SLOT_ID id, CK_FLAGS f, CK_VOID_PTR app, CK_NOTIFY notify, CK_SESSION_HANDLE_PTR out),
+          (id, f, app, notify, out), open_counted)
+PROXY_VIA(C_CloseSession, (S), (s), close_counted)
+PROXY_VIA(C_CloseAllSessions, (CK_SLOT_ID id), (id), close_all_counted)
 PROXY(C_GetSessionInfo, (S, CK_SESSION_INFO_PTR i), (s, i))
 PROXY(C_GetOperationState, (S, OUT(state)), (s, state, state_len))
 PROXY(C_SetOperationState, (S, BUF(state), CK_OBJECT_HANDLE ek, CK_OBJECT_HANDLE ak),

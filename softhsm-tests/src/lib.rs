@@ -43,8 +43,17 @@
 //! `C_Initialize`, `C_Finalize` and `C_GetInfo` fails with `CKR_DEVICE_ERROR` without reaching
 //! SoftHSM2, like a network HSM whose link is down; the token and its keys are untouched.
 //! [`Kekd::cut_token`] creates the flag, [`Kekd::restore_token`] removes it, while kekd keeps
-//! running. (Moving SoftHSM2's token directory away instead would make the key look deleted,
-//! and SoftHSM2 never recovers from that in the same process.)
+//! running. (Moving SoftHSM2's token directory away instead, [`Kekd::take_token_away`], fails
+//! every call on that token, and SoftHSM2 does not see it again until the module is
+//! re-initialised: kekd's worker does that by itself.)
+//!
+//! [`Kekd::inject_fault`] writes the name of a fault into the flag file instead
+//! ([`TokenFault`]: a pulled token, sessions closed under kekd, a module that forgot its
+//! initialisation), and [`Kekd::cap_sessions`] makes the token refuse sessions beyond a
+//! count (`CKR_SESSION_COUNT`) and report the most kekd ever had open
+//! ([`Kekd::session_report`]). [`Kekd::restore_token`] ends each of them. Without the proxy,
+//! [`Kekd::take_token_away`] moves a tenant's SoftHSM2 token directory away and
+//! [`Kekd::bring_token_back`] puts it back.
 //!
 //! [`Kekd::make_module_misbehave`] writes `syscall` into the same flag file: the proxy then
 //! forwards every call again, but each `C_Encrypt` and `C_Decrypt` first opens a packet
@@ -315,6 +324,40 @@ pub(crate) fn die_with_parent(cmd: &mut Command) {
 
 // ---------------------------------------------------------------------------------------
 // Running commands
+
+/// A fault of a token, injected by the outage proxy ([`Kekd::inject_fault`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenFault {
+    /// The token was pulled out: `CKR_TOKEN_NOT_PRESENT` for slot calls,
+    /// `CKR_DEVICE_REMOVED` for session calls; when it is back, the sessions it had answer
+    /// `CKR_SESSION_HANDLE_INVALID`.
+    DeviceRemoved,
+    /// The sessions open now are closed under the application (`CKR_SESSION_CLOSED`); new
+    /// ones work.
+    SessionsClosed,
+    /// The module forgot its initialisation: `CKR_CRYPTOKI_NOT_INITIALIZED` for every call
+    /// until the application calls `C_Finalize` and `C_Initialize` again.
+    NotInitialised,
+}
+
+/// What the outage proxy counted of a tenant's sessions ([`Kekd::session_report`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionReport {
+    /// Open when the report was written.
+    pub open: usize,
+    /// The most ever open at once in the worker's process.
+    pub peak: usize,
+    /// `C_OpenSession` calls refused with `CKR_SESSION_COUNT`.
+    pub refused: usize,
+}
+
+/// Replaces the outage proxy's flag file in one step (the proxy reads it on every call, and
+/// must never see it empty, which would mean a cut link).
+fn write_flag(flag: &Path, word: &str) {
+    let tmp = flag.with_extension("tmp");
+    fs::write(&tmp, word).unwrap_or_else(|e| panic!("write {}: {e}", tmp.display()));
+    fs::rename(&tmp, flag).unwrap_or_else(|e| panic!("install the outage flag {}: {e}", flag.display()));
+}
 
 /// What a finished command left: exit code, raw stdout, stderr as text.
 #[derive(Debug, Clone)]
@@ -648,6 +691,8 @@ pub struct Tenant {
     pub outage_switch: bool,
     /// `seccomp` in the config (`enforce`, `log` or `off`); `None`: not written.
     pub seccomp: Option<String>,
+    /// `pkcs11.max_sessions` in the config; `None`: not written.
+    pub max_sessions: Option<usize>,
     /// The first PKCS#11-only setting used, which puts the tenant on SoftHSM2.
     pkcs11_setting: Option<&'static str>,
 }
@@ -675,6 +720,7 @@ impl Tenant {
             parameter_encryption: None,
             outage_switch: false,
             seccomp: None,
+            max_sessions: None,
             pkcs11_setting: None,
         }
     }
@@ -826,6 +872,14 @@ impl Tenant {
     /// `revocation_poll` (a humantime duration).
     pub fn revocation_poll(mut self, poll: &str) -> Self {
         self.revocation_poll = Some(poll.into());
+        self
+    }
+
+    /// `pkcs11.max_sessions`: sessions the worker keeps open on its token at most. Implies
+    /// SoftHSM2.
+    pub fn max_sessions(mut self, max: usize) -> Self {
+        self.max_sessions = Some(max);
+        self.pkcs11_setting.get_or_insert("max_sessions");
         self
     }
 
@@ -1019,6 +1073,9 @@ impl KekdBuilder {
                     cfg.push_str(&format!("key_label = {}\n", toml_str(&root_key_label(&t.name))));
                     cfg.push_str(&format!("pin_file = {}\n", toml_path(pin_file)));
                     cfg.push_str(&format!("create_root_key = {}\n", t.create_root_key));
+                    if let Some(max) = t.max_sessions {
+                        cfg.push_str(&format!("max_sessions = {max}\n"));
+                    }
                     let mut env = Vec::new();
                     match kryoptic {
                         Some(k) => env.push(format!("KRYOPTIC_CONF = {}", toml_path(k.conf()))),
@@ -1469,6 +1526,95 @@ impl Kekd {
     #[track_caller]
     pub fn token_is_cut(&self, tenant: &str) -> bool {
         self.outage_flag(tenant).exists()
+    }
+
+    /// Makes `tenant`'s token fail the way `fault` says, through the outage proxy (module
+    /// documentation, "Cutting the link to a token"), until [`Kekd::restore_token`]. Panics
+    /// unless the tenant is [`Tenant::behind_outage_switch`].
+    #[track_caller]
+    pub fn inject_fault(&self, tenant: &str, fault: TokenFault) {
+        let word = match fault {
+            TokenFault::DeviceRemoved => "device-removed",
+            TokenFault::SessionsClosed => "session-closed",
+            TokenFault::NotInitialised => "not-initialised",
+        };
+        write_flag(self.outage_flag(tenant), word);
+    }
+
+    /// Makes `tenant`'s token refuse a session (`CKR_SESSION_COUNT`) while `max` are open,
+    /// and take `delay` longer over each `C_Encrypt` and `C_Decrypt` (a network HSM's round
+    /// trip: a burst then holds sessions long enough to overlap), through the outage proxy,
+    /// until [`Kekd::restore_token`]; [`Kekd::session_report`] then says how many were open
+    /// at most. Panics unless the tenant is [`Tenant::behind_outage_switch`].
+    #[track_caller]
+    pub fn cap_sessions(&self, tenant: &str, max: usize, delay: Duration) {
+        write_flag(self.outage_flag(tenant), &format!("max-sessions={max} delay={}", delay.as_millis()));
+    }
+
+    /// What the outage proxy counted of `tenant`'s sessions while they were capped
+    /// ([`Kekd::cap_sessions`]); `None` before it wrote anything.
+    #[track_caller]
+    pub fn session_report(&self, tenant: &str) -> Option<SessionReport> {
+        let mut path = self.outage_flag(tenant).as_os_str().to_owned();
+        path.push(".sessions");
+        let text = fs::read_to_string(PathBuf::from(path)).ok()?;
+        let field = |name: &str| -> usize {
+            text.split_whitespace()
+                .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('=')?.parse().ok())
+                .unwrap_or_else(|| panic!("no {name}= in the proxy's session report {text:?}"))
+        };
+        Some(SessionReport { open: field("open"), peak: field("peak"), refused: field("refused") })
+    }
+
+    /// The directory of `tenant`'s SoftHSM2 token (found by its label in `token.object`).
+    #[track_caller]
+    fn softhsm_token_dir(&self, tenant: &str) -> PathBuf {
+        let RootKeyHome::Token { label, kryoptic: None, .. } = self.home(tenant) else {
+            panic!("tenant {tenant:?} is not on SoftHSM2");
+        };
+        let hsm = self.hsm.as_ref().expect("a SoftHSM2 tenant has a SoftHSM2 installation");
+        // Labels are blank-padded to 32 bytes on the token.
+        let padded = format!("{label:<32}");
+        let found: Vec<PathBuf> = fs::read_dir(hsm.token_dir())
+            .expect("list the SoftHSM2 token directory")
+            .map(|e| e.expect("read the SoftHSM2 token directory").path())
+            .filter(|d| {
+                fs::read(d.join("token.object"))
+                    .is_ok_and(|b| b.windows(padded.len()).any(|w| w == padded.as_bytes()))
+            })
+            .collect();
+        match &found[..] {
+            [dir] => dir.clone(),
+            _ => panic!("expected one SoftHSM2 token labelled {label:?}, found {found:?}"),
+        }
+    }
+
+    /// Moves `tenant`'s SoftHSM2 token directory out of SoftHSM2's token directory, as an
+    /// operator unplugging a token would (no proxy needed): SoftHSM2 then fails every call on
+    /// it, and does not see it again when it comes back until the module is re-initialised.
+    /// [`Kekd::bring_token_back`] undoes it.
+    #[track_caller]
+    pub fn take_token_away(&self, tenant: &str) {
+        let dir = self.softhsm_token_dir(tenant);
+        let away = self.dir().join("tokens-away");
+        fs::create_dir_all(&away).expect("create the directory for tokens taken away");
+        let to = away.join(dir.file_name().expect("a token directory has a name"));
+        fs::rename(&dir, &to).unwrap_or_else(|e| panic!("move {} away: {e}", dir.display()));
+    }
+
+    /// Puts back the token directory [`Kekd::take_token_away`] moved.
+    #[track_caller]
+    pub fn bring_token_back(&self, tenant: &str) {
+        let away = self.dir().join("tokens-away");
+        let hsm = self.hsm.as_ref().expect("a SoftHSM2 tenant has a SoftHSM2 installation");
+        let entries: Vec<PathBuf> = fs::read_dir(&away)
+            .unwrap_or_else(|e| panic!("no token of {tenant:?} was taken away ({e})"))
+            .map(|e| e.expect("read the directory of tokens taken away").path())
+            .collect();
+        for dir in entries {
+            let to = hsm.token_dir().join(dir.file_name().expect("a token directory has a name"));
+            fs::rename(&dir, &to).unwrap_or_else(|e| panic!("bring {} back: {e}", dir.display()));
+        }
     }
 
     pub fn is_running(&mut self) -> bool {

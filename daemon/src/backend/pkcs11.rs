@@ -19,22 +19,29 @@
 //!
 //! # Sessions, logins and handles
 //!
-//! One module handle per process is shared by every tenant (see `library`); each root key
-//! keeps its own pool of logged-in read-only sessions, because a `Session` must not be used
-//! by two threads at once. Nothing is trusted to live for the life of the process: a dead
-//! session is replaced, a vanished slot is found again by token label, a stale key handle is
-//! found again by key label, and a lost login is redone, each once per operation.
+//! One module handle per process is shared by every tenant (see `library`); a tenant's root
+//! keys share a pool of logged-in read-only sessions of at most `max_sessions` (see
+//! `sessions`), because a `Session` must not be used by two threads at once and HSMs limit
+//! sessions. Nothing is trusted to live for the life of the process: a stale key handle is
+//! found again by key label and a lost login is redone, each once per operation; after a
+//! failure of the session, the token or the module (a token pulled out, an HSM restarted, a
+//! module that lost its initialisation) the backend starts over by itself, re-initialising
+//! the module and logging in again (`library`, "Starting over"), and retries once. While
+//! that does not bring the token back the root key is *unreachable*, never refused: a key is
+//! reported gone only by a token that answers for itself.
 
 pub mod adopt;
 mod errors;
 pub mod import;
 mod library;
+mod sessions;
 #[cfg(test)]
 mod tests;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
 
 use cryptoki::context::Pkcs11;
 use cryptoki::error::{Error as CkError, RvError};
@@ -47,8 +54,10 @@ use cryptoki::types::{AuthPin, Ulong};
 use zeroize::Zeroizing;
 
 pub(crate) use self::errors::describe as describe_ck_error;
-use self::errors::{classify, describe, Class};
+use self::errors::{classify, describe, starts_over, Class};
 pub(crate) use self::library::{find_tokens, library, TokenLock};
+use self::library::{shared_module, Gate, Module};
+use self::sessions::{NoSession, Pooled, SessionPool, Take};
 use super::{BackendError, RootKey, KEK_LEN};
 use crate::config::Pkcs11Config;
 
@@ -64,9 +73,9 @@ const TAG_BITS: Ulong = Ulong::new((TAG_LEN * 8) as _);
 /// AAD of the canary, distinct from every KEK's AAD (those start with "kekd/kek/").
 const CANARY_AAD: &[u8] = b"kekd/canary/v1";
 
-/// Idle sessions kept per root key. A burst beyond this opens sessions that are closed on
-/// return, which is cheap; an unbounded pool would pin token resources (HSMs limit sessions).
-const MAX_IDLE_SESSIONS: usize = 16;
+/// How long a request waits for one of the tenant's sessions while all `max_sessions` are in
+/// use (or the token has none to spare) before it is told the token is unavailable.
+const SESSION_WAIT: Duration = Duration::from_secs(10);
 
 /// A tenant's root key on a PKCS#11 token.
 pub struct Pkcs11RootKey {
@@ -75,8 +84,11 @@ pub struct Pkcs11RootKey {
     token_label: String,
     key_label: String,
     pkcs11: Pkcs11,
-    /// Where the token was last seen; found again by label when the slot goes away.
-    slot: Mutex<Slot>,
+    /// The module, shared in the process, to start it over after a failure.
+    lib: Arc<Module>,
+    /// Where the token was last seen, and in which generation of the module; found again by
+    /// label after a restart or when the slot goes away.
+    slot: Mutex<Option<(Slot, u64)>>,
     /// Kept (in a zeroize-on-drop box) to log in again after every session was lost, e.g.
     /// when the token was re-plugged; otherwise a token hiccup would need a restart.
     pin: AuthPin,
@@ -87,12 +99,30 @@ pub struct Pkcs11RootKey {
     /// What opened it, to open siblings (root key rotation) the same way.
     cfg: Pkcs11Config,
     lock_dir: PathBuf,
-    /// `None` after a reset of the sessions: found again by label before the next use.
-    key: Mutex<Option<ObjectHandle>>,
+    /// The root key's handle and the module generation it is valid in; found again by label
+    /// when stale.
+    key: Mutex<Option<(ObjectHandle, u64)>>,
     /// What `allow_exportable_root` excused in this key (see `adopt`); empty for a key that
     /// stays in its HSM.
     exceptions: Vec<adopt::Shortfall>,
-    sessions: Mutex<Vec<Session>>,
+    /// Shared with the sibling root keys this one opens (root key rotation).
+    pool: Arc<SessionPool>,
+}
+
+/// How an attempt at an operation failed.
+enum Failure {
+    /// The session, token or module failed: start over and retry (the text names the call).
+    StartOver(String),
+    /// The token has no session to spare (CKR_SESSION_COUNT).
+    Busy,
+    /// The answer.
+    Final(BackendError),
+}
+
+impl From<BackendError> for Failure {
+    fn from(e: BackendError) -> Self {
+        Failure::Final(e)
+    }
 }
 
 impl Pkcs11RootKey {
@@ -127,9 +157,12 @@ impl Pkcs11RootKey {
             })?),
             None => None,
         };
-        let pkcs11 = library(module, cfg.softhsm2_conf.as_deref())?;
+        let lib = shared_module(module, cfg.softhsm2_conf.as_deref())?;
+        // Read before any handle is got: they belong to this generation at best.
+        let generation = lib.generation();
+        let pkcs11 = lib.pkcs11().clone();
         let failed = |what: &str, e: &CkError| match classify(e) {
-            Class::Unreachable | Class::DeadSession => {
+            Class::Unreachable | Class::DeadSession | Class::Busy => {
                 BackendError::Unreachable(format!("token {token:?}: cannot {what}: {}", describe(e)))
             }
             _ => BackendError::Config(format!(
@@ -200,15 +233,16 @@ impl Pkcs11RootKey {
             token_label: token.clone(),
             key_label: label.clone(),
             pkcs11,
-            slot: Mutex::new(slot),
+            lib,
+            slot: Mutex::new(Some((slot, generation))),
             pin,
             pin_rejected: AtomicBool::new(false),
             token_lock,
             cfg: cfg.clone(),
             lock_dir: lock_dir.to_owned(),
-            key: Mutex::new(Some(key)),
+            key: Mutex::new(Some((key, generation))),
             exceptions,
-            sessions: Mutex::new(vec![session]),
+            pool: Arc::new(SessionPool::new(cfg.max_sessions, session, generation)),
         })
     }
 
@@ -223,112 +257,201 @@ impl Pkcs11RootKey {
         &self.key_label
     }
 
-    /// Runs `op` with a logged-in session and the root key's handle, repairing at most once
-    /// each what may have gone stale since the last call: the session, the login, the handle.
+    /// Runs `op` with a logged-in session and the root key's handle. What may have gone stale
+    /// since the last call is repaired at most once each: the login, the key handle; after a
+    /// failure of the session, token or module the backend starts over (module documentation)
+    /// and tries once more.
     fn with_key<T>(
         &self,
         what: &str,
         mut op: impl FnMut(&Session, ObjectHandle) -> Result<T, CkError>,
     ) -> Result<T, BackendError> {
-        let (mut reopened, mut relogged, mut refound) = (false, false, false);
-        let mut session = self.take_session()?;
+        let mut started_over = false;
+        loop {
+            let gate = self.lib.enter();
+            let failure = match self.attempt(&gate, what, &mut op) {
+                Ok(v) => {
+                    drop(gate);
+                    self.lib.succeeded();
+                    return Ok(v);
+                }
+                Err(f) => f,
+            };
+            let seen = gate.generation();
+            drop(gate);
+            match failure {
+                Failure::StartOver(cause) if !started_over => {
+                    started_over = true;
+                    limited_debug!(tenant = %self.tenant, %cause, "PKCS#11 failure: starting over");
+                    self.lib.start_over(seen, &cause, &self.token_lock)?;
+                }
+                Failure::StartOver(cause) => return Err(BackendError::Unreachable(cause)),
+                Failure::Busy => {
+                    return Err(BackendError::Unreachable(format!(
+                        "{what} on token {:?}: CKR_SESSION_COUNT (the token has no session to spare)",
+                        self.token_label
+                    )))
+                }
+                Failure::Final(e) => return Err(e),
+            }
+        }
+    }
+
+    /// One try of [`with_key`](Self::with_key) within one generation of the module.
+    fn attempt<T>(
+        &self,
+        gate: &Gate<'_>,
+        what: &str,
+        op: &mut impl FnMut(&Session, ObjectHandle) -> Result<T, CkError>,
+    ) -> Result<T, Failure> {
+        let (mut relogged, mut refound) = (false, false);
+        let session = self.take_session(gate)?;
         let cached = *lock(&self.key);
         let mut key = match cached {
-            Some(key) => key,
-            None => {
+            Some((key, generation)) if generation == gate.generation() => key,
+            _ => {
                 refound = true;
-                self.refind_key(&session)?
+                match self.refind_key(gate, &session.session) {
+                    Ok(key) => key,
+                    Err(f) => return Err(self.dispose(session, f)),
+                }
             }
         };
         loop {
-            let err = match op(&session, key) {
+            let err = match op(&session.session, key) {
                 Ok(v) => {
-                    self.put_session(session);
+                    self.pool.put(session);
                     return Ok(v);
                 }
                 Err(e) => e,
             };
-            match classify(&err) {
-                class @ (Class::DeadSession | Class::Unreachable) if !reopened => {
-                    reopened = true;
-                    limited_debug!(tenant = %self.tenant, error = %describe(&err), ?class, "replacing PKCS#11 sessions");
-                    drop(session);
-                    // Whatever killed this session (token reset, re-plug, library reset)
-                    // killed its siblings, and object handles need not survive it either: a
-                    // stale one could even name another key.
-                    drop(std::mem::take(&mut *lock(&self.sessions)));
-                    *lock(&self.key) = None;
-                    session = self.new_session()?;
-                    refound = true;
-                    key = self.refind_key(&session)?;
-                }
+            let repaired = match classify(&err) {
                 Class::NotLoggedIn if !relogged => {
                     relogged = true;
-                    let _lock = self.token_lock.acquire()?;
-                    self.login(&session)?;
+                    self.token_lock
+                        .acquire()
+                        .map_err(Failure::from)
+                        .and_then(|_lock| self.login(&session.session))
                 }
                 Class::StaleKey if !refound => {
                     refound = true;
-                    key = self.refind_key(&session)?;
+                    self.refind_key(gate, &session.session).map(|k| key = k)
                 }
-                class => {
-                    if !class.kills_session() {
-                        self.put_session(session);
-                    }
-                    return Err(self.error(what, &err));
-                }
+                _ => Err(self.failure(what, &err)),
+            };
+            if let Err(f) = repaired {
+                return Err(self.dispose(session, f));
             }
         }
     }
 
-    fn take_session(&self) -> Result<Session, BackendError> {
-        let idle = lock(&self.sessions).pop();
-        match idle {
-            Some(s) => Ok(s),
-            None => self.new_session(),
+    /// Gives back the session an attempt used, according to how it failed.
+    fn dispose(&self, session: Pooled, failure: Failure) -> Failure {
+        match failure {
+            Failure::StartOver(_) => self.pool.lose(session),
+            _ => self.pool.put(session),
+        }
+        failure
+    }
+
+    /// A session of this generation: an idle one, a new one, or, while `max_sessions` are in
+    /// use or the token has none to spare, the first one given back within [`SESSION_WAIT`].
+    fn take_session(&self, gate: &Gate<'_>) -> Result<Pooled, Failure> {
+        let generation = gate.generation();
+        let deadline = Instant::now() + SESSION_WAIT;
+        loop {
+            match self.pool.take(generation, deadline) {
+                Ok(Take::Idle(session)) => return Ok(session),
+                Ok(Take::Room) => match self.new_session(gate) {
+                    Ok(session) => return Ok(self.pool.opened(session, generation)),
+                    Err(Failure::Busy) => {
+                        limited_debug!(tenant = %self.tenant, "the token has no session to spare: waiting for one");
+                        self.pool.token_full(generation);
+                        // Nothing of ours to wait for: let the other application finish.
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    Err(f) => {
+                        self.pool.unopened(generation);
+                        return Err(f);
+                    }
+                },
+                Err(NoSession::Lost) => {
+                    return Err(Failure::StartOver(format!(
+                        "a session of token {:?} failed under another request",
+                        self.token_label
+                    )))
+                }
+                Err(NoSession::Timeout) => return Err(Failure::Final(self.no_session())),
+            }
         }
     }
 
-    fn put_session(&self, session: Session) {
-        let mut idle = lock(&self.sessions);
-        if idle.len() < MAX_IDLE_SESSIONS {
-            idle.push(session);
-        }
+    fn no_session(&self) -> BackendError {
+        BackendError::Unreachable(format!(
+            "no session of token {:?} became free within {}s (pkcs11.max_sessions = {})",
+            self.token_label,
+            SESSION_WAIT.as_secs(),
+            self.pool.max()
+        ))
     }
 
-    fn new_session(&self) -> Result<Session, BackendError> {
+    /// Opens and logs in a session, on the slot where the token was last seen in this
+    /// generation, or found again by label.
+    fn new_session(&self, gate: &Gate<'_>) -> Result<Session, Failure> {
         if self.pin_rejected.load(Ordering::Relaxed) {
-            return Err(BackendError::Refused(format!(
+            return Err(Failure::Final(BackendError::Refused(format!(
                 "token {:?} rejected the user PIN earlier; not logging in again until restarted",
                 self.token_label
-            )));
+            ))));
         }
         let _lock = self.token_lock.acquire()?;
-        let slot = *lock(&self.slot);
-        let session = match self.pkcs11.open_ro_session(slot) {
-            Ok(s) => s,
-            Err(e) if classify(&e) == Class::Unreachable => {
-                // The token may be back in another slot (re-plugged, HSM failover).
-                let slots = find_tokens(&self.pkcs11, &self.token_label)
-                    .map_err(|e| self.error("look for the token", &e))?;
-                let [slot] = slots[..] else {
-                    return Err(BackendError::Unreachable(format!(
-                        "token {:?} is not present ({})",
-                        self.token_label,
-                        describe(&e)
-                    )));
-                };
-                *lock(&self.slot) = slot;
-                self.pkcs11.open_ro_session(slot).map_err(|e| self.error("open a session", &e))?
-            }
-            Err(e) => return Err(self.error("open a session", &e)),
+        let cached = *lock(&self.slot);
+        let slot = match cached {
+            Some((slot, generation)) if generation == gate.generation() => slot,
+            _ => self.find_slot(gate)?,
         };
-        self.login(&session)?;
-        Ok(session)
+        let session = match self.pkcs11.open_ro_session_no_drop(slot) {
+            Ok(s) => s,
+            // The token may be back in another slot (re-plugged, HSM failover).
+            Err(e) if classify(&e) == Class::Unreachable => {
+                let slot = self.find_slot(gate)?;
+                self.pkcs11.open_ro_session_no_drop(slot).map_err(|e| self.failure("open a session", &e))?
+            }
+            Err(e) => return Err(self.failure("open a session", &e)),
+        };
+        match self.login(&session) {
+            Ok(()) => Ok(session),
+            Err(f) => {
+                // A fresh session of this generation is ours to close, unless the module
+                // failed meanwhile (then C_Finalize will).
+                if !matches!(f, Failure::StartOver(_)) {
+                    let _ = session.close();
+                }
+                Err(f)
+            }
+        }
+    }
+
+    /// Finds the token by label; the caller holds the token lock.
+    fn find_slot(&self, gate: &Gate<'_>) -> Result<Slot, Failure> {
+        let slots = find_tokens(&self.pkcs11, &self.token_label)
+            .map_err(|e| self.failure("look for the token", &e))?;
+        match slots[..] {
+            [slot] => {
+                *lock(&self.slot) = Some((slot, gate.generation()));
+                Ok(slot)
+            }
+            // SoftHSM2 sees a token that came back only once it is initialised again.
+            [] => Err(Failure::StartOver(format!("token {:?} is not present", self.token_label))),
+            _ => Err(Failure::Final(BackendError::Unreachable(format!(
+                "several tokens are labelled {:?}: labels must be unique",
+                self.token_label
+            )))),
+        }
     }
 
     /// Logs in; the caller holds the token lock.
-    fn login(&self, session: &Session) -> Result<(), BackendError> {
+    fn login(&self, session: &Session) -> Result<(), Failure> {
         login(session, &self.pin).map_err(|e| {
             use RvError as R;
             if let CkError::Pkcs11(
@@ -340,33 +463,56 @@ impl Pkcs11RootKey {
                 tracing::error!(tenant = %self.tenant, token = %self.token_label, error = %describe(&e),
                     "the token rejected the user PIN; not retrying, to avoid locking it");
             }
-            self.error("log in", &e)
+            self.failure("log in", &e)
         })
     }
 
-    fn refind_key(&self, session: &Session) -> Result<ObjectHandle, BackendError> {
+    fn refind_key(&self, gate: &Gate<'_>, session: &Session) -> Result<ObjectHandle, Failure> {
         // Under the lock, like every object search of kekd: SoftHSM 2.6.1 fails a key
         // generation that runs while another thread of the process searches objects.
         let _lock = self.token_lock.acquire()?;
         // Private objects are invisible to a session that is not logged in (another
         // application may have called C_Logout): log in again rather than report the key gone.
-        let state =
-            session.get_session_info().map_err(|e| self.error("read the session state", &e))?.session_state();
+        let state = session
+            .get_session_info()
+            .map_err(|e| self.failure("read the session state", &e))?
+            .session_state();
         if !matches!(state, SessionState::RoUser | SessionState::RwUser) {
             self.login(session)?;
         }
         let keys =
-            find_keys(session, &self.key_label).map_err(|e| self.error("search for the root key", &e))?;
+            find_keys(session, &self.key_label).map_err(|e| self.failure("search for the root key", &e))?;
         match keys[..] {
             [key] => {
-                *lock(&self.key) = Some(key);
+                *lock(&self.key) = Some((key, gate.generation()));
                 Ok(key)
             }
-            [] => Err(self.key_gone()),
-            _ => Err(BackendError::Refused(format!(
+            [] => {
+                // Only a token that answers for itself says a key is gone: SoftHSM2 finds no
+                // objects on a token whose directory went away, and fails C_GetTokenInfo.
+                let slot = *lock(&self.slot);
+                if let Some((slot, _)) = slot {
+                    if let Err(e) = self.pkcs11.get_token_info(slot) {
+                        return Err(self.failure("read the token's information", &e));
+                    }
+                }
+                Err(Failure::Final(self.key_gone()))
+            }
+            _ => Err(Failure::Final(BackendError::Refused(format!(
                 "several AES keys are now labelled {:?} on token {:?}",
                 self.key_label, self.token_label
-            ))),
+            )))),
+        }
+    }
+
+    /// What a failed call means: start over, wait, or this answer.
+    fn failure(&self, what: &str, e: &CkError) -> Failure {
+        if starts_over(e) {
+            return Failure::StartOver(format!("{what} on token {:?}: {}", self.token_label, describe(e)));
+        }
+        match classify(e) {
+            Class::Busy => Failure::Busy,
+            _ => Failure::Final(self.error(what, e)),
         }
     }
 
@@ -380,7 +526,7 @@ impl Pkcs11RootKey {
     fn error(&self, what: &str, e: &CkError) -> BackendError {
         let detail = || format!("{what} on token {:?}: {}", self.token_label, describe(e));
         match classify(e) {
-            Class::DeadSession | Class::Unreachable => BackendError::Unreachable(detail()),
+            Class::DeadSession | Class::Unreachable | Class::Busy => BackendError::Unreachable(detail()),
             Class::NotLoggedIn | Class::Refused => BackendError::Refused(detail()),
             Class::StaleKey => self.key_gone(),
             Class::DataInvalid => {
@@ -463,10 +609,21 @@ impl RootKey for Pkcs11RootKey {
         cfg.key_label = label.to_owned();
         cfg.create_root_key = true;
         let pin = Zeroizing::new(self.pin.expose_secret().to_owned());
-        Ok(std::sync::Arc::new(Pkcs11RootKey::open(&self.tenant, &cfg, pin, &self.lock_dir, None)?))
+        let mut sibling = Pkcs11RootKey::open(&self.tenant, &cfg, pin, &self.lock_dir, None)?;
+        // One tenant, one token, one budget of sessions: the sibling uses this root key's
+        // pool, and the session it opened with goes.
+        let own = std::mem::replace(&mut sibling.pool, Arc::clone(&self.pool));
+        let gate = self.lib.enter();
+        for session in own.drain(gate.generation()) {
+            let _ = session.close();
+        }
+        drop(gate);
+        Ok(Arc::new(sibling))
     }
 
     fn transport_key(&self, label: &str) -> Result<super::TransportKey, BackendError> {
+        // The importer's sessions must not outlive a generation of the module either.
+        let _gate = self.lib.enter();
         self.importer()?.transport_key(label)
     }
 
@@ -476,6 +633,7 @@ impl RootKey for Pkcs11RootKey {
         algorithm: super::WrappingAlgorithm,
         wrapped: &[u8],
     ) -> Result<(), BackendError> {
+        let _gate = self.lib.enter();
         self.importer()?.import_root_key(label, algorithm, wrapped)
     }
 
@@ -498,7 +656,13 @@ impl Drop for Pkcs11RootKey {
     /// other tenants in this process may share it, and even share the login (a login is per
     /// application and token, and ends only when the token's last session closes).
     fn drop(&mut self) {
-        for session in lock(&self.sessions).drain(..) {
+        let gate = self.lib.enter();
+        // A sibling shares the pool: its sessions are closed with the last of them.
+        let idle = match Arc::get_mut(&mut self.pool) {
+            Some(pool) => pool.drain(gate.generation()),
+            None => Vec::new(),
+        };
+        for session in idle {
             if let Err(e) = session.close() {
                 tracing::debug!(tenant = %self.tenant, error = %describe(&e), "closing a PKCS#11 session failed");
             }

@@ -6,12 +6,17 @@ use cryptoki::error::{Error as CkError, RvError};
 /// The kinds of failure the backend reacts to differently.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Class {
-    /// The session is gone (closed, or invalidated by a token reset): its siblings probably
-    /// are too. Drop them and retry once on a fresh session.
+    /// The session is gone (closed, or invalidated by a token reset), or in a state only
+    /// another user of its handle could have put it in: its siblings probably are too. The
+    /// backend starts over (see [`Class::starts_over`]) and retries once.
     DeadSession,
-    /// The token or device is absent or failing. Drop the session, retry once (the token may
-    /// be back under the same label), then report it unreachable: cached KEKs keep serving.
+    /// The token or device is absent or failing, or the module lost its state (not
+    /// initialised, CKR_GENERAL_ERROR). The backend starts over and retries once, then
+    /// reports it unreachable: cached KEKs keep serving, clients may retry.
     Unreachable,
+    /// The token has no session to spare (CKR_SESSION_COUNT): wait for one of ours to be
+    /// returned, not an error.
+    Busy,
     /// The login went away under us (another application logged out, token reset).
     NotLoggedIn,
     /// The cached key handle is stale: the key must be found again by label.
@@ -25,8 +30,11 @@ pub(crate) enum Class {
 }
 
 impl Class {
-    /// Whether the session that saw this failure must not go back to the pool.
-    pub(crate) fn kills_session(self) -> bool {
+    /// Whether the backend must start over: drop every session and re-initialise the
+    /// module (`C_Finalize`, `C_Initialize`), then log in again. Nothing less recovers every
+    /// case: SoftHSM2 does not see a token directory that came back, a module that lost its
+    /// initialisation answers nothing else, and session handles are reused after a reset.
+    pub(crate) fn starts_over(self) -> bool {
         matches!(self, Class::DeadSession | Class::Unreachable)
     }
 }
@@ -35,16 +43,18 @@ pub(crate) fn classify(e: &CkError) -> Class {
     use RvError as R;
     let CkError::Pkcs11(rv, function) = e else { return Class::Other };
     match rv {
-        R::SessionHandleInvalid | R::SessionClosed => Class::DeadSession,
+        // kekd runs one operation per session at a time: an operation already active means
+        // the handle now names a session someone else opened after a reset.
+        R::SessionHandleInvalid | R::SessionClosed | R::OperationActive => Class::DeadSession,
         R::TokenNotPresent
         | R::TokenNotRecognized
         | R::DeviceRemoved
         | R::DeviceError
         | R::DeviceMemory
         | R::SlotIdInvalid
-        | R::SessionCount
         | R::FunctionCanceled
         | R::CryptokiNotInitialized => Class::Unreachable,
+        R::SessionCount => Class::Busy,
         R::UserNotLoggedIn => Class::NotLoggedIn,
         R::KeyHandleInvalid | R::ObjectHandleInvalid => Class::StaleKey,
         R::KeyFunctionNotPermitted
@@ -65,6 +75,19 @@ pub(crate) fn classify(e: &CkError) -> Class {
             Class::DataInvalid
         }
         _ => Class::Other,
+    }
+}
+
+/// Whether a root key's call that failed with `e` must start over (see
+/// [`Class::starts_over`]). Besides those classes, CKR_GENERAL_ERROR outside decryption: none
+/// of the root key's calls (find, log in, token information, encrypt) fails so because of
+/// the request, but SoftHSM2 answers so for a token whose directory went away, until the
+/// module is initialised again. (The importer's probes do get it for a mechanism SoftHSM2
+/// cannot do, so [`classify`] keeps it `Other`.)
+pub(crate) fn starts_over(e: &CkError) -> bool {
+    match classify(e) {
+        Class::Other => matches!(e, CkError::Pkcs11(RvError::GeneralError, _)),
+        class => class.starts_over(),
     }
 }
 
@@ -108,5 +131,17 @@ mod tests {
     fn a_bad_tag_is_data_invalid_only_on_decrypt() {
         assert_eq!(classify(&CkError::Pkcs11(RvError::GeneralError, Function::Decrypt)), Class::DataInvalid);
         assert_eq!(classify(&CkError::Pkcs11(RvError::GeneralError, Function::Encrypt)), Class::Other);
+        // ...and elsewhere, for the root key, the module failing.
+        assert!(starts_over(&CkError::Pkcs11(RvError::GeneralError, Function::Login)));
+        assert!(!starts_over(&CkError::Pkcs11(RvError::GeneralError, Function::Decrypt)));
+    }
+
+    #[test]
+    fn a_token_without_a_session_to_spare_is_waited_for() {
+        assert_eq!(classify(&CkError::Pkcs11(RvError::SessionCount, Function::OpenSession)), Class::Busy);
+        assert!(!Class::Busy.starts_over());
+        for rv in [RvError::CryptokiNotInitialized, RvError::DeviceRemoved, RvError::SessionClosed] {
+            assert!(classify(&CkError::Pkcs11(rv, Function::Encrypt)).starts_over(), "{rv:?}");
+        }
     }
 }

@@ -831,7 +831,7 @@ impl Importer {
     fn failed(&self, what: &str, e: &CkError) -> BackendError {
         let detail = format!("token {:?}: cannot {what}: {}", self.token_label, describe(e));
         match classify(e) {
-            Class::Unreachable | Class::DeadSession => BackendError::Unreachable(detail),
+            Class::Unreachable | Class::DeadSession | Class::Busy => BackendError::Unreachable(detail),
             Class::Other => BackendError::Internal(detail),
             Class::NotLoggedIn | Class::StaleKey | Class::Refused | Class::DataInvalid => {
                 BackendError::Config(detail)

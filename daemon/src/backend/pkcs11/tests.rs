@@ -23,6 +23,7 @@ fn config(key_label: &str, create_root_key: bool) -> Pkcs11Config {
         softhsm2_conf: Some(t.conf.clone()),
         module_env: Default::default(),
         allow_exportable_root: false,
+        max_sessions: crate::config::DEFAULT_MAX_SESSIONS,
     }
 }
 
@@ -311,7 +312,9 @@ fn pkcs11_concurrent_callers_and_tenants_share_the_token() {
     for t in threads {
         t.join().unwrap();
     }
-    assert!(lock(&roots[0].sessions).len() <= MAX_IDLE_SESSIONS);
+    for root in &roots {
+        assert!(root.pool.open() <= root.pool.max(), "{} > {}", root.pool.open(), root.pool.max());
+    }
     // A blob of one tenant's root key does not open under the other's.
     let sealed = roots[0].seal(AAD, &kek()).unwrap();
     let mut out = [0u8; KEK_LEN];
@@ -381,6 +384,31 @@ fn isolated_logout() {
     root.canary().unwrap();
 }
 
+/// The session cap holds under a burst, and every caller is served.
+#[test]
+fn pkcs11_a_burst_waits_for_a_session() {
+    let mut cfg = config("t-session-cap", true);
+    cfg.max_sessions = 2;
+    let root = Arc::new(open_with(&cfg).unwrap());
+    let threads: Vec<_> = (0..8)
+        .map(|_| {
+            let root = Arc::clone(&root);
+            std::thread::spawn(move || {
+                for _ in 0..20 {
+                    let k = kek();
+                    let mut out = [0u8; KEK_LEN];
+                    root.unseal(AAD, &root.seal(AAD, &k).unwrap(), &mut out).unwrap();
+                    assert_eq!(out, k);
+                    assert!(root.pool.open() <= 2, "{} sessions open", root.pool.open());
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+}
+
 #[test]
 fn pkcs11_recovers_from_a_library_reset() {
     run_isolated("isolated_library_reset");
@@ -396,13 +424,17 @@ fn isolated_library_reset() {
     let root = open("t-reset", true).unwrap();
     let k = kek();
     let sealed = root.seal(AAD, &k).unwrap();
-    // What a token that goes away and comes back looks like: every session and handle dies.
+    // What a module that lost its state looks like: every session and handle dies, and
+    // every call answers CKR_CRYPTOKI_NOT_INITIALIZED. The backend starts over by itself.
     let pkcs11 = library(&t.module, Some(&t.conf)).unwrap();
     pkcs11.clone().finalize().unwrap();
-    let err = root.canary().unwrap_err();
-    assert!(matches!(err, BackendError::Unreachable(_)), "{err:?}");
-    pkcs11.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)).unwrap();
+    root.canary().unwrap();
     let mut out = [0u8; KEK_LEN];
+    root.unseal(AAD, &sealed, &mut out).unwrap();
+    assert_eq!(out, k);
+    // And again, the module initialised by someone else meanwhile: handles are stale still.
+    pkcs11.clone().finalize().unwrap();
+    pkcs11.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)).unwrap();
     root.unseal(AAD, &sealed, &mut out).unwrap();
     assert_eq!(out, k);
     root.canary().unwrap();

@@ -32,6 +32,7 @@ fn config(key_label: &str) -> Pkcs11Config {
         softhsm2_conf: Some(t.conf.clone()),
         module_env: Default::default(),
         allow_exportable_root: false,
+        max_sessions: crate::config::DEFAULT_MAX_SESSIONS,
     }
 }
 
