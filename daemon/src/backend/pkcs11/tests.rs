@@ -21,6 +21,7 @@ fn config(key_label: &str, create_root_key: bool) -> Pkcs11Config {
         create_root_key,
         softhsm2_conf: Some(t.conf.clone()),
         module_env: Default::default(),
+        call_timeout: std::time::Duration::from_secs(5),
     }
 }
 

@@ -31,6 +31,7 @@ fn config(key_label: &str) -> Pkcs11Config {
         create_root_key: false,
         softhsm2_conf: Some(t.conf.clone()),
         module_env: Default::default(),
+        call_timeout: std::time::Duration::from_secs(5),
     }
 }
 
