@@ -2,8 +2,8 @@
 //!
 //! A network HSM can stop answering without closing its link, and a PKCS#11 call then
 //! blocks inside the module for as long as the module likes: nothing in PKCS#11 cancels a
-//! call in flight. [`Bounded`] wraps any [`RootKey`] and runs each of its calls on a thread
-//! of its own, waiting at most the tenant's `call_timeout`. Past it the caller gets
+//! call in flight. [`Bounded`] wraps any [`RootKey`] and runs each of its calls on a helper
+//! thread, waiting at most the tenant's `call_timeout`. Past it the caller gets
 //! [`BackendError::Unreachable`] (UNAVAILABLE for the client, retryable) naming the setting,
 //! and the thread is abandoned where it is stuck.
 //!
@@ -101,7 +101,7 @@ impl Bounded {
         Arc::new(Bounded { inner, guard: Arc::new(guard), helpers: Arc::default() })
     }
 
-    /// Runs `f` on a thread of its own and waits for it at most the bound.
+    /// Runs `f` on a helper thread and waits for it at most the bound.
     fn call<T, F>(&self, call: &'static str, f: F) -> Result<T, BackendError>
     where
         T: Send + 'static,
