@@ -43,7 +43,17 @@ pub struct ClientOptions {
     /// Bound on connecting and the `Hello` exchange, so a stuck daemon cannot hang
     /// `connect`. `None` waits forever.
     pub connect_timeout: Option<Duration>,
+    /// Bound on each call, from sending the request to its answer, and on the `Hello`
+    /// exchange: past it the call fails with [`ClientError::TimedOut`] (`UNAVAILABLE`), so
+    /// a worker that stopped answering cannot hang its callers. The daemon replaces such a
+    /// worker by itself (`worker_watchdog`, 10 s by default), which closes its connections
+    /// first; this bound is for what that does not cover. `None` waits forever.
+    pub request_timeout: Option<Duration>,
 }
+
+/// [`ClientOptions::request_timeout`] by default: a root-key call is bounded at 5 s and a
+/// silent worker is replaced within 10 s, so an answer later than this is not coming.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl Default for ClientOptions {
     fn default() -> Self {
@@ -51,6 +61,7 @@ impl Default for ClientOptions {
             max_response_frame: DEFAULT_MAX_FRAME,
             max_request_frame: DEFAULT_MAX_FRAME,
             connect_timeout: Some(Duration::from_secs(10)),
+            request_timeout: Some(DEFAULT_REQUEST_TIMEOUT),
         }
     }
 }
@@ -129,6 +140,7 @@ struct Inner {
     next_id: AtomicU64,
     hello: HelloOk,
     max_request_frame: usize,
+    request_timeout: Option<Duration>,
 }
 
 impl Drop for Inner {
@@ -179,12 +191,15 @@ impl Client {
     ) -> Result<Client, ClientError> {
         let endpoint = endpoint.into();
         let handshake = handshake(&endpoint, tenant, client_name, options.max_response_frame);
-        let ((read, write), hello) = match options.connect_timeout {
-            None => handshake.await?,
-            Some(limit) => tokio::time::timeout(limit, handshake)
-                .await
-                .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??,
+        let connecting = async {
+            match options.connect_timeout {
+                None => handshake.await,
+                Some(limit) => tokio::time::timeout(limit, handshake)
+                    .await
+                    .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))?,
+            }
         };
+        let ((read, write), hello) = bounded(options.request_timeout, connecting).await?;
         let shared =
             Arc::new(Shared { table: Mutex::new(Table::Open(HashMap::new())), reader: OnceLock::new() });
         let (queue, rx) = mpsc::channel(QUEUE_DEPTH);
@@ -197,6 +212,7 @@ impl Client {
             next_id: AtomicU64::new(FIRST_CALL_ID),
             hello,
             max_request_frame: options.max_request_frame,
+            request_timeout: options.request_timeout,
         };
         Ok(Client { inner: Arc::new(inner) })
     }
@@ -213,9 +229,14 @@ impl Client {
         self.inner.shared.is_closed()
     }
 
-    /// Sends any operation and waits for its reply. An error status becomes
+    /// Sends any operation and waits for its reply, at most
+    /// [`ClientOptions::request_timeout`]. An error status becomes
     /// [`ClientError::Status`]; batch replies still carry per-item errors.
     pub async fn call(&self, op: Op, metadata: Metadata) -> Result<Reply, ClientError> {
+        bounded(self.inner.request_timeout, self.call_unbounded(op, metadata)).await
+    }
+
+    async fn call_unbounded(&self, op: Op, metadata: Metadata) -> Result<Reply, ClientError> {
         let inner = &*self.inner;
         let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
         let frame = encode_request(Request { id, metadata, op });
@@ -228,6 +249,18 @@ impl Client {
         let _guard = PendingGuard { shared: &inner.shared, id };
         inner.queue.send(frame).await.map_err(|_| ClientError::Closed)?;
         rx.await.unwrap_or(Err(ClientError::Closed))
+    }
+}
+
+/// Waits for `fut` at most `limit`; past it, [`ClientError::TimedOut`]. A call given up on
+/// leaves the table through its `PendingGuard`.
+async fn bounded<T>(
+    limit: Option<Duration>,
+    fut: impl std::future::Future<Output = Result<T, ClientError>>,
+) -> Result<T, ClientError> {
+    match limit {
+        None => fut.await,
+        Some(after) => tokio::time::timeout(after, fut).await.map_err(|_| ClientError::TimedOut { after })?,
     }
 }
 

@@ -23,19 +23,27 @@ pub enum ClientError {
     /// The connection is gone; it will not come back, open a new [`crate::Client`].
     #[error("connection to kekd closed")]
     Closed,
+    /// No answer within [`crate::ClientOptions::request_timeout`]. The daemon may still act
+    /// on the request; the connection stays open for other calls.
+    #[error("no answer from kekd within {} (the request timeout)", humantime::format_duration(*.after))]
+    TimedOut { after: std::time::Duration },
 }
 
 impl ClientError {
     /// The wire code this failure corresponds to.
     ///
-    /// A lost connection is `UNAVAILABLE` (retryable on a new connection). An oversized
+    /// A lost connection is `UNAVAILABLE` (retryable on a new connection), and so is a
+    /// request that timed out (the worker may be stuck or being replaced). An oversized
     /// frame is `RESOURCE_EXHAUSTED`, as in gRPC, because retrying the same request cannot
     /// help. A protocol violation by the daemon is `INTERNAL`.
     pub fn code(&self) -> Code {
         match self {
             ClientError::Status(s) => s.code,
             ClientError::Frame(FrameError::TooLarge { .. }) => Code::ResourceExhausted,
-            ClientError::Io(_) | ClientError::Frame(_) | ClientError::Closed => Code::Unavailable,
+            ClientError::Io(_)
+            | ClientError::Frame(_)
+            | ClientError::Closed
+            | ClientError::TimedOut { .. } => Code::Unavailable,
             ClientError::Malformed(_) => Code::Internal,
         }
     }
@@ -54,6 +62,7 @@ impl ClientError {
             }),
             ClientError::Malformed(m) => ClientError::Malformed(m.clone()),
             ClientError::Closed => ClientError::Closed,
+            ClientError::TimedOut { after } => ClientError::TimedOut { after: *after },
         }
     }
 }
@@ -79,5 +88,8 @@ mod tests {
         let big = ClientError::Frame(FrameError::TooLarge { len: 10, max: 5 });
         assert_eq!(big.code(), Code::ResourceExhausted);
         assert_eq!(ClientError::Malformed(MalformedResponse("x".into())).code(), Code::Internal);
+        let late = ClientError::TimedOut { after: std::time::Duration::from_millis(1500) };
+        assert_eq!((late.code(), late.replicate().code()), (Code::Unavailable, Code::Unavailable));
+        assert_eq!(late.to_string(), "no answer from kekd within 1s 500ms (the request timeout)");
     }
 }

@@ -18,7 +18,7 @@ mod error;
 mod ops;
 mod pool;
 
-pub use conn::{Client, ClientOptions};
+pub use conn::{Client, ClientOptions, DEFAULT_REQUEST_TIMEOUT};
 pub use endpoint::{BadVsockAddress, Endpoint};
 pub use error::ClientError;
 pub use kekd_proto::{

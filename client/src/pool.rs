@@ -153,7 +153,9 @@ impl PooledClient {
     /// most its number of attempts in all, then the last error is returned. A connection
     /// found closed is replaced first; one that is still open is kept, since the daemon
     /// closes the connections of a worker that goes away. Every other error, including a
-    /// `Hello` refused with `NOT_FOUND` or `PERMISSION_DENIED`, is returned at once.
+    /// `Hello` refused with `NOT_FOUND` or `PERMISSION_DENIED`, is returned at once, and so
+    /// is [`ClientError::TimedOut`]: each attempt may take the whole
+    /// [`ClientOptions::request_timeout`], and retrying would multiply it.
     ///
     /// Retrying is safe for the data operations (`Generate`, `Wrap`, `Unwrap`, `Rewrap`,
     /// `Status`, `ListKeys`): they leave no persistent effect. The operations that change
@@ -181,7 +183,11 @@ impl PooledClient {
                 Ok(value) => return Ok(value),
                 Err(failure) => failure,
             };
-            let retryable = failure.error.code() == Code::Unavailable && !(changes_state && failure.in_doubt);
+            // A timeout spent the caller's time budget: trying again would overrun it.
+            let timed_out = matches!(failure.error, ClientError::TimedOut { .. });
+            let retryable = failure.error.code() == Code::Unavailable
+                && !(changes_state && failure.in_doubt)
+                && !timed_out;
             if !retryable || tries >= policy.attempts {
                 return Err(failure.error);
             }

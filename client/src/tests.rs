@@ -184,6 +184,52 @@ async fn silent_daemon_times_out_at_connect() {
 }
 
 #[tokio::test]
+async fn a_call_past_the_request_timeout_is_unavailable_and_the_connection_stays_usable() {
+    let fake = Fake::new();
+    let after = Duration::from_millis(300);
+    let options = ClientOptions { request_timeout: Some(after), ..Default::default() };
+    let server = async {
+        let mut conn = fake.accept(None).await;
+        // The first request is never answered; the second is.
+        let silent = conn.next().await.unwrap();
+        assert!(matches!(silent.op, Op::Status));
+        let req = conn.next().await.unwrap();
+        let Op::CreateKey(name) = req.op else { panic!("unexpected op") };
+        conn.send(Response { id: req.id, result: Ok(Reply::Key(key_info(name))) }).await;
+        // A late answer to the first one is dropped quietly.
+        conn.send(Response { id: silent.id, result: Err(ErrorStatus::new(Code::Internal, "late")) }).await;
+        conn
+    };
+    let client = async {
+        let client = Client::connect_with(&fake.path, &tenant(), "test", options).await.unwrap();
+        let started = std::time::Instant::now();
+        let err = client.status(md()).await.unwrap_err();
+        let took = started.elapsed();
+        assert!(matches!(err, ClientError::TimedOut { after: a } if a == after), "{err}");
+        assert_eq!(err.code(), Code::Unavailable);
+        assert!(took >= after && took < LIMIT, "timed out after {took:?}");
+        assert!(!client.is_closed(), "a timeout leaves the connection to other calls");
+        assert_eq!(client.create_key(&key("k"), md()).await.unwrap().name, key("k"));
+        client
+    };
+    timeout(LIMIT, async { tokio::join!(server, client) }).await.unwrap();
+}
+
+#[tokio::test]
+async fn an_unanswered_hello_is_bounded_by_the_request_timeout() {
+    let fake = Fake::new();
+    let after = Duration::from_millis(200);
+    let options = ClientOptions { request_timeout: Some(after), ..Default::default() };
+    let tenant = tenant();
+    let connect = Client::connect_with(&fake.path, &tenant, "test", options);
+    let server = async { fake.listener.accept().await.unwrap() };
+    let (_stream, res) = timeout(LIMIT, async { tokio::join!(server, connect) }).await.unwrap();
+    let err = res.unwrap_err();
+    assert!(matches!(err, ClientError::TimedOut { .. }), "{err}");
+    assert_eq!(err.code(), Code::Unavailable);
+}
+
+#[tokio::test]
 async fn oversized_response_ends_the_connection_without_hanging() {
     let fake = Fake::new();
     let server = async {

@@ -70,6 +70,11 @@ pub struct Config {
     /// On SIGTERM, how long workers may take to finish the requests they are serving.
     #[serde(default = "default_shutdown_timeout", with = "humantime_serde")]
     pub shutdown_timeout: Duration,
+    /// How long a worker may leave the supervisor's heartbeat unanswered before it is
+    /// killed and restarted: a worker that stops answering (stopped, deadlocked, its runtime
+    /// wedged) would otherwise hold its tenant's connections for ever.
+    #[serde(default = "default_worker_watchdog", with = "humantime_serde")]
+    pub worker_watchdog: Duration,
     /// The audit trail (docs/FORMATS.md §5).
     #[serde(default)]
     pub audit: AuditConfig,
@@ -409,6 +414,17 @@ pub enum BackendConfig<'a> {
 }
 
 impl TenantConfig {
+    /// The bound on each root-key call, and the name of its setting for messages.
+    pub fn call_timeout(&self, tenant: &str) -> (Duration, String) {
+        match self.backend() {
+            Some(BackendConfig::Tpm(t)) => (t.call_timeout, format!("tenants.{tenant}.tpm.call_timeout")),
+            Some(BackendConfig::Pkcs11(p)) => {
+                (p.call_timeout, format!("tenants.{tenant}.pkcs11.call_timeout"))
+            }
+            None => (default_call_timeout(), format!("tenants.{tenant}.pkcs11.call_timeout")),
+        }
+    }
+
     /// The tenant's root-key backend. Validation guarantees exactly one; `None` only for a
     /// config that was never validated.
     pub fn backend(&self) -> Option<BackendConfig<'_>> {
@@ -443,6 +459,10 @@ pub struct TpmConfig {
     /// TPM, through a salted HMAC session. Default: on for `device:` TCTIs (a bus others
     /// may probe), off otherwise.
     pub parameter_encryption: Option<bool>,
+    /// Longest a call to the TPM (seal, unseal, canary) may take; past it the request is
+    /// answered UNAVAILABLE and the worker is replaced, as for `pkcs11.call_timeout`.
+    #[serde(default = "default_call_timeout", with = "humantime_serde")]
+    pub call_timeout: Duration,
 }
 
 impl TpmConfig {
@@ -487,6 +507,7 @@ impl TpmConfig {
             }
         }
         self.primary_handle().map_err(|p| ConfigError::new(f("primary_handle"), p))?;
+        check_call_timeout(self.call_timeout, &f("call_timeout"))?;
         let mut seen = [false; Self::MAX_PCR as usize + 1];
         for &pcr in &self.pcrs {
             match seen.get_mut(pcr as usize) {
@@ -539,6 +560,11 @@ pub struct Pkcs11Config {
     /// rather than taking them all.
     #[serde(default = "default_max_sessions")]
     pub max_sessions: usize,
+    /// Longest a call into the module (seal, unseal, canary, rotation, import) may take.
+    /// Past it the request is answered UNAVAILABLE and the worker is replaced: a module
+    /// stuck in a call cannot be trusted again in that process.
+    #[serde(default = "default_call_timeout", with = "humantime_serde")]
+    pub call_timeout: Duration,
 }
 
 /// Default of `pkcs11.max_sessions`.
@@ -631,6 +657,21 @@ fn default_log_level() -> String {
 fn default_shutdown_timeout() -> Duration {
     Duration::from_secs(10)
 }
+/// A root-key call's bound: long enough for a slow HSM's answer (a network round trip, a
+/// key generation), short enough that a hung one is noticed while clients still wait.
+fn check_call_timeout(timeout: Duration, field: &str) -> Result<(), ConfigError> {
+    if timeout < Duration::from_millis(100) || timeout > Duration::from_secs(600) {
+        return Err(ConfigError::new(field, "must be between 100ms and 10m"));
+    }
+    Ok(())
+}
+
+fn default_worker_watchdog() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_call_timeout() -> Duration {
+    Duration::from_secs(5)
+}
 fn default_max_key_depth() -> u32 {
     crate::service::DEFAULT_MAX_KEY_DEPTH
 }
@@ -710,6 +751,11 @@ impl Config {
         }
         if self.shutdown_timeout > Duration::from_secs(3600) {
             return Err(ConfigError::new("shutdown_timeout", "must be at most 1h"));
+        }
+        // A heartbeat is sent every quarter of it: much under a second, a loaded machine
+        // could make a healthy worker look dead.
+        if self.worker_watchdog < Duration::from_secs(1) || self.worker_watchdog > Duration::from_secs(3600) {
+            return Err(ConfigError::new("worker_watchdog", "must be between 1s and 1h"));
         }
         for (name, t) in &self.tenants {
             let field = |f: &str| format!("tenants.{name}.{f}");
@@ -885,6 +931,7 @@ impl Pkcs11Config {
             _ => {}
         }
         self.read_pin(field)?;
+        check_call_timeout(self.call_timeout, &f("call_timeout"))?;
         for name in self.module_env.keys() {
             if name.is_empty() || name.contains(['=', '\0']) {
                 return Err(ConfigError::new(
@@ -1084,6 +1131,35 @@ pin_file = "{}"
         assert_eq!(t.kek_ttl, Duration::from_secs(30));
         assert_eq!(t.idle_ttl, Duration::from_secs(300));
         assert_eq!(cfg.tenants()[0].config.pkcs11.as_ref().unwrap().read_pin("p").unwrap().as_str(), "1234");
+    }
+
+    #[test]
+    fn call_bounds_have_defaults_and_are_checked_by_name() {
+        let cfg = Config::parse(&with_module("")).unwrap();
+        assert_eq!(cfg.worker_watchdog, Duration::from_secs(10));
+        let (timeout, setting) = cfg.tenants["acme"].call_timeout("acme");
+        assert_eq!((timeout, setting.as_str()), (Duration::from_secs(5), "tenants.acme.pkcs11.call_timeout"));
+        let cfg =
+            Config::parse(&format!("worker_watchdog = \"2s\"\n{}call_timeout = \"1s\"\n", with_module("")))
+                .unwrap();
+        assert_eq!(cfg.worker_watchdog, Duration::from_secs(2));
+        assert_eq!(cfg.tenants["acme"].call_timeout("acme").0, Duration::from_secs(1));
+        let tpm = Config::parse(&with_tpm("tcti = \"swtpm:port=2321\"\ncall_timeout = \"2s\"")).unwrap();
+        let (timeout, setting) = tpm.tenants["acme"].call_timeout("acme");
+        assert_eq!((timeout, setting.as_str()), (Duration::from_secs(2), "tenants.acme.tpm.call_timeout"));
+
+        for bad in ["0s", "10ms", "1h"] {
+            let e = Config::parse(&format!("{}call_timeout = \"{bad}\"\n", with_module(""))).unwrap_err();
+            assert_eq!(e.field, "tenants.acme.pkcs11.call_timeout", "{e}");
+            let e =
+                Config::parse(&with_tpm(&format!("tcti = \"swtpm:port=2321\"\ncall_timeout = \"{bad}\"")))
+                    .unwrap_err();
+            assert_eq!(e.field, "tenants.acme.tpm.call_timeout", "{e}");
+        }
+        for bad in ["0s", "500ms", "2h"] {
+            let e = Config::parse(&format!("worker_watchdog = \"{bad}\"\n{}", with_module(""))).unwrap_err();
+            assert_eq!(e.field, "worker_watchdog", "{e}");
+        }
     }
 
     #[test]

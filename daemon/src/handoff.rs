@@ -44,6 +44,9 @@ pub enum ToWorker {
     /// A Hello for this tenant that the supervisor turned away, for the tenant's audit
     /// trail (the supervisor writes none of its own).
     Refused(Refusal),
+    /// The supervisor's heartbeat: answered with [`FromWorker::Pong`] by the runtime that
+    /// serves requests, so a worker whose serving has stopped stops answering too.
+    Ping { seq: u64 },
 }
 
 /// A connection the supervisor has authenticated: who is calling, what they may do, and
@@ -81,6 +84,18 @@ pub enum FromWorker {
     Ready,
     /// Could not start; the message says why (it names the failing part, never a secret).
     Failed { message: String },
+    /// The answer to [`ToWorker::Ping`] with the same number.
+    Pong { seq: u64 },
+    /// A root-key call hung past its bound: the worker stops taking connections, lets the
+    /// requests it holds finish (they fail fast) and exits, to be replaced.
+    Wedged {
+        /// The root-key call that hung, e.g. `unseal`.
+        call: String,
+        /// The setting that bounds it, e.g. `tenants.acme.pkcs11.call_timeout`.
+        setting: String,
+        #[serde(with = "humantime_serde")]
+        after: std::time::Duration,
+    },
 }
 
 /// A connected pair: (supervisor end, worker end). Both close on exec; the worker's end
@@ -196,6 +211,13 @@ impl Channel {
         self.send_fds(msg, pass.as_slice()).await
     }
 
+    /// Sends one message without descriptors if the channel can take it now, else fails
+    /// with `WouldBlock`: for heartbeats, which must never hold up their sender behind a
+    /// peer that stopped reading.
+    pub fn try_send<T: Serialize>(&self, msg: &T) -> io::Result<()> {
+        Ok(send_raw(self.fd.get_ref().as_raw_fd(), &encode(msg), &[])?)
+    }
+
     /// [`Self::send`] with any number of descriptors, up to [`MAX_FDS`].
     pub async fn send_fds<T: Serialize>(&self, msg: &T, pass: &[BorrowedFd<'_>]) -> io::Result<()> {
         let bytes = encode(msg);
@@ -269,6 +291,22 @@ mod tests {
             work.recv::<ToWorker>().await.unwrap().is_none(),
             "end of stream once the supervisor is gone"
         );
+    }
+
+    #[tokio::test]
+    async fn heartbeats_do_not_wait_for_a_peer_that_stopped_reading() {
+        let (a, b) = pair().unwrap();
+        let (sup, work) = (Channel::new(a).unwrap(), Channel::new(b).unwrap());
+        sup.try_send(&ToWorker::Ping { seq: 1 }).unwrap();
+        let (msg, fd) = work.recv::<ToWorker>().await.unwrap().unwrap();
+        assert!(matches!(msg, ToWorker::Ping { seq: 1 }) && fd.is_none(), "{msg:?}");
+        work.try_send(&FromWorker::Pong { seq: 1 }).unwrap();
+        assert!(matches!(sup.recv::<FromWorker>().await.unwrap().unwrap().0, FromWorker::Pong { seq: 1 }));
+
+        // Nobody reads `work` any more: the channel fills, and a heartbeat fails at once
+        // rather than waiting.
+        let full = (0..100_000u64).map(|seq| sup.try_send(&ToWorker::Ping { seq })).find_map(Result::err);
+        assert_eq!(full.map(|e| e.kind()), Some(io::ErrorKind::WouldBlock));
     }
 
     #[test]

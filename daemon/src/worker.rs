@@ -28,6 +28,7 @@ use tracing::Instrument as _;
 use zeroize::Zeroizing;
 
 use crate::audit::{Audit, Caller};
+use crate::backend::bounded::{self, Bounded};
 use crate::backend::pkcs11::Pkcs11RootKey;
 use crate::backend::{BackendError, RootKey};
 use crate::cache::{KekCache, Lease};
@@ -60,6 +61,10 @@ pub struct WorkerSpec {
     pub log_level: String,
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
+    /// How long the worker may leave the supervisor's heartbeat unanswered; the
+    /// supervisor's alone, but a change restarts the worker like any of its settings.
+    #[serde(with = "humantime_serde")]
+    pub worker_watchdog: Duration,
     pub audit: AuditConfig,
 }
 
@@ -78,6 +83,7 @@ impl WorkerSpec {
             allow_unlocked_memory: cfg.allow_unlocked_memory,
             log_level: cfg.log_level.clone(),
             shutdown_timeout: cfg.shutdown_timeout,
+            worker_watchdog: cfg.worker_watchdog,
             audit: cfg.audit.clone(),
         }
     }
@@ -367,6 +373,8 @@ fn open_tenant(
     name: &TenantName,
     run_as: Option<&RunAs>,
 ) -> Result<TenantService, Error> {
+    let (timeout, setting) = spec.tenant_config.call_timeout(name.as_str());
+    let backend = Bounded::wrap(backend, timeout, setting);
     let arena = LockedArena::new(spec.allow_unlocked_memory)?;
     let store = KeyStore::open_in(tenant_dir, name, backend.describe())?;
     let audit = Audit::open(&spec.audit, name.as_str(), run_as).map_err(Error::AuditOpen)?;
@@ -392,8 +400,15 @@ fn give_state_to(above: [&Dir; 2], own: Dir, user: &RunAs) -> Result<Dir, String
     own.give_tree(user.uid, user.gid).map_err(fail)
 }
 
+/// The exit status of a worker that asks to be replaced because a root-key call hung
+/// (EX_TEMPFAIL): the supervisor restarts it, and says why.
+pub const EXIT_REPLACE: u8 = 75;
+
 /// Serves handed-over connections until SIGTERM or the supervisor's end closes, then
-/// drains.
+/// drains. Answers the supervisor's heartbeat from this loop, on the runtime that serves
+/// requests: a worker whose serving is wedged must look dead. A root-key call that hangs
+/// past its bound ([`bounded`]) ends the loop too: the worker says so, drains and exits
+/// with [`EXIT_REPLACE`].
 async fn serve(
     service: Arc<TenantService>,
     control: OwnedFd,
@@ -428,6 +443,9 @@ async fn serve(
     let (stop_tx, stop) = watch::channel(false);
     let replies = server::ReplyBudget::new(limits.max_pending_reply_bytes);
     let mut connections = JoinSet::new();
+    let wedged = bounded::wedged();
+    tokio::pin!(wedged);
+    let mut code = ExitCode::SUCCESS;
     loop {
         tokio::select! {
             msg = control.recv_fds::<ToWorker>() => match msg {
@@ -453,6 +471,12 @@ async fn serve(
                     let service = Arc::clone(&service);
                     tokio::spawn(async move { service.audit_supervisor_refusal(refusal).await }.in_current_span());
                 }
+                Ok(Some((ToWorker::Ping { seq }, _))) => {
+                    // Without waiting: a supervisor that stopped reading gets no more.
+                    if let Err(e) = control.try_send(&FromWorker::Pong { seq }) {
+                        limited_warn!(error = %e, "cannot answer the supervisor's heartbeat");
+                    }
+                }
                 Ok(Some((other, _))) => tracing::warn!(message = ?other, "unexpected control message; ignored"),
                 Ok(None) => {
                     tracing::info!("the supervisor is gone; stopping");
@@ -469,6 +493,24 @@ async fn serve(
             }
             _ = int.recv() => {}
             Some(_) = connections.join_next() => {}
+            stuck = &mut wedged => {
+                tracing::error!(
+                    call = stuck.call,
+                    setting = %stuck.setting,
+                    "a root-key call did not return within {}: asking to be replaced",
+                    humantime::format_duration(stuck.after)
+                );
+                let said = FromWorker::Wedged {
+                    call: stuck.call.into(),
+                    setting: stuck.setting.to_string(),
+                    after: stuck.after,
+                };
+                if let Err(e) = control.try_send(&said) {
+                    tracing::warn!(error = %e, "cannot tell the supervisor; exiting anyway");
+                }
+                code = ExitCode::from(EXIT_REPLACE);
+                break;
+            }
         }
     }
     let _ = stop_tx.send(true);
@@ -483,7 +525,7 @@ async fn serve(
     service.flush();
     service.close_audit().await;
     tracing::info!("KEK cache wiped, audit trail written; exiting");
-    ExitCode::SUCCESS
+    code
 }
 
 async fn connection(

@@ -40,6 +40,12 @@
  * how many C_OpenSession calls it turned away. C_Finalize forgets every session (the module
  * closes them).
  *
+ * A flag file that holds the word `hang` makes the module hang instead, like a network HSM
+ * that stops answering without closing the link: every call the link carries blocks (sleeping
+ * in 50 ms steps) until the flag says something else, then goes on as the flag then says. A
+ * call gives up waiting after HANG_MAX_SECONDS (120 s), so a test that forgets the flag never
+ * leaves a thread stuck for ever; it then returns CKR_DEVICE_ERROR.
+ *
  * Only C_GetFunctionList is exported (built with -fvisibility=hidden), so an application
  * never binds to the proxy's wrappers by symbol and never reaches the real module around
  * them. There is no C_GetInterface: PKCS#11 3.0 callers fall back to the 2.40 list.
@@ -333,6 +339,39 @@ static void fault_saw_initialize(CK_RV rv) {
 }
 
 #define FIRST_ARG(a, ...) a
+/* --- `hang` mode -------------------------------------------------------------------- */
+
+/* Longest a call waits while the flag says `hang`. */
+#define HANG_MAX_SECONDS 120
+
+/* Whether the flag file holds `hang`. */
+static int flag_says_hang(void) {
+    char buf[16] = {0};
+    if (flag_path == NULL) return 0;
+    int fd = open(flag_path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return 0;
+    ssize_t n = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    return n >= 4 && strncmp(buf, "hang", 4) == 0;
+}
+
+/* Blocks the calling thread while the flag file holds `hang`, up to HANG_MAX_SECONDS; returns
+ * whether it gave up (the flag still says `hang`). */
+static int hang_while_flagged(const char *name) {
+    if (!flag_says_hang()) return 0;
+    fprintf(stderr, "pkcs11_outage: %s hangs (%s says hang)\n", name, flag_path);
+    for (int i = 0; i < HANG_MAX_SECONDS * 20; i++) {
+        usleep(50 * 1000);
+        if (!flag_says_hang()) {
+            fprintf(stderr, "pkcs11_outage: %s goes on\n", name);
+            return 0;
+        }
+    }
+    fprintf(stderr, "pkcs11_outage: %s gave up hanging after %d s\n", name, HANG_MAX_SECONDS);
+    return 1;
+}
+
+/* --- end of `hang` mode ------------------------------------------------------------- */
 
 /* Forwarded always: loading and unloading the library, and its static information. */
 #define PASS(name, params, args)                                                                   \
@@ -347,6 +386,7 @@ static void fault_saw_initialize(CK_RV rv) {
     static CK_RV proxy_##name params {                                                             \
         if (real == NULL) return CKR_CRYPTOKI_NOT_INITIALIZED;                                     \
         if (real->name == NULL) return CKR_FUNCTION_NOT_SUPPORTED;                                 \
+        if (hang_while_flagged(#name)) return CKR_DEVICE_ERROR;                                    \
         CK_RV fault = injected_fault(#name, (CK_ULONG)(FIRST_ARG args));                           \
         if (fault != CKR_OK) return fault;                                                         \
         if (link_down()) return CKR_DEVICE_ERROR;                                                  \
@@ -359,6 +399,7 @@ static void fault_saw_initialize(CK_RV rv) {
     static CK_RV proxy_##name params {                                                             \
         if (real == NULL) return CKR_CRYPTOKI_NOT_INITIALIZED;                                     \
         if (real->name == NULL) return CKR_FUNCTION_NOT_SUPPORTED;                                 \
+        if (hang_while_flagged(#name)) return CKR_DEVICE_ERROR;                                    \
         if (access(flag_path, F_OK) == 0 && flag_says_syscall()) {                                 \
             fprintf(stderr, "pkcs11_outage: " #name " opens a packet socket\n");                  \
             int fd = socket(AF_PACKET, SOCK_RAW | SOCK_CLOEXEC, htons(ETH_P_ALL));                 \
@@ -375,6 +416,7 @@ static void fault_saw_initialize(CK_RV rv) {
     static CK_RV proxy_##name params {                                                             \
         if (real == NULL) return CKR_CRYPTOKI_NOT_INITIALIZED;                                     \
         if (real->name == NULL) return CKR_FUNCTION_NOT_SUPPORTED;                                 \
+        if (hang_while_flagged(#name)) return CKR_DEVICE_ERROR;                                    \
         CK_RV fault = injected_fault(#name, (CK_ULONG)(FIRST_ARG args));                           \
         if (fault != CKR_OK) return fault;                                                         \
         if (link_down()) return CKR_DEVICE_ERROR;                                                  \

@@ -1509,6 +1509,16 @@ impl Kekd {
             .unwrap_or_else(|e| panic!("write the outage flag {}: {e}", flag.display()));
     }
 
+    /// Makes `tenant`'s token hang, like a network HSM that stops answering without
+    /// closing the link: from now on every PKCS#11 call of its worker that reaches the token
+    /// blocks (up to 120 s) until [`Kekd::restore_token`]. Panics unless the tenant is
+    /// [`Tenant::behind_outage_switch`].
+    #[track_caller]
+    pub fn hang_token(&self, tenant: &str) {
+        let flag = self.outage_flag(tenant);
+        fs::write(flag, b"hang").unwrap_or_else(|e| panic!("write the outage flag {}: {e}", flag.display()));
+    }
+
     /// Brings `tenant`'s token back after [`Kekd::cut_token`] (a no-op when it is not cut).
     /// Panics unless the tenant is [`Tenant::behind_outage_switch`].
     #[track_caller]

@@ -14,6 +14,8 @@ enum Act {
     AnswerAndHangUp(Result<Reply, ErrorStatus>),
     /// Closes the connection without answering, as a SIGKILLed worker does.
     HangUp,
+    /// Never answers, as a stopped worker does.
+    Ignore,
 }
 
 type HelloScript = Box<dyn Fn(usize) -> Option<ErrorStatus> + Send + Sync>;
@@ -104,6 +106,7 @@ async fn serve(mut conn: Conn, n: usize, script: Arc<Script>, seen: Arc<Seen>) {
             Act::Answer(result) => conn.send(Response { id: req.id, result }).await,
             Act::AnswerAndHangUp(result) => return conn.send(Response { id: req.id, result }).await,
             Act::HangUp => return,
+            Act::Ignore => {}
         }
     }
 }
@@ -179,6 +182,20 @@ async fn one_connection_is_shared_by_concurrent_callers_and_reused() {
     .unwrap();
     assert_eq!(daemon.seen.connections(), 1);
     assert_eq!(daemon.seen.requests(), vec![(0, "status"); N + 3]);
+}
+
+#[tokio::test]
+async fn a_timed_out_call_is_not_retried() {
+    let daemon = Daemon::spawn(Script::new(|_, _| Act::Ignore));
+    let after = Duration::from_millis(200);
+    let options = ClientOptions { request_timeout: Some(after), ..Default::default() };
+    let pool = Pool::new(&daemon.path, "test", options, quick(5));
+    let started = Instant::now();
+    let err = timeout(LIMIT, pool.tenant(&tenant()).status(md())).await.unwrap().unwrap_err();
+    assert!(matches!(err, ClientError::TimedOut { .. }), "{err}");
+    assert_eq!(err.code(), Code::Unavailable);
+    assert!(started.elapsed() < after * 3, "retried: took {:?}", started.elapsed());
+    assert_eq!(daemon.seen.requests(), vec![(0, "status")], "one attempt: the time budget is spent");
 }
 
 #[tokio::test]

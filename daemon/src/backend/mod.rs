@@ -4,6 +4,7 @@
 //! all four, so nothing answers "not supported". Calls block (HSM and TPM round trips);
 //! callers run them off the async executor.
 
+pub mod bounded;
 pub mod pkcs11;
 pub mod tpm;
 

@@ -9,6 +9,13 @@
 //! restarted: after [`RESTART_DELAY`] the first time, twice as long after each further
 //! crash up to [`MAX_RESTART_DELAY`], and back to the short delay once a worker has stayed
 //! up for [`STABLE_AFTER`].
+//!
+//! A serving worker is watched by a heartbeat ([`ToWorker::Ping`], a quarter of
+//! `worker_watchdog` apart). One that leaves it unanswered for `worker_watchdog` (stopped,
+//! deadlocked, its runtime wedged) is killed with SIGKILL and restarted the same way: its
+//! connections close with it, which their clients see as UNAVAILABLE. A worker whose
+//! root-key call hung says so ([`FromWorker::Wedged`]): it takes no new connection from
+//! then on, and is restarted once it has exited.
 
 use std::os::unix::process::CommandExt as _;
 use std::process::{ExitStatus, Stdio};
@@ -36,6 +43,9 @@ pub const STABLE_AFTER: Duration = Duration::from_secs(2);
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// Grace beyond the worker's own drain bound before it is killed.
 const STOP_GRACE: Duration = Duration::from_secs(2);
+
+/// Heartbeats per `worker_watchdog`: a worker is declared dead only after missing several.
+const PINGS_PER_WATCHDOG: u32 = 4;
 
 /// The current way to a tenant's worker: `None` while it is starting or restarting.
 pub type Link = Arc<Mutex<Option<Arc<Channel>>>>;
@@ -109,6 +119,38 @@ enum Ended {
     Failed(String),
     /// Served, then died: restart it.
     Exited(std::io::Result<ExitStatus>),
+    /// Served, then had to be replaced (it exited, or was killed): restart it.
+    Replaced { why: Replaced, status: std::io::Result<ExitStatus> },
+}
+
+/// Why a serving worker was replaced.
+enum Replaced {
+    /// It left the heartbeat unanswered this long.
+    Silent(Duration),
+    /// One of its root-key calls hung past the setting that bounds it.
+    Wedged { call: String, setting: String, after: Duration },
+}
+
+impl std::fmt::Display for Replaced {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Replaced::Silent(silent) => {
+                write!(f, "it did not answer the heartbeat for {} (worker_watchdog)", fmt_duration(*silent))
+            }
+            Replaced::Wedged { call, setting, after } => {
+                write!(
+                    f,
+                    "its root-key {call} call did not return within {} ({setting})",
+                    fmt_duration(*after)
+                )
+            }
+        }
+    }
+}
+
+fn fmt_duration(d: Duration) -> humantime::FormattedDuration {
+    // Milliseconds at most: nobody needs the nanoseconds of a heartbeat.
+    humantime::format_duration(Duration::from_millis(d.as_millis() as u64))
 }
 
 impl Keeper {
@@ -133,6 +175,9 @@ impl Keeper {
                 }
                 Ended::Exited(status) => {
                     tracing::warn!(tenant = %self.tenant, "worker exited: {}", describe(status))
+                }
+                Ended::Replaced { why, status } => {
+                    tracing::warn!(tenant = %self.tenant, "worker replaced: {why}; it ended: {}", describe(status))
                 }
             }
             if started.elapsed() >= STABLE_AFTER {
@@ -167,6 +212,10 @@ impl Keeper {
                 let _ = child.wait().await;
                 return Ended::Failed(message);
             }
+            Ok(Ok(Some((other, _)))) => {
+                let _ = child.kill().await;
+                return Ended::Failed(format!("its worker said {other:?} before it was ready"));
+            }
             Ok(Ok(None)) | Ok(Err(_)) => {
                 let status = describe(child.wait().await);
                 return Ended::Failed(format!("its worker exited before it was ready ({status})"));
@@ -184,23 +233,111 @@ impl Keeper {
             let _ = tx.send(Ok(()));
         }
         tracing::info!(tenant = %self.tenant, pid, "worker ready");
-        let ended = tokio::select! {
-            status = child.wait() => Ended::Exited(status),
-            _ = stopped(&mut self.stop) => Ended::Stopped,
-        };
-        if let Ended::Stopped = ended {
+        let watched = self.watch(&mut child, &channel, pid).await;
+        if let Watched::Stopped = watched {
             // SIGTERM before the channel closes, so the worker stops because it was told
             // to, not because it believes the supervisor died.
             ask_to_stop(&child);
         }
-        // No new connection goes to a stopping or dead worker.
+        // No new connection goes to a stopping, silent or dead worker.
         *self.link.lock().unwrap_or_else(PoisonError::into_inner) = None;
-        if let Ended::Stopped = ended {
-            wait_or_kill(&mut child, self.spec.shutdown_timeout + STOP_GRACE).await;
-        }
+        let ended = match watched {
+            Watched::Stopped => {
+                wait_or_kill(&mut child, self.spec.shutdown_timeout + STOP_GRACE).await;
+                Ended::Stopped
+            }
+            Watched::Exited(status) => Ended::Exited(status),
+            Watched::Replaced(why @ Replaced::Silent(_)) => {
+                // SIGKILL works on a stopped process too; its connections close with it.
+                let _ = child.start_kill();
+                Ended::Replaced { why, status: child.wait().await }
+            }
+            Watched::Replaced(why @ Replaced::Wedged { .. }) => {
+                // It drains what it holds (those requests fail fast) and exits by itself;
+                // a module stuck in a call may keep it from exiting, hence the bound.
+                let grace = self.spec.shutdown_timeout + STOP_GRACE;
+                let status = match tokio::time::timeout(grace, child.wait()).await {
+                    Ok(status) => status,
+                    Err(_) => {
+                        tracing::warn!(tenant = %self.tenant, pid, "worker did not exit within {grace:?}; killing it");
+                        let _ = child.start_kill();
+                        child.wait().await
+                    }
+                };
+                Ended::Replaced { why, status }
+            }
+        };
         drop(channel);
         ended
     }
+
+    /// Watches a serving worker until it exits, must be replaced, or a stop is asked for:
+    /// pings it, reads its answers, and gives up on it after `worker_watchdog` of silence.
+    async fn watch(&mut self, child: &mut Child, channel: &Channel, pid: u32) -> Watched {
+        let watchdog = self.spec.worker_watchdog;
+        let mut ticks = tokio::time::interval(watchdog / PINGS_PER_WATCHDOG);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut seq = 0u64;
+        // When it last answered; Ready counts as an answer.
+        let mut heard = tokio::time::Instant::now();
+        loop {
+            tokio::select! {
+                status = child.wait() => return Watched::Exited(status),
+                _ = stopped(&mut self.stop) => return Watched::Stopped,
+                _ = tokio::time::sleep_until(heard + watchdog) => {
+                    let silent = heard.elapsed();
+                    tracing::error!(
+                        tenant = %self.tenant,
+                        pid,
+                        silent_ms = silent.as_millis() as u64,
+                        "worker did not answer the heartbeat for {} (worker_watchdog = {}): killing it",
+                        fmt_duration(silent),
+                        fmt_duration(watchdog),
+                    );
+                    return Watched::Replaced(Replaced::Silent(silent));
+                }
+                _ = ticks.tick() => {
+                    seq += 1;
+                    // A worker that does not read its channel fills it; its silence is
+                    // what counts, so a ping that does not fit is simply not sent.
+                    if let Err(e) = channel.try_send(&ToWorker::Ping { seq }) {
+                        if e.kind() != std::io::ErrorKind::WouldBlock {
+                            tracing::debug!(tenant = %self.tenant, pid, error = %e, "cannot send a heartbeat");
+                        }
+                    }
+                }
+                msg = channel.recv::<FromWorker>() => match msg {
+                    Ok(Some((FromWorker::Pong { .. }, _))) => heard = tokio::time::Instant::now(),
+                    Ok(Some((FromWorker::Wedged { call, setting, after }, _))) => {
+                        tracing::error!(tenant = %self.tenant, pid, call, setting, "worker's root-key {call} call did not return within {}: replacing the worker", fmt_duration(after));
+                        return Watched::Replaced(Replaced::Wedged { call, setting, after });
+                    }
+                    Ok(Some((other, _))) => {
+                        tracing::warn!(tenant = %self.tenant, pid, message = ?other, "unexpected message from the worker; ignored");
+                    }
+                    // The worker closed its end: it is exiting.
+                    Ok(None) => return Watched::Exited(child.wait().await),
+                    Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                        tracing::warn!(tenant = %self.tenant, pid, error = %e, "bad message from the worker; ignored");
+                    }
+                    // The channel itself failed: the worker can no longer be watched or
+                    // given connections.
+                    Err(e) => {
+                        tracing::error!(tenant = %self.tenant, pid, error = %e, "control channel failed; killing the worker");
+                        let _ = child.start_kill();
+                        return Watched::Exited(child.wait().await);
+                    }
+                },
+            }
+        }
+    }
+}
+
+/// How watching a serving worker ended.
+enum Watched {
+    Stopped,
+    Exited(std::io::Result<ExitStatus>),
+    Replaced(Replaced),
 }
 
 /// Spawns the tenant's worker (`kekd worker`, or `kekd-tpm-worker` for a TPM tenant)
@@ -276,6 +413,9 @@ fn by_seccomp(status: &std::io::Result<ExitStatus>) -> bool {
 fn describe(status: std::io::Result<ExitStatus>) -> String {
     let seccomp = by_seccomp(&status);
     match status {
+        Ok(s) if s.code() == Some(worker::EXIT_REPLACE.into()) => {
+            format!("{s}: it asked to be replaced, since a root-key call hung")
+        }
         Ok(s) if seccomp => format!(
             "{s}: killed by its seccomp filter for a system call the policy does not allow \
              (the kernel's audit log or dmesg names it: type=1326, syscall=N)"

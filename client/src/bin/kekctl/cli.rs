@@ -111,6 +111,17 @@ pub struct GlobalArgs {
     /// Tenant to act for (required)
     #[arg(long, global = true, env = "KEKD_TENANT", value_name = "NAME", value_parser = parse_tenant)]
     pub tenant: Option<TenantName>,
+    /// Give up on kekd after this long without an answer (humantime: 500ms, 5s, 1m),
+    /// with UNAVAILABLE; for each exchange, the Hello included
+    #[arg(
+        long,
+        global = true,
+        env = "KEKD_TIMEOUT",
+        value_name = "DURATION",
+        default_value = "30s",
+        value_parser = parse_timeout
+    )]
+    pub timeout: std::time::Duration,
     /// Print JSON instead of text or raw bytes
     #[arg(long, global = true)]
     pub json: bool,
@@ -312,6 +323,10 @@ fn parse_key(s: &str) -> Result<KeyName, String> {
     KeyName::parse(s)
 }
 
+fn parse_timeout(s: &str) -> Result<std::time::Duration, String> {
+    kekd_client::bench::parse_duration(s)
+}
+
 fn parse_vsock(s: &str) -> Result<Endpoint, String> {
     Endpoint::parse_vsock(s).map_err(|e| e.to_string())
 }
@@ -329,6 +344,8 @@ pub struct Settings {
     pub socket: Endpoint,
     /// Always set for a command that connects; `None` only for an offline one.
     pub tenant: Option<TenantName>,
+    /// `--timeout`: the bound on each exchange with kekd.
+    pub timeout: std::time::Duration,
     pub json: bool,
     pub context: Context,
     pub metadata: Metadata,
@@ -373,7 +390,7 @@ impl Global {
             fields,
         };
         let socket = args.vsock.unwrap_or(Endpoint::Unix(args.socket));
-        Ok(Settings { socket, tenant, json: args.json, context, metadata })
+        Ok(Settings { socket, tenant, timeout: args.timeout, json: args.json, context, metadata })
     }
 }
 

@@ -39,8 +39,11 @@ pub fn help_text() -> String {
     text.push_str(&format!("  {EXIT_LOCAL:<3} local failure (stdin, stdout, reading a file)\n"));
     text.push_str(&format!("  {EXIT_USAGE:<3} usage error\n"));
     for (code, n) in EXIT_CODES {
-        let note =
-            if code == Code::Unavailable { " (also: socket not reachable, connection lost)" } else { "" };
+        let note = if code == Code::Unavailable {
+            " (also: socket not reachable, connection lost, no answer within --timeout)"
+        } else {
+            ""
+        };
         text.push_str(&format!("  {n:<3} {}{note}\n", code_name(code)));
     }
     text.push_str(&format!("  {EXIT_AUDIT_BROKEN:<3} audit verify: the audit log's hash chain is broken\n"));
@@ -105,6 +108,14 @@ impl From<ClientError> for CliError {
     fn from(e: ClientError) -> Self {
         match e {
             ClientError::Status(s) => CliError::Status(s),
+            // Named by the option that sets it, so the user knows what to raise.
+            ClientError::TimedOut { after } => CliError::Status(ErrorStatus::new(
+                Code::Unavailable,
+                format!(
+                    "no answer from kekd within {} (--timeout, KEKD_TIMEOUT)",
+                    humantime::format_duration(after)
+                ),
+            )),
             other => CliError::Status(ErrorStatus::new(other.code(), other.to_string())),
         }
     }
@@ -162,6 +173,9 @@ mod tests {
 
     #[test]
     fn connection_failures_are_unavailable() {
+        let late = CliError::from(ClientError::TimedOut { after: std::time::Duration::from_secs(1) });
+        assert_eq!(late.to_string(), "UNAVAILABLE: no answer from kekd within 1s (--timeout, KEKD_TIMEOUT)");
+        assert_eq!(late.exit_code(), ExitCode::from(8));
         let err = CliError::from(ClientError::Closed);
         assert_eq!(err.to_string(), "UNAVAILABLE: connection to kekd closed");
         let err = CliError::from(ClientError::Status(ErrorStatus::new(Code::NotFound, "no key \"x\"")));

@@ -191,7 +191,8 @@ async fn connect(s: &Settings) -> Result<PooledClient, CliError> {
 
 /// [`connect`], for `tenant` rather than the one of the command line.
 async fn connect_to(s: &Settings, tenant: &TenantName) -> Result<PooledClient, CliError> {
-    let pool = Pool::new(&s.socket, CLIENT_NAME, ClientOptions::default(), RetryPolicy::default());
+    let options = ClientOptions { request_timeout: Some(s.timeout), ..ClientOptions::default() };
+    let pool = Pool::new(&s.socket, CLIENT_NAME, options, RetryPolicy::default());
     let client = pool.tenant(tenant);
     client.hello().await.map(|_| client).map_err(|e| match e {
         ClientError::Io(io) => {

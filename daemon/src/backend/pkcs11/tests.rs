@@ -24,6 +24,7 @@ fn config(key_label: &str, create_root_key: bool) -> Pkcs11Config {
         module_env: Default::default(),
         allow_exportable_root: false,
         max_sessions: crate::config::DEFAULT_MAX_SESSIONS,
+        call_timeout: std::time::Duration::from_secs(5),
     }
 }
 

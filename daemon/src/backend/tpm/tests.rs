@@ -25,6 +25,7 @@ fn config(tpm: &Tpm, pcrs: &[u8], encrypt: bool) -> TpmConfig {
         primary_handle: None,
         pcrs: pcrs.to_vec(),
         parameter_encryption: Some(encrypt),
+        call_timeout: std::time::Duration::from_secs(5),
     }
 }
 
