@@ -160,6 +160,11 @@ impl RootKey for Bounded {
         self.inner.describe()
     }
 
+    /// Kept from the open, not asked of the module: no call to bound.
+    fn exceptions(&self) -> Vec<String> {
+        self.inner.exceptions()
+    }
+
     /// The sibling shares this key's bound and wedge: it lives in the same module.
     fn sibling(&self, label: &str) -> Result<Arc<dyn RootKey>, BackendError> {
         let label = label.to_owned();
