@@ -100,3 +100,25 @@ fn check_config_names_max_sessions() {
         assert!(said.contains("tenants.acme.pkcs11.max_sessions"), "the error names the field: {said}");
     }
 }
+
+/// What kekd does besides serving opens sessions too: creating the root key at the first
+/// start, and a root key rotation's new key. With a token that grants one session and
+/// `max_sessions = 1`, both fit: kekd never asks for a second session.
+#[test]
+fn creating_and_rotating_the_root_key_stay_within_max_sessions() {
+    let mut kekd =
+        Kekd::builder().tenant(Tenant::owned_by_me("acme").max_sessions(1).behind_outage_switch()).prepare();
+    kekd.cap_sessions("acme", 1, Duration::ZERO);
+    // The first start creates the root key.
+    kekd.start();
+    let (plain, edek) = kekd.generate("default", &[]);
+    kekd.kekctl().args(["root", "rotate", "--label", "acme-root-1"]).run().ok();
+    kekd.keys(["create", "after"]).ok();
+    let after = kekd.wrap("after", b"sealed by the new root key", &[]);
+    // Cold: a new worker unseals both under their root keys.
+    kekd.restart_after_kill();
+    assert_eq!(kekd.unwrap(&edek, &[]).ok(), &plain[..]);
+    assert_eq!(kekd.unwrap(&after, &[]).ok(), b"sealed by the new root key");
+    let report = report(&kekd);
+    assert_eq!((report.peak, report.refused), (1, 0), "{report:?}");
+}

@@ -188,14 +188,19 @@ impl Pkcs11RootKey {
             }
         };
         let pin = AuthPin::from(pin.as_str());
-        let session = pkcs11.open_ro_session(slot).map_err(|e| failed("open a session", &e))?;
+        // One session, whatever happens here, so that `max_sessions` holds from the first
+        // (a pool of one included): read-write when it may have to create the root key.
+        let session = if cfg.create_root_key {
+            pkcs11.open_rw_session(slot).map_err(|e| failed("open a read-write session", &e))?
+        } else {
+            pkcs11.open_ro_session(slot).map_err(|e| failed("open a session", &e))?
+        };
         login(&session, &pin).map_err(|e| failed("log in with the configured user PIN", &e))?;
 
         let key = match find_keys(&session, label).map_err(|e| failed("search for the root key", &e))?[..] {
             [key] => key,
             [] if cfg.create_root_key => {
-                let rw = pkcs11.open_rw_session(slot).map_err(|e| failed("open a read-write session", &e))?;
-                let key = rw
+                let key = session
                     .generate_key(&Mechanism::AesKeyGen, &root_key_template(label))
                     .map_err(|e| failed(&format!("create root key {label:?}"), &e))?;
                 tracing::info!(tenant, token = %token, key = %label, "created root key (AES-256, non-extractable)");
@@ -244,6 +249,45 @@ impl Pkcs11RootKey {
             exceptions,
             pool: Arc::new(SessionPool::new(cfg.max_sessions, session, generation)),
         })
+    }
+
+    /// Room for one more session in the pool, for an operation that opens a session of its
+    /// own (a rotation's sibling, a BYOK import), so that `max_sessions` holds for those too:
+    /// an idle session is closed to make it if need be. Returns the generation the room is
+    /// counted in; give it back with `pool.unopened` (or fill it with `pool.opened`).
+    fn make_room(&self, what: &str) -> Result<u64, BackendError> {
+        // Under the gate, as every use of a session: a session of a generation gone must not
+        // be closed (its handle may be another's now), and the pool only gives this one's.
+        let gate = self.lib.enter();
+        let generation = gate.generation();
+        match self.pool.take(generation, Instant::now() + SESSION_WAIT) {
+            // Closed here; its place in the count is the room.
+            Ok(Take::Idle(idle)) => {
+                let _ = idle.session.close();
+            }
+            Ok(Take::Room) => {}
+            Err(_) => {
+                return Err(BackendError::Unreachable(format!(
+                    "token {:?}: no session to spare to {what} within {}s (pkcs11.max_sessions = {})",
+                    self.token_label,
+                    SESSION_WAIT.as_secs(),
+                    self.pool.max()
+                )))
+            }
+        }
+        Ok(generation)
+    }
+
+    /// Runs `op`, which opens and closes a session of its own, in room made in the pool.
+    fn in_room<T>(
+        &self,
+        what: &str,
+        op: impl FnOnce() -> Result<T, BackendError>,
+    ) -> Result<T, BackendError> {
+        let generation = self.make_room(what)?;
+        let result = op();
+        self.pool.unopened(generation);
+        result
     }
 
     fn importer(&self) -> Result<import::Importer, BackendError> {
@@ -609,12 +653,31 @@ impl RootKey for Pkcs11RootKey {
         cfg.key_label = label.to_owned();
         cfg.create_root_key = true;
         let pin = Zeroizing::new(self.pin.expose_secret().to_owned());
-        let mut sibling = Pkcs11RootKey::open(&self.tenant, &cfg, pin, &self.lock_dir, None)?;
-        // One tenant, one token, one budget of sessions: the sibling uses this root key's
-        // pool, and the session it opened with goes.
+        // One tenant, one token, one budget of sessions: the sibling opens in room made in
+        // this root key's pool (an idle session is closed for it if need be), and the session
+        // it opened with then joins that pool, which the sibling uses from then on.
+        let generation = self.make_room(&format!("open root key {label:?}"))?;
+        let mut sibling = match Pkcs11RootKey::open(&self.tenant, &cfg, pin, &self.lock_dir, None) {
+            Ok(sibling) => sibling,
+            Err(e) => {
+                self.pool.unopened(generation);
+                return Err(e);
+            }
+        };
         let own = std::mem::replace(&mut sibling.pool, Arc::clone(&self.pool));
         let gate = self.lib.enter();
-        for session in own.drain(gate.generation()) {
+        let mut opened = own.drain(gate.generation()).into_iter();
+        match opened.next() {
+            Some(session) if gate.generation() == generation => {
+                self.pool.put(self.pool.opened(session, generation))
+            }
+            Some(session) => {
+                // The module started over meanwhile: the room was of a generation gone.
+                let _ = session.close();
+            }
+            None => self.pool.unopened(generation),
+        }
+        for session in opened {
             let _ = session.close();
         }
         drop(gate);
@@ -622,9 +685,11 @@ impl RootKey for Pkcs11RootKey {
     }
 
     fn transport_key(&self, label: &str) -> Result<super::TransportKey, BackendError> {
-        // The importer's sessions must not outlive a generation of the module either.
-        let _gate = self.lib.enter();
-        self.importer()?.transport_key(label)
+        self.in_room("make a transport key", || {
+            // The importer's sessions must not outlive a generation of the module either.
+            let _gate = self.lib.enter();
+            self.importer()?.transport_key(label)
+        })
     }
 
     fn import_root_key(
@@ -633,8 +698,10 @@ impl RootKey for Pkcs11RootKey {
         algorithm: super::WrappingAlgorithm,
         wrapped: &[u8],
     ) -> Result<(), BackendError> {
-        let _gate = self.lib.enter();
-        self.importer()?.import_root_key(label, algorithm, wrapped)
+        self.in_room("import a root key", || {
+            let _gate = self.lib.enter();
+            self.importer()?.import_root_key(label, algorithm, wrapped)
+        })
     }
 
     fn exceptions(&self) -> Vec<String> {
