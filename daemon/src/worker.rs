@@ -373,9 +373,9 @@ fn open_tenant(
     name: &TenantName,
     run_as: Option<&RunAs>,
 ) -> Result<TenantService, Error> {
-    let (timeout, setting) = spec.tenant_config.call_timeout(name.as_str());
-    let backend = Bounded::wrap(backend, timeout, setting);
     let arena = LockedArena::new(spec.allow_unlocked_memory)?;
+    let (timeout, setting) = spec.tenant_config.call_timeout(name.as_str());
+    let backend = Bounded::wrap(backend, timeout, setting, Arc::clone(&arena));
     let store = KeyStore::open_in(tenant_dir, name, backend.describe())?;
     let audit = Audit::open(&spec.audit, name.as_str(), run_as).map_err(Error::AuditOpen)?;
     let t = &spec.tenant_config;

@@ -23,9 +23,9 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
-use zeroize::Zeroizing;
 
 use super::{BackendError, RootKey, TransportKey, WrappingAlgorithm, KEK_LEN};
+use crate::secret::{KeySlot, LockedArena};
 
 /// A root-key call that did not return in time: what was called, and the setting that
 /// bounded it.
@@ -88,6 +88,10 @@ pub struct Bounded {
     inner: Arc<dyn RootKey>,
     guard: Arc<Guard>,
     helpers: Arc<Helpers>,
+    /// Where a KEK on its way to or from a call's thread waits: locked memory, like every
+    /// KEK of the worker, and a slot of its own, since a call abandoned past the bound may
+    /// still write into it after the caller has moved on.
+    arena: Arc<LockedArena>,
 }
 
 impl Bounded {
@@ -96,9 +100,14 @@ impl Bounded {
         inner: Arc<dyn RootKey>,
         timeout: Duration,
         setting: impl Into<Arc<str>>,
+        arena: Arc<LockedArena>,
     ) -> Arc<dyn RootKey> {
         let guard = Guard { timeout, setting: setting.into(), stuck: OnceLock::new() };
-        Arc::new(Bounded { inner, guard: Arc::new(guard), helpers: Arc::default() })
+        Arc::new(Bounded { inner, guard: Arc::new(guard), helpers: Arc::default(), arena })
+    }
+
+    fn slot(&self) -> Result<KeySlot, BackendError> {
+        self.arena.alloc().map_err(|e| BackendError::Internal(format!("no locked memory for a KEK: {e}")))
     }
 
     /// Runs `f` on a helper thread and waits for it at most the bound.
@@ -134,21 +143,23 @@ impl Bounded {
 impl RootKey for Bounded {
     fn seal(&self, aad: &[u8], kek: &[u8; KEK_LEN]) -> Result<Vec<u8>, BackendError> {
         let aad = aad.to_vec();
-        // Boxed, so that moving it to the call's thread moves a pointer, not the key.
-        let kek = Box::new(Zeroizing::new(*kek));
-        self.call("seal", move |root| root.seal(&aad, &kek))
+        // A locked slot of the call's own: moving it to the call's thread moves a handle,
+        // not the key.
+        let mut slot = self.slot()?;
+        slot.bytes_mut().copy_from_slice(kek);
+        self.call("seal", move |root| root.seal(&aad, slot.bytes()))
     }
 
-    /// The call's thread unseals into a buffer of its own, wiped when dropped: `out` may not
-    /// outlive a call that is abandoned, the thread's buffer may.
+    /// The call's thread unseals into a locked slot of its own, wiped when dropped: `out`
+    /// may not outlive a call that is abandoned, the slot may.
     fn unseal(&self, aad: &[u8], sealed: &[u8], out: &mut [u8; KEK_LEN]) -> Result<(), BackendError> {
         let (aad, sealed) = (aad.to_vec(), sealed.to_vec());
-        let kek = self.call("unseal", move |root| {
-            let mut kek = Box::new(Zeroizing::new([0u8; KEK_LEN]));
-            root.unseal(&aad, &sealed, &mut kek)?;
-            Ok(kek)
+        let mut slot = self.slot()?;
+        let slot = self.call("unseal", move |root| {
+            root.unseal(&aad, &sealed, slot.bytes_mut())?;
+            Ok(slot)
         })?;
-        out.copy_from_slice(&kek[..]);
+        out.copy_from_slice(slot.bytes());
         Ok(())
     }
 
@@ -169,7 +180,12 @@ impl RootKey for Bounded {
     fn sibling(&self, label: &str) -> Result<Arc<dyn RootKey>, BackendError> {
         let label = label.to_owned();
         let inner = self.call("sibling", move |root| root.sibling(&label))?;
-        Ok(Arc::new(Bounded { inner, guard: Arc::clone(&self.guard), helpers: Arc::clone(&self.helpers) }))
+        Ok(Arc::new(Bounded {
+            inner,
+            guard: Arc::clone(&self.guard),
+            helpers: Arc::clone(&self.helpers),
+            arena: Arc::clone(&self.arena),
+        }))
     }
 
     fn transport_key(&self, label: &str) -> Result<TransportKey, BackendError> {
@@ -348,7 +364,7 @@ mod tests {
     const SETTING: &str = "tenants.acme.pkcs11.call_timeout";
 
     fn bounded(slow: &Arc<Slow>, timeout: Duration) -> Arc<dyn RootKey> {
-        Bounded::wrap(Arc::new(Arc::clone(slow)), timeout, SETTING)
+        Bounded::wrap(Arc::new(Arc::clone(slow)), timeout, SETTING, LockedArena::new(true).unwrap())
     }
 
     #[test]
@@ -405,7 +421,12 @@ mod tests {
     #[test]
     fn calls_reuse_their_threads() {
         let slow = Arc::new(Slow::default());
-        let root = Bounded::wrap(Arc::new(Arc::clone(&slow)), Duration::from_secs(10), SETTING);
+        let root = Bounded::wrap(
+            Arc::new(Arc::clone(&slow)),
+            Duration::from_secs(10),
+            SETTING,
+            LockedArena::new(true).unwrap(),
+        );
         let threads = || {
             std::fs::read_dir("/proc/self/task")
                 .unwrap()
