@@ -1816,6 +1816,35 @@ impl Kekd {
         fs::read_to_string(path).expect("read kekd.toml")
     }
 
+    /// Starts once with every `run_as` line of the config left out (the workers as root, so
+    /// that the root keys and key stores exist), stops, and puts the config back: a SoftHSM2
+    /// token is made by root, and an operator hands it to the tenant's user afterwards
+    /// ([`Kekd::hand_token_to`]).
+    #[track_caller]
+    pub fn first_start_as_root(&mut self) {
+        let config = self.config_text();
+        let as_root: String =
+            config.lines().filter(|l| !l.starts_with("run_as = ")).map(|l| format!("{l}\n")).collect();
+        self.write_config_text(&as_root);
+        self.start();
+        assert!(self.stop_with(Signal::SIGTERM).success(), "kekd did not stop cleanly");
+        self.write_config_text(&config);
+    }
+
+    /// Gives the SoftHSM2 token directory (every token of this daemon) to `user`, as an
+    /// operator does for a `run_as` worker.
+    #[track_caller]
+    pub fn hand_token_to(&self, user: &TestUser) {
+        let tokens = self.softhsm().expect("a SoftHSM2 token").token_dir();
+        let out = Command::new("chown")
+            .arg("-R")
+            .arg(format!("{}:{}", user.uid, user.gid))
+            .arg(tokens)
+            .output()
+            .expect("run chown");
+        assert!(out.status.success(), "chown {}: {out:?}", tokens.display());
+    }
+
     /// Replaces the config file (run mode).
     #[track_caller]
     pub fn write_config_text(&self, text: &str) {

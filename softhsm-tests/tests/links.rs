@@ -121,21 +121,8 @@ fn tenant_run_as(user: &TestUser) -> (Kekd, Vec<u8>, Vec<u8>) {
     let mut kekd = Kekd::builder()
         .tenant(Tenant::owned_by_me("acme").run_as(&user.name).backend(Backend::SoftHsm))
         .prepare();
-    // As root first, to make the token's root key; then the token's files go to the user,
-    // as an operator would do for a SoftHSM2 token (a real HSM has no files to hand over).
-    let config = kekd.config_text();
-    kekd.write_config_text(&config.replace(&format!("run_as = \"{}\"\n", user.name), ""));
-    kekd.start();
-    assert!(kekd.stop_with(Signal::SIGTERM).success());
-    let tokens = kekd.softhsm().unwrap().token_dir().to_path_buf();
-    let out = Command::new("chown")
-        .arg("-R")
-        .arg(format!("{}:{}", user.uid, user.gid))
-        .arg(&tokens)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "chown: {out:?}");
-    kekd.write_config_text(&config);
+    kekd.first_start_as_root();
+    kekd.hand_token_to(user);
     kekd.start();
     let (plain, edek) = kekd.generate("default", &[]);
     (kekd, plain, edek)

@@ -20,12 +20,7 @@ fn tenant_run_as_on_roots_token(user: &TestUser) -> Kekd {
     let mut kekd = Kekd::builder()
         .tenant(Tenant::owned_by_me("acme").run_as(&user.name).backend(Backend::SoftHsm))
         .prepare();
-    let config = kekd.config_text();
-    kekd.write_config_text(&config.replace(&format!("run_as = \"{}\"\n", user.name), ""));
-    kekd.start();
-    kekd.generate("default", &[]);
-    assert!(kekd.stop_with(Signal::SIGTERM).success());
-    kekd.write_config_text(&config);
+    kekd.first_start_as_root();
     kekd
 }
 
