@@ -11,7 +11,8 @@
 //! excluded) ‖ canonical context. The tenant is in the AAD and not in the EDEK, so another
 //! tenant's EDEK fails authentication instead of naming a foreign tenant.
 
-use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
+pub use aws_lc_rs::aead::NONCE_LEN;
+use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
 use kekd_proto::{put_str16, Context, KeyName, Secret, TenantName, MAX_KEY_NAME_LEN};
 use zeroize::Zeroizing;
 
@@ -112,6 +113,15 @@ impl<'a> Edek<'a> {
         }
         Ok(Edek { key, version, header, nonce: nonce.try_into().expect("12 bytes"), sealed })
     }
+}
+
+/// Where an EDEK's nonce lies by the v1 layout (after the name its length gives, and the
+/// version), without checking anything else: for naming an EDEK in the audit trail,
+/// tampered ones too.
+pub fn nonce_of(edek: &[u8]) -> Option<[u8; NONCE_LEN]> {
+    let len = u16::from_be_bytes([*edek.get(2)?, *edek.get(3)?]) as usize;
+    let at = 8 + len;
+    edek.get(at..at + NONCE_LEN).map(|n| n.try_into().expect("NONCE_LEN bytes"))
 }
 
 /// Fuzzing only: the parser's output written back in the layout [`Sealer::seal`] writes,

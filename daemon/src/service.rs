@@ -14,7 +14,9 @@ use kekd_proto::{
 };
 use zeroize::Zeroizing;
 
-use crate::audit::{Access, Audit, Caller, Item, KekFrom, Records, RequestPart, Stamp, WriteError};
+use crate::audit::{
+    Access, Audit, Caller, EdekId, Entry, Item, KekFrom, Keks, Records, RequestPart, Stamp, WriteError,
+};
 use crate::backend::{BackendError, RootKey, WrappingAlgorithm};
 use crate::cache::{Kek, KekCache, LeaseState, LoadError, Source};
 use crate::clock::BootInstant;
@@ -339,7 +341,7 @@ impl TenantService {
         self.cache.flush();
     }
 
-    /// Serves one request and writes its audit records (one per batch item); `deliver`
+    /// Serves one request and writes its audit record (its items inside); `deliver`
     /// gets the answer once they are written, on whichever task wrote them. In
     /// `fail_closed` mode an answer whose records could not be written becomes
     /// UNAVAILABLE, and the key material in it is wiped unsent.
@@ -419,7 +421,7 @@ impl TenantService {
         let shared = RequestPart::new(Some(caller), Some(resp.id), meta);
         let outcome = resp.result.as_ref().map(|_| ());
         let access = Access::default();
-        let it = Item { item: None, access: &access, outcome, detail: None };
+        let it = Item { access: &access, outcome, detail: None };
         let record = Records::one(&Stamp::now(), self.tenant.as_str(), event, it, &shared);
         // Nothing is withheld: the answer is an error either way.
         let _ = self.audit.commit(record).await;
@@ -434,7 +436,7 @@ impl TenantService {
         self.stats.refused_many(code, r.count);
         let error = ErrorStatus::new(code, r.message);
         let access = Access::default();
-        let it = Item { item: None, access: &access, outcome: Err(&error), detail: None };
+        let it = Item { access: &access, outcome: Err(&error), detail: None };
         let record = Records::one(&Stamp::now(), self.tenant.as_str(), "hello", it, &shared);
         let _ = self.audit.commit(record).await;
     }
@@ -450,7 +452,8 @@ impl TenantService {
         self.audit.close().await;
     }
 
-    /// One audit record per item of a batch answer; one for anything else.
+    /// The audit record of a request: with its items (each named by its EDEK) for the
+    /// operations on data keys, a record of one thing for anything else.
     fn records(
         &self,
         time: &Stamp,
@@ -460,30 +463,37 @@ impl TenantService {
         shared: &RequestPart,
     ) -> Records {
         let tenant = self.tenant.as_str();
+        let request = |outcome, target, keks, n| {
+            Records::request(time, tenant, event, shared, outcome, target, keks, n)
+        };
         match (result, audited) {
             (Ok(Reply::Batch(items)), Audited::Items(accesses)) => {
-                let mut records = Records::new(time, tenant, event, shared, items.len());
-                for (i, (r, access)) in items.iter().zip(accesses.iter()).enumerate() {
-                    records.push(Item {
-                        item: Some(i),
-                        access,
-                        outcome: r.as_ref().map(|_| ()),
-                        detail: None,
-                    });
+                let mut r = request(Ok(()), None, Keks::count(&accesses), items.len());
+                for (res, access) in items.iter().zip(accesses.iter()) {
+                    let made = res.as_ref().ok().and_then(|ok| ok.edek.as_deref()).and_then(EdekId::of);
+                    r.push(Entry { access, outcome: res.as_ref().map(|_| ()), made });
                 }
-                records
+                r.finish()
+            }
+            // Refused as a whole: each EDEK it presented is still named, with the refusal.
+            (Err(e), Audited::Items(accesses)) => {
+                let mut r = request(Err(e), None, Keks::default(), accesses.len());
+                for access in &accesses {
+                    r.push(Entry { access, outcome: Err(e), made: None });
+                }
+                r.finish()
             }
             (result, audited) => {
                 let (access, detail) = match audited {
                     Audited::Whole(a, d) => (a, d),
                     Audited::Items(_) => (Access::default(), None),
                 };
-                let it = Item {
-                    item: None,
-                    access: &access,
-                    outcome: result.as_ref().map(|_| ()),
-                    detail: detail.as_ref(),
-                };
+                let outcome = result.as_ref().map(|_| ());
+                if has_items(event) {
+                    // Failed before it had items (an unknown key, a budget): none to name.
+                    return request(outcome, Some(&access), Keks::count([&access]), 0).finish();
+                }
+                let it = Item { access: &access, outcome, detail: detail.as_ref() };
                 Records::one(time, tenant, event, it, shared)
             }
         }
@@ -498,7 +508,7 @@ impl TenantService {
                 whole(Some(key), None)
             }
             Op::SetVersionState { key, version, state } => Audited::Whole(
-                Access { key: Some(key.clone()), version: Some(*version), kek: None },
+                Access { key: Some(key.clone()), version: Some(*version), ..Access::default() },
                 Some(serde_json::json!({ "state": format!("{state:?}") })),
             ),
             Op::SetKeyPolicy { key, min_decrypt_version, keep_versions } => whole(
@@ -516,11 +526,11 @@ impl TenantService {
         };
         if op.is_admin() && caller.role != Role::Admin {
             let e = Error::NotAdmin { tenant: self.tenant.to_string(), peer: caller.peer.to_string() };
-            return (Err(e.status()), target);
+            return (Err(e.status()), presented(&op).unwrap_or(target));
         }
         if self.store.destroyed().is_some() && !matches!(op, Op::Status) {
             let e = Error::TenantDestroyed(self.tenant.to_string());
-            return (Err(e.status()), target);
+            return (Err(e.status()), presented(&op).unwrap_or(target));
         }
         let status = |r: Result<KeyInfo, Error>| r.map(Reply::Key).map_err(|e| e.status());
         let result = match op {
@@ -642,7 +652,7 @@ impl TenantService {
                     Err(e) => Err(e.status()),
                     Ok(version) => {
                         let (sealer, from) = active.get(self, &key, version).await;
-                        access.version = Some(version);
+                        access.from_version = access.version.replace(version);
                         access.kek = worse(access.kek, from);
                         sealer.map(|s| ItemOk {
                             plaintext: None,
@@ -665,11 +675,12 @@ impl TenantService {
         sealers: &mut SealerSet<'s>,
         it: &EdekItem,
     ) -> (Result<(Secret, KeyName, u32), ErrorStatus>, Access) {
+        let opened = EdekId::of(&it.edek);
         let Ok(edek) = Edek::parse(&it.edek) else {
-            return (Err(Error::DataInvalid.status()), Access::default());
+            return (Err(Error::DataInvalid.status()), Access { opened, ..Access::default() });
         };
         let (sealer, from) = sealers.get(self, &edek.key, edek.version).await;
-        let access = Access::of(&edek.key, edek.version, from);
+        let access = Access { opened, ..Access::of(&edek.key, edek.version, from) };
         let res = match sealer {
             Ok(s) => s
                 .open(&edek, &it.context)
@@ -1153,6 +1164,18 @@ enum Audited {
     Whole(Access, Option<serde_json::Value>),
 }
 
+/// The operations whose records list their items, each named by its EDEK.
+fn has_items(event: &str) -> bool {
+    matches!(event, "generate" | "wrap" | "unwrap" | "rewrap")
+}
+
+/// The EDEKs a request presented, for the record of a request refused as a whole.
+fn presented(op: &Op) -> Option<Audited> {
+    let (Op::Unwrap(items) | Op::Rewrap(items)) = op else { return None };
+    let named = |it: &EdekItem| Access { opened: EdekId::of(&it.edek), ..Access::default() };
+    Some(Audited::Items(items.iter().map(named).collect()))
+}
+
 /// The accesses of a batch served with one KEK: the first item fetched it (from wherever
 /// it came), the others reused it.
 fn batch_accesses(key: &KeyName, version: u32, from: KekFrom, n: usize) -> Vec<Access> {
@@ -1505,22 +1528,37 @@ mod tests {
         let of = |event: &str| -> Vec<&serde_json::Value> {
             records.iter().filter(|r| r["event"] == event).collect()
         };
+        let id = |e: &[u8]| {
+            use base64::Engine;
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(crate::envelope::nonce_of(e).unwrap())
+        };
         let generated = of("generate");
-        assert_eq!(generated.len(), 2);
-        assert_eq!(generated[0]["kek"], "parent", "unsealed under billing's KEK: {:?}", generated[0]);
-        assert_eq!(generated[1]["kek"], "cache");
+        assert_eq!(generated.len(), 1, "one record per request");
+        let made = &generated[0]["items"];
+        assert_eq!(made[0]["kek"], "parent", "unsealed under billing's KEK: {made:?}");
+        assert_eq!(made[1]["kek"], "cache");
+        assert_eq!(generated[0]["kek"], serde_json::json!({ "cache": 1, "parent": 1 }));
+        for (i, e) in got.iter().enumerate() {
+            assert_eq!(
+                made[i]["edek"],
+                id(e.as_ref().unwrap().edek.as_deref().unwrap()),
+                "named by its nonce"
+            );
+        }
         let rotated = of("rotate_key");
         assert_eq!((&rotated[0]["key"], &rotated[0]["version"]), (&"billing/invoices".into(), &2.into()));
-        let rewrapped = of("rewrap");
+        let rewrapped = &of("rewrap")[0]["items"];
         // Opened under version 1 (cached), sealed under the new version 2 (a fresh unseal).
-        assert_eq!(rewrapped[0]["version"], 2);
+        assert_eq!((&rewrapped[0]["from_version"], &rewrapped[0]["version"]), (&1.into(), &2.into()));
         assert_eq!(rewrapped[0]["kek"], "parent");
         assert_eq!(rewrapped[0]["outcome"], "ok");
+        assert_eq!(rewrapped[0]["from"], id(&edek));
+        assert_eq!(rewrapped[0]["to"].as_str().map(str::len), Some(16));
         assert_eq!(
             (&rewrapped[1]["outcome"], &rewrapped[1]["code"]),
             (&"error".into(), &"DATA_INVALID".into())
         );
-        assert_eq!(rewrapped[1]["item"], 1);
+        assert!(rewrapped[1].get("to").is_none());
         let seqs: Vec<u64> = records.iter().map(|r| r["seq"].as_u64().unwrap()).collect();
         assert_eq!(seqs, (1..=records.len() as u64).collect::<Vec<_>>());
     }

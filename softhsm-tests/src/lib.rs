@@ -259,6 +259,35 @@ pub fn unb64(s: &str) -> Vec<u8> {
         .unwrap_or_else(|e| panic!("{s:?} is not standard base64: {e}"))
 }
 
+/// `n` records of `tenant` in audit format 1 (docs/FORMATS.md §5.1: no `v`, one record
+/// per item), from the genesis record on, chained by the rule of §5: what a build before
+/// format 2 left behind.
+pub fn format1_trail(tenant: &str, n: u64) -> String {
+    use sha2::Digest;
+    let mut prev = "0".repeat(64);
+    let mut out = String::new();
+    for seq in 1..=n {
+        let body = format!(
+            "{{\"time\":\"2026-11-20T10:00:00.{seq:03}Z\",\"tenant\":\"{tenant}\",\"event\":\"unwrap\",\"request_id\":1,\
+             \"item\":{},\"key\":\"default\",\"version\":1,\"outcome\":\"ok\",\"kek\":\"cache\",\"seq\":{seq},\"prev\":\"{prev}\"}}",
+            seq - 1
+        );
+        let hash = hex::encode(sha2::Sha256::digest(body.as_bytes()));
+        out.push_str(&format!("{},\"hash\":\"{hash}\"}}\n", &body[..body.len() - 1]));
+        prev = hash;
+    }
+    out
+}
+
+/// An EDEK's name in the audit trail (docs/FORMATS.md §5): its 12-byte nonce, which
+/// follows the header (format, algorithm, name length, name, version), in unpadded
+/// base64url. Written from the format, not from kekd's code.
+pub fn edek_id(edek: &[u8]) -> String {
+    let name_len = u16::from_be_bytes([edek[2], edek[3]]) as usize;
+    let nonce = &edek[8 + name_len..20 + name_len];
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(nonce)
+}
+
 /// `n` random bytes from the OS.
 pub fn random_bytes(n: usize) -> Vec<u8> {
     let mut buf = vec![0u8; n];

@@ -30,7 +30,7 @@ fn every_access_is_recorded_with_its_caller_and_metadata() {
         .start();
 
     // A batch of three, with every kind of caller metadata.
-    let out = kekd
+    let made = kekd
         .kekctl()
         .json()
         .args(["generate", "--key", "default", "--count", "3"])
@@ -39,7 +39,7 @@ fn every_access_is_recorded_with_its_caller_and_metadata() {
         .args(["--audit-field", "ticket=CHG-1", "--audit-field", "env=prod"])
         .run()
         .json();
-    let edek = softhsm_tests::unb64(out[0]["edek"].as_str().expect("an edek"));
+    let edek = softhsm_tests::unb64(made[0]["edek"].as_str().expect("an edek"));
     kekd.unwrap(&edek, &[]).ok();
     let mut tampered = edek.clone();
     *tampered.last_mut().unwrap() ^= 1;
@@ -53,37 +53,45 @@ fn every_access_is_recorded_with_its_caller_and_metadata() {
 
     let records = kekd.audit_records("acme");
     let generated = events(&records, "generate");
-    assert_eq!(generated.len(), 3, "one record per batch item: {generated:#?}");
-    for (i, r) in generated.iter().enumerate() {
-        assert_eq!(r["item"], i);
-        assert_eq!(r["tenant"], "acme");
-        assert_eq!(r["key"], "default");
-        assert_eq!(r["version"], 1);
-        assert_eq!(r["outcome"], "ok");
-        assert_eq!(r["role"], "admin");
-        assert_eq!(r["peer"]["uid"], my_uid());
-        assert!(r["peer"]["pid"].as_i64().unwrap() > 1, "{r}");
-        let exe = r["peer"]["exe"].as_str().expect("the caller's executable");
-        assert!(exe.ends_with("/kekctl"), "{exe}");
-        assert_eq!(r["meta"]["principal"], "billing-svc");
-        assert_eq!(r["meta"]["data_label"], "invoices-2026");
-        assert_eq!(r["meta"]["request_id"], "req-42");
-        assert_eq!(r["meta"]["source_address"], "10.1.2.3");
-        assert_eq!(r["meta"]["fields"]["ticket"], "CHG-1");
-        assert_eq!(r["meta"]["fields"]["env"], "prod");
-        assert!(r["time"].as_str().unwrap().ends_with('Z'), "{r}");
-    }
+    assert_eq!(generated.len(), 1, "one record per request: {generated:#?}");
+    let r = generated[0];
+    assert_eq!(r["v"], 2, "format 2");
+    assert_eq!(r["tenant"], "acme");
+    assert_eq!(r["outcome"], "ok");
+    assert_eq!(r["role"], "admin");
+    assert_eq!(r["peer"]["uid"], my_uid());
+    assert!(r["peer"]["pid"].as_i64().unwrap() > 1, "{r}");
+    let exe = r["peer"]["exe"].as_str().expect("the caller's executable");
+    assert!(exe.ends_with("/kekctl"), "{exe}");
+    assert_eq!(r["meta"]["principal"], "billing-svc");
+    assert_eq!(r["meta"]["data_label"], "invoices-2026");
+    assert_eq!(r["meta"]["request_id"], "req-42");
+    assert_eq!(r["meta"]["source_address"], "10.1.2.3");
+    assert_eq!(r["meta"]["fields"]["ticket"], "CHG-1");
+    assert_eq!(r["meta"]["fields"]["env"], "prod");
+    assert!(r["time"].as_str().unwrap().ends_with('Z'), "{r}");
     // The first item fetched the KEK from the root key; the rest of the batch reused it.
-    assert_eq!(generated[0]["kek"], "root");
-    assert_eq!(generated[1]["kek"], "cache");
-    assert_eq!(generated[2]["kek"], "cache");
+    assert_eq!(r["kek"], serde_json::json!({ "cache": 2, "root": 1 }));
+    let items = r["items"].as_array().unwrap();
+    assert_eq!(items.len(), 3);
+    for (i, (item, kek)) in items.iter().zip(["root", "cache", "cache"]).enumerate() {
+        assert_eq!(item["key"], "default");
+        assert_eq!(item["version"], 1);
+        assert_eq!(item["outcome"], "ok");
+        assert_eq!(item["kek"], kek);
+        let edek = softhsm_tests::unb64(made[i]["edek"].as_str().unwrap());
+        assert_eq!(item["edek"], softhsm_tests::edek_id(&edek), "each item names the EDEK it made");
+    }
 
     let unwraps = events(&records, "unwrap");
     assert_eq!(unwraps.len(), 2, "{unwraps:#?}");
-    assert_eq!((&unwraps[0]["outcome"], &unwraps[0]["kek"]), (&"ok".into(), &"cache".into()));
+    let (good, bad) = (&unwraps[0]["items"][0], &unwraps[1]["items"][0]);
+    assert_eq!((&good["outcome"], &good["kek"]), (&"ok".into(), &"cache".into()));
+    assert_eq!(good["edek"], softhsm_tests::edek_id(&edek));
     assert!(unwraps[0].get("meta").is_none(), "no metadata given, none recorded");
-    assert_eq!(unwraps[1]["outcome"], "error");
-    assert_eq!(unwraps[1]["code"], "DATA_INVALID");
+    assert_eq!(bad["outcome"], "error");
+    assert_eq!(bad["code"], "DATA_INVALID");
+    assert_eq!(bad["edek"], good["edek"], "a tampered EDEK is named by the nonce it carries");
 
     let rotated = events(&records, "rotate_key");
     assert_eq!((&rotated[0]["key"], &rotated[0]["version"]), (&"default".into(), &2.into()));
@@ -291,7 +299,9 @@ fn records_are_forwarded_to_syslog() {
         // <PRI>1 TIMESTAMP HOSTNAME APP-NAME PROCID MSGID STRUCTURED-DATA MSG
         let parts: Vec<&str> = msg.splitn(8, ' ').collect();
         let record: Value = serde_json::from_str(line).unwrap();
-        let failed = record["outcome"] == "error";
+        let item_failed =
+            |items: &Value| items.as_array().is_some_and(|i| i.iter().any(|i| i["outcome"] == "error"));
+        let failed = record["outcome"] == "error" || item_failed(&record["items"]);
         // local3 (19) * 8 + informational (6) or warning (4)
         assert_eq!(parts[0], if failed { "<156>1" } else { "<158>1" }, "{msg}");
         assert_eq!(parts[1], record["time"].as_str().unwrap());
@@ -305,7 +315,7 @@ fn records_are_forwarded_to_syslog() {
 
 /// `kekctl bench` against the real daemon: every DEK it counts is an audited item.
 #[test]
-fn a_bench_run_is_audited_item_by_item() {
+fn a_bench_run_is_audited_request_by_request() {
     let kekd = Kekd::builder().tenant(Tenant::owned_by_me("acme")).start();
     let r = kekd
         .kekctl()
@@ -324,9 +334,11 @@ fn a_bench_run_is_audited_item_by_item() {
     let records = kekd.audit_records("acme");
     let unwraps = events(&records, "unwrap");
     // The bench's own EDEK pool comes from generate; every unwrap it timed is recorded,
-    // one record per item, plus any it sent in the last moment after the clock stopped.
-    assert!(unwraps.len() as u64 >= requests * 4, "{} records for {} DEKs", unwraps.len(), requests * 4);
-    assert!(unwraps.iter().all(|u| u["outcome"] == "ok"));
+    // an item each, plus any it sent in the last moment after the clock stopped.
+    let items: Vec<&Value> = unwraps.iter().flat_map(|u| u["items"].as_array().unwrap()).collect();
+    assert!(unwraps.len() as u64 >= requests, "{} records for {requests} requests", unwraps.len());
+    assert!(items.len() as u64 >= requests * 4, "{} items for {} DEKs", items.len(), requests * 4);
+    assert!(items.iter().all(|u| u["outcome"] == "ok" && u["edek"].is_string()));
     verify(&kekd.audit_files("acme")).ok();
 }
 

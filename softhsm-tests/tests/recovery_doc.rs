@@ -1,5 +1,5 @@
 //! The recovery contract is exact and runnable (issue 20, point 6): every recipe of
-//! docs/FORMATS.md §6 and §7 is read from the document at run time and run with bash as
+//! docs/FORMATS.md (§5.3, §6 and §7) is read from the document at run time and run with bash as
 //! printed, with only the variables the document names set, on Debian's own tools (PATH is
 //! `/usr/sbin:/usr/bin:/sbin:/bin`, so `python3` is Debian's, with python3-pykcs11 and
 //! python3-cryptography). Each case checks what a customer would: the data key the
@@ -18,7 +18,8 @@ use nix::sys::signal::Signal;
 use softhsm_tests::{random_bytes, run_command, softhsm_module, Backend, Kekd, Output, Tenant};
 
 /// Every recipe the document must hold, each exactly once.
-const RECIPES: [&str; 8] = [
+const RECIPES: [&str; 9] = [
+    "audit-verify-chain",
     "pkcs11-unwrap-kek",
     "kek-chain",
     "edek-unwrap",
@@ -206,6 +207,79 @@ fn the_document_marks_each_recipe_once() {
     for name in RECIPES {
         recipe(name);
     }
+}
+
+/// §5.3: a tenant's trail verifies with `jq` and `sha256sum` alone, to the head
+/// `kekctl audit verify` reports, records of both formats and a 4096-item record among
+/// them; an edited record, a removed one, and a cut last line each fail it, by line.
+#[test]
+fn the_audit_trail_verifies_with_jq_and_sha256sum_alone() {
+    let mut kekd = Kekd::builder().tenant(Tenant::owned_by_me("acme")).prepare();
+    // A trail an earlier build wrote (format 1: a record per item, no `v`), which kekd
+    // continues.
+    fs::create_dir_all(kekd.audit_dir("acme")).unwrap();
+    fs::write(kekd.audit_dir("acme").join("2026-11-20.jsonl"), softhsm_tests::format1_trail("acme", 3))
+        .unwrap();
+    kekd.start();
+    let (_, edek) = generate(&kekd, "default");
+    let mut tampered = edek.clone();
+    *tampered.last_mut().unwrap() ^= 1;
+    kekd.unwrap(&tampered, &[]).assert_error(softhsm_tests::exit::DATA_INVALID, "DATA_INVALID");
+    let big = kekd
+        .kekctl()
+        .args(["bench", "--op", "generate", "--batch", "4096", "--connections", "1"])
+        .args(["--duration", "200ms", "--warmup", "0s"])
+        .run();
+    big.ok();
+    let files = kekd.audit_files("acme");
+    let records = kekd.audit_records("acme");
+    assert!(
+        records.iter().any(|r| r["items"].as_array().is_some_and(|i| i.len() == 4096)),
+        "a record of 4096 items"
+    );
+    assert_eq!(records.iter().map(|r| r["v"].as_u64()).filter(Option::is_none).count(), 3, "3 of format 1");
+    assert_eq!(
+        (&records[3]["v"], &records[3]["prev"]),
+        (&2.into(), &records[2]["hash"]),
+        "the chain goes on"
+    );
+    let verified = softhsm_tests::Kekctl::new().args(["audit", "verify"]).args(&files).run();
+    let last =
+        verified.ok_str().lines().find_map(|l| l.trim().strip_prefix("last: ")).expect("verify prints last");
+    let last = last.split_whitespace().next().unwrap();
+
+    let work = softhsm_tests::test_dir();
+    let run = |dir: &Path| run_recipes(&["audit-verify-chain"], work.path(), &[var("TRAIL", dir)]);
+    let out = run(&kekd.audit_dir("acme"));
+    assert_eq!(out.ok_str().trim(), format!("chain OK, last: {last}"));
+
+    // Each attack on a copy: it fails, naming the line.
+    let attack = |name: &str, edit: &dyn Fn(&mut Vec<String>)| {
+        let dir = work.path().join(name);
+        fs::create_dir(&dir).unwrap();
+        fs::copy(&files[0], dir.join(files[0].file_name().unwrap())).unwrap();
+        let text = fs::read_to_string(&files[1]).unwrap();
+        let mut lines: Vec<String> = text.lines().map(str::to_owned).collect();
+        edit(&mut lines);
+        fs::write(dir.join(files[1].file_name().unwrap()), lines.join("\n") + "\n").unwrap();
+        run(&dir)
+    };
+    assert_eq!(files.len(), 2, "{files:?}");
+    let line_of = |event: &str| records[3..].iter().position(|r| r["event"] == event).unwrap();
+    let unwrap = line_of("unwrap");
+    let out =
+        attack("edited", &|l| l[unwrap] = l[unwrap].replace("\"outcome\":\"error\"", "\"outcome\":\"ok\""));
+    assert!(out.stderr.contains(&format!(":{}: the record was altered", unwrap + 1)), "{out:?}");
+    let out = attack("removed", &|l| {
+        l.remove(unwrap);
+    });
+    assert!(out.stderr.contains(&format!(":{}: prev is not the hash", unwrap + 1)), "{out:?}");
+    let dir = work.path().join("cut");
+    fs::create_dir(&dir).unwrap();
+    fs::copy(&files[0], dir.join(files[0].file_name().unwrap())).unwrap();
+    let text = fs::read(&files[1]).unwrap();
+    fs::write(dir.join(files[1].file_name().unwrap()), &text[..text.len() - 1]).unwrap();
+    assert!(run(&dir).stderr.contains("the last record is cut off"));
 }
 
 /// §6.2, §6.3, §6.4 on SoftHSM2: a record rewrapped by a root key rotation (its `root_key`

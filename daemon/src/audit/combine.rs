@@ -115,13 +115,13 @@ mod tests {
 
     fn records(n: usize) -> Records {
         let t = crate::audit::Stamp::now();
-        let mut r = Records::new(&t, "acme", "unwrap", &crate::audit::RequestPart::none(), n);
+        let shared = crate::audit::RequestPart::none();
+        let mut r = Records::request(&t, "acme", "unwrap", &shared, Ok(()), None, Default::default(), n);
         let access = crate::audit::Access::default();
-        for i in 0..n {
-            let it = crate::audit::Item { item: Some(i), access: &access, outcome: Ok(()), detail: None };
-            r.push(it);
+        for _ in 0..n {
+            r.push(crate::audit::Entry { access: &access, outcome: Ok(()), made: None });
         }
-        r
+        r.finish()
     }
 
     async fn commit(c: &Combiner, n: usize, write: impl Fn(Vec<Records>) -> Written) -> Written {
@@ -151,7 +151,8 @@ mod tests {
                     Ok(())
                 })
                 .await
-                .map(|()| n)
+                // One record per request, however many items.
+                .map(|()| 1)
             }));
         }
         let mut sent = 0;

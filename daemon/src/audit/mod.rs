@@ -1,5 +1,5 @@
-//! The audit trail: one hash-chained JSON line per key access (each batch item), admin
-//! action, denial and lease event (docs/FORMATS.md §5).
+//! The audit trail: one hash-chained JSON line per request (its items, each named by its
+//! EDEK, inside), admin action, denial and lease event (docs/FORMATS.md §5).
 //!
 //! Requests build their records on their own tasks and answer only after the records
 //! were written: in `fail_closed` mode a record that cannot be written turns the answer
@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-pub use record::{Access, Caller, Item, KekFrom, Records, RequestPart, Stamp};
+pub use record::{Access, Caller, EdekId, Entry, Item, KekFrom, Keks, Records, RequestPart, Stamp};
 use tokio::sync::oneshot;
 
 use crate::config::{AuditConfig, AuditMode, FsyncPolicy};

@@ -15,6 +15,7 @@ use kekd_proto::{Code, ErrorStatus, KeyName, Metadata};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
+use crate::envelope::NONCE_LEN;
 use crate::service::{Peer, Role};
 
 /// Where the KEK of an operation came from.
@@ -35,9 +36,16 @@ pub struct Access {
     pub key: Option<KeyName>,
     pub version: Option<u32>,
     pub kek: Option<KekFrom>,
+    /// The EDEK the item presented (unwrap, rewrap's `from`).
+    pub opened: Option<EdekId>,
+    /// Rewrap: the version the presented EDEK was sealed by (`version` is the new one).
+    pub from_version: Option<u32>,
 }
 
 impl KekFrom {
+    /// In the order a request's `kek` summary names them.
+    const ALL: [KekFrom; 4] = [KekFrom::Cache, KekFrom::Root, KekFrom::Parent, KekFrom::Grace];
+
     pub fn name(self) -> &'static str {
         match self {
             KekFrom::Cache => "cache",
@@ -50,7 +58,7 @@ impl KekFrom {
 
 impl Access {
     pub fn of(key: &KeyName, version: u32, kek: Option<KekFrom>) -> Self {
-        Access { key: Some(key.clone()), version: Some(version), kek }
+        Access { key: Some(key.clone()), version: Some(version), kek, ..Access::default() }
     }
 }
 
@@ -65,24 +73,24 @@ pub struct Caller {
     pub role: Role,
 }
 
-/// The records of one request (one per batch item) or of one event, ready for the chain:
-/// each record's members but `seq`, `prev` and `hash`, with their SHA-256 so far, and the
-/// UTC date (`YYYY-MM-DD`) that picks their file. The items' own members lie one after
-/// the other in one buffer, so a batch of 256 items costs one allocation, not 256.
+/// One record, ready for the chain: its members but `seq`, `prev` and `hash`, with their
+/// SHA-256 so far, and the UTC date (`YYYY-MM-DD`) that picks its file. A request's
+/// record holds all of its items (format 2, docs/FORMATS.md §5), so a batch of 256 is one
+/// buffer, hashed once on the request's own task; the writer hashes only the chain
+/// members on top.
+///
+/// (Named in the plural from format 1, when a request made one record per item: a
+/// group commit still takes a list of them.)
 pub struct Records {
     pub date: [u8; 10],
-    /// `{"time":…,"tenant":…,"event":…` and the request's members: how each record begins.
-    head: Vec<u8>,
-    /// The items' own members, each with its leading comma.
-    items: Vec<u8>,
-    /// Where each item's members end in `items`.
-    ends: Vec<usize>,
-    /// SHA-256 over `head`, the start of every item's hash.
-    head_hash: Sha256,
-    /// For each record, SHA-256 over `head` and its own members: all its body but the
-    /// chain members.
-    hashed: Vec<Sha256>,
+    /// `{"v":2,"time":…` through the record's last member, without the closing brace.
+    body: Vec<u8>,
+    /// SHA-256 over `body`.
+    hashed: Sha256,
 }
+
+/// The record format kekd writes: `"v":2` opens every record (format 1 had no `v`).
+pub const FORMAT: u32 = 2;
 
 /// The half of a record shared by every item of one request.
 pub struct RequestPart(Arc<str>);
@@ -192,78 +200,182 @@ impl Stamp {
     }
 }
 
-/// One item's record.
+/// A record of one thing, not a request's items: an admin action, a lease or audit event,
+/// a refused Hello, a request that failed before it had items to name.
 pub struct Item<'a> {
-    pub item: Option<usize>,
     pub access: &'a Access,
     pub outcome: Result<(), &'a ErrorStatus>,
     pub detail: Option<&'a serde_json::Value>,
 }
 
-impl Records {
-    /// Room for `items` records of one request, all stamped `time`: writes and hashes the
-    /// members they share.
-    pub fn new(time: &Stamp, tenant: &str, event: &str, shared: &RequestPart, items: usize) -> Records {
-        debug_assert!([tenant, event].iter().all(|s| s.bytes().all(plain)), "{tenant} {event}");
-        let date = time.as_str().as_bytes()[..10].try_into().expect("RFC 3339 starts with the date");
-        let mut head = Vec::with_capacity(64 + shared.0.len());
-        head.extend_from_slice(b"{\"time\":\"");
-        head.extend_from_slice(time.as_str().as_bytes());
-        head.push(b'"');
-        text(&mut head, "tenant", tenant);
-        text(&mut head, "event", event);
-        if !shared.0.is_empty() {
-            head.push(b',');
-            head.extend_from_slice(shared.0.as_bytes());
+/// An EDEK's name in the trail: its 12-byte nonce (docs/FORMATS.md §3), random for every
+/// EDEK kekd makes, written as 16 characters of unpadded base64url. Public like the rest
+/// of the EDEK, and what a data owner holds to ask which of their data keys were used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EdekId([u8; NONCE_LEN]);
+
+impl EdekId {
+    /// The nonce where the EDEK layout puts it, whether or not the rest of the EDEK is
+    /// valid: a tampered EDEK is still named by the nonce it carries. None for bytes too
+    /// short to hold one.
+    pub fn of(edek: &[u8]) -> Option<EdekId> {
+        crate::envelope::nonce_of(edek).map(EdekId)
+    }
+
+    /// `,"name":"<16 base64url>"`.
+    fn write(&self, out: &mut Vec<u8>, name: &str) {
+        const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+        out.extend_from_slice(b",\"");
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(b"\":\"");
+        for c in self.0.chunks_exact(3) {
+            let n = u32::from(c[0]) << 16 | u32::from(c[1]) << 8 | u32::from(c[2]);
+            out.extend([18, 12, 6, 0].map(|s| ALPHABET[(n >> s & 63) as usize]));
         }
-        Records::with_head(date, head, items)
+        out.push(b'"');
     }
+}
 
-    fn with_head(date: [u8; 10], head: Vec<u8>, items: usize) -> Records {
-        let head_hash = Sha256::new_with_prefix(&head);
-        Records {
-            date,
-            head,
-            items: Vec::with_capacity(items * 80),
-            ends: Vec::with_capacity(items),
-            head_hash,
-            hashed: Vec::with_capacity(items),
+/// How many items of a request got their KEK from where: the request's `kek` member.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Keks([u32; 4]);
+
+impl Keks {
+    pub fn count<'a>(accesses: impl IntoIterator<Item = &'a Access>) -> Keks {
+        let mut k = Keks::default();
+        for a in accesses {
+            if let Some(from) = a.kek {
+                k.0[from as usize] += 1;
+            }
         }
+        k
     }
+}
 
-    /// One record.
-    pub fn one(time: &Stamp, tenant: &str, event: &str, it: Item<'_>, shared: &RequestPart) -> Records {
-        let mut r = Records::new(time, tenant, event, shared, 1);
-        r.push(it);
-        r
-    }
+/// One item of a request's record.
+pub struct Entry<'a> {
+    pub access: &'a Access,
+    pub outcome: Result<(), &'a ErrorStatus>,
+    /// The EDEK the item made: generate's and wrap's, rewrap's `to`.
+    pub made: Option<EdekId>,
+}
 
-    /// Adds a record, and hashes its members on top of the request's. Written by hand, not
-    /// through serde: this runs once per batch item, and every string but the error
-    /// message and the detail is of a charset that needs no JSON escaping (key names are
-    /// validated, the others are ours).
-    pub fn push(&mut self, it: Item<'_>) {
-        let out = &mut self.items;
+/// A request's record being written: its members, then its items one by one.
+pub struct RequestRecord {
+    r: Records,
+    /// Rewrap: an item names the EDEK it opened (`from`) and the one it made (`to`).
+    moves: bool,
+    first: bool,
+}
+
+impl RequestRecord {
+    pub fn push(&mut self, e: Entry<'_>) {
+        let out = &mut self.r.body;
+        if !std::mem::take(&mut self.first) {
+            out.push(b',');
+        }
+        // Each member is written with a leading comma; the first one's becomes the brace.
         let start = out.len();
-        if let Some(i) = it.item {
-            number(out, "item", i as u64);
-        }
-        if let Some(k) = &it.access.key {
+        if let Some(k) = &e.access.key {
             debug_assert!(k.as_str().bytes().all(plain));
             text(out, "key", k.as_str());
         }
-        if let Some(v) = it.access.version {
-            number(out, "version", u64::from(v));
-        }
-        match it.outcome {
-            Ok(()) => text(out, "outcome", "ok"),
-            Err(e) => {
-                text(out, "outcome", "error");
-                text(out, "code", code_name(e.code));
-                out.extend_from_slice(b",\"error\":");
-                serde_json::to_writer(&mut *out, &e.message).expect("a string always serialises");
+        if self.moves {
+            if let Some(v) = e.access.from_version {
+                number(out, "from_version", u64::from(v));
             }
         }
+        if let Some(v) = e.access.version {
+            number(out, "version", u64::from(v));
+        }
+        outcome(out, e.outcome);
+        if let Some(k) = e.access.kek {
+            text(out, "kek", k.name());
+        }
+        let (opened, made) = if self.moves { ("from", "to") } else { ("edek", "edek") };
+        if let Some(id) = &e.access.opened {
+            id.write(out, opened);
+        }
+        if let Some(id) = &e.made {
+            id.write(out, made);
+        }
+        out[start] = b'{';
+        out.push(b'}');
+    }
+
+    pub fn finish(mut self) -> Records {
+        self.r.body.push(b']');
+        self.r.hashed = Sha256::new_with_prefix(&self.r.body);
+        self.r
+    }
+}
+
+impl Records {
+    /// `{"v":2,"time":…,"tenant":…,"event":…` and the caller's members.
+    fn open(time: &Stamp, tenant: &str, event: &str, shared: &RequestPart, room: usize) -> Records {
+        debug_assert!([tenant, event].iter().all(|s| s.bytes().all(plain)), "{tenant} {event}");
+        let date = time.as_str().as_bytes()[..10].try_into().expect("RFC 3339 starts with the date");
+        let mut body = Vec::with_capacity(96 + shared.0.len() + room);
+        body.extend_from_slice(b"{\"v\":");
+        body.extend_from_slice(itoa::Buffer::new().format(FORMAT).as_bytes());
+        body.extend_from_slice(b",\"time\":\"");
+        body.extend_from_slice(time.as_str().as_bytes());
+        body.push(b'"');
+        text(&mut body, "tenant", tenant);
+        text(&mut body, "event", event);
+        if !shared.0.is_empty() {
+            body.push(b',');
+            body.extend_from_slice(shared.0.as_bytes());
+        }
+        Records { date, body, hashed: Sha256::new() }
+    }
+
+    /// The record of a request with items (generate, wrap, unwrap, rewrap): its members
+    /// once, `outcome` of the request as a whole (and, when it failed before it had items,
+    /// the key it named in `target`), the `kek` summary, then `items`, pushed in order.
+    #[allow(clippy::too_many_arguments)]
+    pub fn request(
+        time: &Stamp,
+        tenant: &str,
+        event: &str,
+        shared: &RequestPart,
+        outcome_: Result<(), &ErrorStatus>,
+        target: Option<&Access>,
+        keks: Keks,
+        items: usize,
+    ) -> RequestRecord {
+        let mut r = Records::open(time, tenant, event, shared, 32 + items * 96);
+        let out = &mut r.body;
+        if let Some(a) = target {
+            access(out, a);
+        }
+        outcome(out, outcome_);
+        if keks.0.iter().any(|&n| n > 0) {
+            out.extend_from_slice(b",\"kek\":");
+            let mut sep = b'{';
+            for from in KekFrom::ALL {
+                let n = keks.0[from as usize];
+                if n > 0 {
+                    out.push(sep);
+                    sep = b',';
+                    out.push(b'"');
+                    out.extend_from_slice(from.name().as_bytes());
+                    out.extend_from_slice(b"\":");
+                    out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+                }
+            }
+            out.push(b'}');
+        }
+        out.extend_from_slice(b",\"items\":[");
+        RequestRecord { r, moves: event == "rewrap", first: true }
+    }
+
+    /// A record of one thing (see [`Item`]).
+    pub fn one(time: &Stamp, tenant: &str, event: &str, it: Item<'_>, shared: &RequestPart) -> Records {
+        let mut r = Records::open(time, tenant, event, shared, 128);
+        let out = &mut r.body;
+        access(out, it.access);
+        outcome(out, it.outcome);
         if let Some(k) = it.access.kek {
             text(out, "kek", k.name());
         }
@@ -271,34 +383,26 @@ impl Records {
             out.extend_from_slice(b",\"detail\":");
             serde_json::to_writer(&mut *out, d).expect("a JSON value always serialises");
         }
-        let mut hash = self.head_hash.clone();
-        hash.update(&out[start..]);
-        self.hashed.push(hash);
-        self.ends.push(out.len());
+        r.hashed = Sha256::new_with_prefix(&r.body);
+        r
     }
 
+    /// Always one: a group commit counts records by this.
     pub fn len(&self) -> usize {
-        self.ends.len()
+        1
     }
 
-    /// Each record: its head, its own members, and SHA-256 over both.
+    /// The record: its body and SHA-256 over it.
     pub fn iter(&self) -> impl Iterator<Item = Unchained<'_>> + '_ {
-        let mut start = 0;
-        self.ends.iter().zip(&self.hashed).map(move |(&end, hashed)| {
-            let members = &self.items[start..end];
-            start = end;
-            Unchained { head: &self.head, members, hashed }
-        })
+        std::iter::once(Unchained { head: &self.body, members: &[], hashed: &self.hashed })
     }
 
     /// One record from a ready JSON object (tests of the writer).
     #[cfg(test)]
     pub fn raw(date: &str, object: &str) -> Records {
-        let head = object.strip_suffix('}').expect("an object");
-        let mut r = Records::with_head(date.as_bytes().try_into().unwrap(), head.as_bytes().to_vec(), 1);
-        r.hashed.push(r.head_hash.clone());
-        r.ends.push(0);
-        r
+        let body = object.strip_suffix('}').expect("an object").as_bytes().to_vec();
+        let hashed = Sha256::new_with_prefix(&body);
+        Records { date: date.as_bytes().try_into().unwrap(), body, hashed }
     }
 
     /// An event of the daemon itself (lease, audit): no caller, no key.
@@ -309,8 +413,32 @@ impl Records {
         detail: serde_json::Value,
     ) -> Records {
         let access = Access::default();
-        let it = Item { item: None, access: &access, outcome, detail: Some(&detail) };
+        let it = Item { access: &access, outcome, detail: Some(&detail) };
         Records::one(&Stamp::now(), tenant, event, it, &RequestPart::none())
+    }
+}
+
+/// `,"key":…,"version":…` as far as the access got.
+fn access(out: &mut Vec<u8>, a: &Access) {
+    if let Some(k) = &a.key {
+        debug_assert!(k.as_str().bytes().all(plain));
+        text(out, "key", k.as_str());
+    }
+    if let Some(v) = a.version {
+        number(out, "version", u64::from(v));
+    }
+}
+
+/// `,"outcome":"ok"`, or `,"outcome":"error","code":…,"error":…`.
+fn outcome(out: &mut Vec<u8>, outcome: Result<(), &ErrorStatus>) {
+    match outcome {
+        Ok(()) => text(out, "outcome", "ok"),
+        Err(e) => {
+            text(out, "outcome", "error");
+            text(out, "code", code_name(e.code));
+            out.extend_from_slice(b",\"error\":");
+            serde_json::to_writer(&mut *out, &e.message).expect("a string always serialises");
+        }
     }
 }
 
@@ -359,8 +487,19 @@ fn members<T: Serialize>(v: &T) -> Arc<str> {
 mod tests {
     use super::*;
 
+    /// The record's line as the writer would end it, checked against its hash so far.
+    fn line(r: &Records) -> serde_json::Value {
+        let u = r.iter().next().unwrap();
+        assert_eq!(r.len(), 1);
+        let body = [u.head, u.members].concat();
+        assert_eq!(u.hashed.clone().finalize(), Sha256::digest(&body), "hashed as far as it goes");
+        let text = format!("{}}}", std::str::from_utf8(&body).unwrap());
+        assert!(!text.contains('\n'), "one record, one line");
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"))
+    }
+
     #[test]
-    fn a_record_carries_item_caller_and_metadata() {
+    fn a_request_record_names_its_caller_once_and_each_item_by_its_edek() {
         let caller = Caller {
             peer: Peer::Unix { uid: 1000, gid: 100, pid: 42 },
             exe: Some("/usr/bin/app".into()),
@@ -370,52 +509,83 @@ mod tests {
         meta.fields.insert("ticket".into(), "CHG-1\n\"x\"".into());
         let shared = RequestPart::new(Some(&caller), Some(7), Some(&meta));
         let key = KeyName::parse("billing").unwrap();
-        let access = Access::of(&key, 3, Some(KekFrom::Cache));
+        let mut nonce = [0u8; 12];
+        nonce[0] = 0xfb;
+        nonce[11] = 0xff;
+        let mut edek = vec![1, 1, 0, 7];
+        edek.extend_from_slice(b"billing\0\0\0\x03");
+        edek.extend_from_slice(&nonce);
+        edek.extend_from_slice(&[0u8; 48]);
+        let id = EdekId::of(&edek).unwrap();
+        assert_eq!(id, EdekId(nonce));
+        assert_eq!(EdekId::of(&edek[..26]), None, "too short to hold a nonce");
+        let good = Access { opened: Some(id), ..Access::of(&key, 3, Some(KekFrom::Root)) };
+        let bad = Access { opened: Some(id), ..Access::default() };
         let err = ErrorStatus::new(Code::DataInvalid, "invalid data");
         let t = Stamp::now();
-        let mut e = Records::new(&t, "acme", "unwrap", &shared, 2);
-        let ok = Access::default();
-        e.push(Item { item: Some(0), access: &ok, outcome: Ok(()), detail: None });
-        e.push(Item { item: Some(1), access: &access, outcome: Err(&err), detail: None });
-        assert_eq!(e.date, t.as_str().as_bytes()[..10]);
-        assert_eq!(e.len(), 2);
-        let body = |r: &Unchained<'_>| {
-            let text = format!(
-                "{}{}}}",
-                std::str::from_utf8(r.head).unwrap(),
-                std::str::from_utf8(r.members).unwrap()
-            );
-            // What the writer gets is hashed as far as it goes.
-            assert_eq!(r.hashed.clone().finalize(), Sha256::digest(&text.as_bytes()[..text.len() - 1]));
-            text
-        };
-        let first = body(&e.iter().next().unwrap());
-        assert!(first.ends_with(",\"item\":0,\"outcome\":\"ok\"}"), "{first}");
-        let members = body(&e.iter().nth(1).unwrap());
-        assert!(members.starts_with("{\"time\":"), "{members}");
-        let v: serde_json::Value = serde_json::from_str(&members).unwrap();
+        let mut r =
+            Records::request(&t, "acme", "unwrap", &shared, Ok(()), None, Keks::count([&good, &bad]), 2);
+        r.push(Entry { access: &good, outcome: Ok(()), made: None });
+        r.push(Entry { access: &bad, outcome: Err(&err), made: None });
+        let r = r.finish();
+        assert_eq!(r.date, t.as_str().as_bytes()[..10]);
+        let v = line(&r);
+        assert_eq!(v["v"], 2);
         assert_eq!(v["tenant"], "acme");
         assert_eq!(v["event"], "unwrap");
-        assert_eq!(v["item"], 1);
-        assert_eq!(v["key"], "billing");
-        assert_eq!(v["version"], 3);
-        assert_eq!(v["outcome"], "error");
-        assert_eq!(v["code"], "DATA_INVALID");
-        assert_eq!(v["kek"], "cache");
+        assert_eq!(v["outcome"], "ok");
+        assert_eq!(v["kek"], serde_json::json!({ "root": 1 }));
         assert_eq!(v["peer"]["exe"], "/usr/bin/app");
         assert_eq!(v["role"], "user");
         assert_eq!(v["request_id"], 7);
         assert_eq!(v["meta"]["principal"], "billing-svc");
         assert_eq!(v["meta"]["fields"]["ticket"], "CHG-1\n\"x\"");
         assert!(v["meta"].get("data_label").is_none(), "empty metadata is left out");
-        assert!(!members.contains('\n'), "one record, one line");
+        let items = v["items"].as_array().unwrap();
+        assert_eq!(
+            items[0],
+            serde_json::json!({"key":"billing","version":3,"outcome":"ok","kek":"root","edek":"-wAAAAAAAAAAAAD_"})
+        );
+        assert_eq!(
+            items[1],
+            serde_json::json!({"outcome":"error","code":"DATA_INVALID","error":"invalid data","edek":"-wAAAAAAAAAAAAD_"})
+        );
+
+        // Rewrap names both EDEKs, and both versions.
+        let moved = Access { from_version: Some(2), ..good.clone() };
+        let mut r = Records::request(&t, "acme", "rewrap", &shared, Ok(()), None, Keks::default(), 1);
+        r.push(Entry { access: &moved, outcome: Ok(()), made: Some(EdekId([0; 12])) });
+        let v = line(&r.finish());
+        assert_eq!(
+            v["items"][0],
+            serde_json::json!({"key":"billing","from_version":2,"version":3,"outcome":"ok","kek":"root",
+                "from":"-wAAAAAAAAAAAAD_","to":"AAAAAAAAAAAAAAAA"})
+        );
+        assert!(v.get("kek").is_none(), "no KEK fetched, no summary");
+
+        // A request refused before it had items names the key it asked for.
+        let over = ErrorStatus::new(Code::ResourceExhausted, "budget");
+        let target = Access { key: Some(key.clone()), ..Access::default() };
+        let v = line(
+            &Records::request(&t, "acme", "generate", &shared, Err(&over), Some(&target), Keks::default(), 0)
+                .finish(),
+        );
+        assert_eq!((v["key"].as_str(), v["code"].as_str()), (Some("billing"), Some("RESOURCE_EXHAUSTED")));
+        assert_eq!(v["items"], serde_json::json!([]));
+
+        // Anything else is one record of one thing, in format 2 too.
+        let d = serde_json::json!({"state": "disabled"});
+        let it = Item { access: &Access::of(&key, 1, None), outcome: Ok(()), detail: Some(&d) };
+        let v = line(&Records::one(&t, "acme", "set_key_version_state", it, &shared));
+        assert_eq!((v["v"].as_u64(), v["version"].as_u64()), (Some(2), Some(1)));
+        assert_eq!(v["detail"], d);
+        assert!(v.get("items").is_none());
 
         let refused = RequestPart::refused(&Peer::Unix { uid: 7, gid: 8, pid: 9 }, None, 3, 4812);
         let v: serde_json::Value = serde_json::from_str(&format!("{{{}}}", refused.0)).unwrap();
         assert_eq!(v["count"], 4812, "a folded denial says how many attempts it stands for");
         assert_eq!(v["request_id"], 3);
         assert!(v.get("role").is_none(), "{v}");
-        assert!(!first.contains("\"count\"") && !members.contains("\"count\""), "only denials count");
 
         let guest = Caller { peer: Peer::Vsock { cid: 5, port: 1024 }, exe: None, role: Role::User };
         let part = RequestPart::new(Some(&guest), Some(8), None);
