@@ -11,6 +11,7 @@
 #![forbid(unsafe_code)]
 
 pub mod audit;
+pub mod audit_find;
 pub mod bench;
 mod conn;
 mod endpoint;

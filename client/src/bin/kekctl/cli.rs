@@ -232,6 +232,32 @@ pub enum AuditCommand {
         #[arg(long, value_name = "SEQ:HASH")]
         from: Option<kekd_client::audit::Start>,
     },
+    /// Print every record that names one EDEK (docs/FORMATS.md, section 5)
+    #[command(long_about = "Print every record that names one EDEK (docs/FORMATS.md, section 5): \
+            who generated, wrapped, unwrapped or rewrapped it, when, with what outcome. An \
+            EDEK is named in the trail by its id, its 12-byte nonce in unpadded base64url; \
+            give the EDEK itself (--edek FILE: raw, or the base64 of `kekctl --json \
+            generate`) or its id (--id). Searches the files given, a directory standing for \
+            its *.jsonl files in date order (a tenant's <audit.dir>/<tenant>). Prints one line \
+            per item found (with --json, one object per line: the record's members, the \
+            item's, `item` its index and `as` how it names the EDEK: edek, from or to); exits \
+            5 (NOT_FOUND) when no record names it. Records before audit format 2 name no \
+            EDEK. Does not verify the chain: run `kekctl audit verify` on the same files.")]
+    Find {
+        /// A file holding the EDEK
+        #[arg(long, value_name = "FILE", conflicts_with = "id", required_unless_present = "id")]
+        edek: Option<PathBuf>,
+        /// The EDEK's id, as the trail writes it (16 characters of base64url)
+        #[arg(long, value_name = "ID", value_parser = parse_edek_id)]
+        id: Option<kekd_client::audit_find::EdekId>,
+        /// Audit log files or a tenant's audit directory
+        #[arg(value_name = "PATH", required = true)]
+        paths: Vec<PathBuf>,
+    },
+}
+
+fn parse_edek_id(s: &str) -> Result<kekd_client::audit_find::EdekId, String> {
+    kekd_client::audit_find::EdekId::parse(s).map_err(|e| e.to_string())
 }
 
 #[derive(Subcommand)]

@@ -371,6 +371,61 @@ pub fn audit_ok_text(s: &Summary) -> String {
     text
 }
 
+/// One item found by `audit find`, for a person: when, what, outcome, who, where.
+///
+/// `2026-12-06T10:00:00.123Z unwrap ok, item 3 (edek) key default v1 kek cache; by uid 1000
+/// pid 42 /usr/bin/app (user), request 7; seq 42 at acme/2026-12-06.jsonl:41`
+pub fn found_text(f: &kekd_client::audit_find::Found) -> String {
+    use serde_json::Value;
+    let r = &f.record;
+    let s = |k: &str| r.get(k).and_then(Value::as_str).unwrap_or("-").to_owned();
+    let mut text = format!("{} {} {}", s("time"), s("event"), s("outcome"));
+    if r.contains_key("code") {
+        text.push_str(&format!(" {}", s("code")));
+    }
+    text.push_str(&format!(", item {} ({})", r.get("item").unwrap_or(&Value::Null), s("as")));
+    if r.contains_key("key") {
+        text.push_str(&format!(" key {}", s("key")));
+    }
+    if let Some(v) = r.get("from_version") {
+        text.push_str(&format!(" v{v} ->"));
+    }
+    if let Some(v) = r.get("version") {
+        text.push_str(&format!(" v{v}"));
+    }
+    if r.contains_key("kek") {
+        text.push_str(&format!(" kek {}", s("kek")));
+    }
+    let peer = r.get("peer").unwrap_or(&Value::Null);
+    let field = |k: &str| peer.get(k).map(|v| v.to_string().trim_matches('"').to_owned());
+    let who = match (field("uid"), field("cid")) {
+        (Some(uid), _) => {
+            let exe = field("exe").map(|e| format!(" {e}")).unwrap_or_default();
+            format!("uid {uid} pid {}{exe}", field("pid").unwrap_or_else(|| "-".into()))
+        }
+        (None, Some(cid)) => format!("vsock cid {cid} port {}", field("port").unwrap_or_else(|| "-".into())),
+        (None, None) => "-".into(),
+    };
+    text.push_str(&format!("; by {who} ({})", s("role")));
+    if let Some(id) = r.get("request_id") {
+        text.push_str(&format!(", request {id}"));
+    }
+    if let Some(p) = r.get("meta").and_then(|m| m.get("principal")).and_then(Value::as_str) {
+        text.push_str(&format!(", for {p}"));
+    }
+    let seq = r.get("seq").map_or("-".into(), Value::to_string);
+    text.push_str(&format!("; seq {seq} at {}:{}\n", f.file.display(), f.line));
+    text
+}
+
+/// One item found by `audit find`: the record's members and the item's, one line.
+pub fn found_json(f: &kekd_client::audit_find::Found) -> String {
+    let mut r = f.record.clone();
+    r.insert("file".into(), f.file.display().to_string().into());
+    r.insert("line".into(), f.line.into());
+    serde_json::Value::Object(r).to_string() + "\n"
+}
+
 #[derive(Serialize)]
 struct AuditOkView<'a> {
     ok: bool,

@@ -6,7 +6,7 @@ use kekd_client::{
     MalformedResponse, Pool, PooledClient, RetryPolicy, Secret, TargetState, TenantName, WrapItem,
 };
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use kekd_proto::{MAX_EDEK_LEN, MAX_SECRET_LEN};
 
@@ -108,6 +108,7 @@ pub async fn run(command: Command, s: Settings) -> Result<(), CliError> {
             };
             write_stdout(text.as_bytes())
         }
+        Command::Audit(AuditCommand::Find { edek, id, paths }) => audit_find(&s, edek.as_deref(), id, &paths),
         Command::Audit(AuditCommand::Verify { files, from }) => {
             audit_verify(&s, &files, &from.unwrap_or_default())
         }
@@ -176,6 +177,35 @@ fn audit_verify(s: &Settings, files: &[PathBuf], from: &kekd_client::audit::Star
         }
         Err(io) => Err(io.into()),
     }
+}
+
+/// Offline, like `audit verify`.
+fn audit_find(
+    s: &Settings,
+    edek: Option<&Path>,
+    id: Option<kekd_client::audit_find::EdekId>,
+    paths: &[PathBuf],
+) -> Result<(), CliError> {
+    use kekd_client::audit_find::{files_of, find, EdekId};
+    let id = match (id, edek) {
+        (Some(id), _) => id,
+        (None, Some(file)) => EdekId::of_file(file)
+            .map_err(|error| CliError::File { path: file.to_owned(), error })?
+            .map_err(|e| ErrorStatus::new(Code::InvalidArgument, e.to_string()))?,
+        (None, None) => return Err(CliError::Usage("give --edek FILE or --id ID".into())),
+    };
+    let files = files_of(paths)
+        .map_err(|error| CliError::Local { what: "cannot list the audit directory", error })?;
+    let found = find(&files, &id).map_err(|(path, error)| CliError::File { path, error })?;
+    if found.is_empty() {
+        let msg = format!("no record names EDEK {} in {} file(s)", id.as_str(), files.len());
+        return Err(ErrorStatus::new(Code::NotFound, msg).into());
+    }
+    let mut text = String::new();
+    for f in &found {
+        text.push_str(&if s.json { output::found_json(f) } else { output::found_text(f) });
+    }
+    write_stdout(text.as_bytes())
 }
 
 /// The tenant's connection, taken from a pool so that a command issued while the tenant's
