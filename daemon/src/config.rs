@@ -239,6 +239,10 @@ pub struct AuditConfig {
     /// The syslog facility of forwarded records.
     #[serde(default = "default_syslog_facility")]
     pub syslog_facility: String,
+    /// Bytes of one forwarded syslog message, header included; a longer record goes as
+    /// several messages, each with a part of its line (see `audit/syslog.rs`).
+    #[serde(default = "default_syslog_max_message")]
+    pub syslog_max_message: usize,
     /// Bytes of records each tenant may add to its trail per day (UTC): one tenant's
     /// traffic must not fill the disk the others' trails need. Past it that tenant's
     /// operations fail with RESOURCE_EXHAUSTED, whatever `mode` says, until the day ends.
@@ -255,6 +259,7 @@ impl Default for AuditConfig {
             fsync_interval: default_fsync_interval(),
             syslog: None,
             syslog_facility: default_syslog_facility(),
+            syslog_max_message: default_syslog_max_message(),
             max_bytes_per_day: default_audit_max_bytes_per_day(),
         }
     }
@@ -305,6 +310,9 @@ pub const SYSLOG_FACILITIES: [(&str, u8); 12] = [
 impl AuditConfig {
     /// Lowest `max_bytes_per_day`: room for a few hundred records.
     pub const MIN_BYTES_PER_DAY: u64 = 64 << 10;
+    /// `syslog_max_message`: from the size every syslog receiver must accept (RFC 5424
+    /// §6.1) to the largest UDP payload, which is what relays forward messages in.
+    pub const SYSLOG_MESSAGE: std::ops::RangeInclusive<usize> = 480..=65507;
 
     pub fn facility(&self) -> Option<u8> {
         SYSLOG_FACILITIES.iter().find(|(n, _)| *n == self.syslog_facility).map(|(_, f)| *f)
@@ -321,6 +329,12 @@ impl AuditConfig {
             if !p.is_absolute() {
                 return Err(ConfigError::new("audit.syslog", "must be an absolute path, e.g. \"/dev/log\""));
             }
+        }
+        if !Self::SYSLOG_MESSAGE.contains(&self.syslog_max_message) {
+            return Err(ConfigError::new(
+                "audit.syslog_max_message",
+                "must be between 480 (the least a syslog receiver must accept, RFC 5424 §6.1) and 65507 bytes",
+            ));
         }
         if self.max_bytes_per_day < Self::MIN_BYTES_PER_DAY {
             return Err(ConfigError::new(
@@ -623,6 +637,9 @@ fn default_fsync_interval() -> Duration {
 }
 fn default_syslog_facility() -> String {
     "authpriv".into()
+}
+fn default_syslog_max_message() -> usize {
+    8192
 }
 fn default_max_frame() -> usize {
     kekd_proto::DEFAULT_MAX_FRAME
@@ -1210,11 +1227,14 @@ pin_file = "{}"
         assert_eq!(cfg.audit.fsync, FsyncPolicy::Interval);
         assert_eq!(cfg.audit.facility(), Some(10));
         assert_eq!(cfg.audit.max_bytes_per_day, 20 << 30);
+        assert_eq!(cfg.audit.syslog_max_message, 8192);
         let audit = |table: &str| format!("{}\n[audit]\n{table}\n", with_module(""));
         let cfg = Config::parse(&audit(
-            "dir = \"/var/audit\"\nmode = \"best_effort\"\nfsync = \"batch\"\nsyslog = \"/dev/log\"",
+            "dir = \"/var/audit\"\nmode = \"best_effort\"\nfsync = \"batch\"\nsyslog = \"/dev/log\"\n\
+             syslog_max_message = 480",
         ))
         .unwrap();
+        assert_eq!(cfg.audit.syslog_max_message, 480);
         assert_eq!(cfg.audit.mode, AuditMode::BestEffort);
         assert_eq!(cfg.audit.fsync, FsyncPolicy::Batch);
         assert_eq!(cfg.audit.syslog.as_deref(), Some(Path::new("/dev/log")));
@@ -1224,6 +1244,9 @@ pin_file = "{}"
             ("dir = \"audit\"", "audit.dir", "absolute"),
             ("fsync_interval = \"1h\"", "audit.fsync_interval", "between 10ms and 5m"),
             ("syslog_facility = \"mail\"", "audit.syslog_facility", "unknown facility \"mail\""),
+            ("syslog_max_message = 479", "audit.syslog_max_message", "between 480 (the least a syslog"),
+            ("syslog_max_message = 65508", "audit.syslog_max_message", "and 65507 bytes"),
+            ("syslog_max_message = \"8K\"", "audit.syslog_max_message", "invalid type"),
             ("sylog = \"/dev/log\"", "audit.sylog", "unknown field"),
             ("max_bytes_per_day = 1000", "audit.max_bytes_per_day", "at least 65536"),
             ("max_bytes_per_day = \"20G\"", "audit.max_bytes_per_day", ""),

@@ -107,7 +107,7 @@ impl Audit {
             );
             opened["dropped_incomplete_record_bytes"] = recovered.dropped_bytes.into();
         }
-        let syslog = cfg.syslog.as_deref().map(|p| syslog::Syslog::new(p, cfg.facility().unwrap_or(10)));
+        let syslog = syslog::Syslog::start(cfg, tenant)?;
         let core = Core { w, tenant: tenant.to_owned(), mode: cfg.mode, syslog, outage: None, capped: None };
         let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
             std::thread::Builder::new()
@@ -298,10 +298,8 @@ impl Core {
     }
 
     fn forward(&mut self) {
-        if let Some(s) = &mut self.syslog {
-            for line in self.w.written() {
-                s.send(line);
-            }
+        if let Some(s) = &self.syslog {
+            s.send(self.w.written());
         }
     }
 
