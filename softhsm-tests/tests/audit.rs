@@ -309,7 +309,7 @@ fn records_are_forwarded_to_syslog() {
         assert_eq!(parts[5], record["event"].as_str().unwrap());
         // A record this small goes in one message, part 1 of 1 (syslog_forwarding.rs has
         // the larger ones).
-        let (sd, text) = parts[6].split_once("] ").unwrap();
+        let (sd, text) = parts[6].split_once("] ").unwrap_or_else(|| panic!("{msg}"));
         let seq = &record["seq"];
         assert_eq!(sd, format!("[kekd@32473 tenant=\"acme\" seq=\"{seq}\" part=\"1\" parts=\"1\""));
         assert_eq!(text, line, "the message is the record, byte for byte");
