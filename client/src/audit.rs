@@ -9,9 +9,19 @@
 //! records of a tenant form one chain across its files, given oldest first.
 //!
 //! What a pass proves: the files hold one unbroken chain from the tenant's first record
-//! (seq 1), or from the [`Start`] given, to [`Summary::head`]. The hash is unkeyed, so whoever can write the files can also rewrite
-//! the chain from some record on, or cut records off its end; only comparing `head` (or a
-//! later record's `prev`) with a copy kept elsewhere detects that.
+//! (seq 1), or from the [`Start`] given, to [`Summary::head`]. The hash is unkeyed, so
+//! whoever can write the files can also rewrite the chain from some record on, or cut
+//! records off its end; only comparing `head` (or a later record's `prev`) with a copy kept
+//! elsewhere detects that.
+//!
+//! Checkpoints (FORMATS.md §5, "Checkpoints") anchor the chain in the tenant's root key: a
+//! `checkpoint` record names the record right before it (`detail.seq`, `detail.hash`) with
+//! an HMAC-SHA256 under a key only the root key unseals. Given [`Anchors`], a verify checks
+//! each checkpoint's MAC and that it names the record before it, so a chain rewritten before
+//! a checkpoint fails there; without, checkpoints are only counted. Records after the last
+//! checkpoint ([`Summary::unanchored`]) are anchored by nothing: they could have been cut or
+//! rewritten. This module builds the MAC input ([`checkpoint_mac_input`]) but computes no MAC:
+//! the caller does, with the key ([`MacCheck`]).
 
 use std::collections::HashSet;
 use std::fmt;
@@ -74,6 +84,38 @@ impl std::str::FromStr for Start {
     }
 }
 
+/// What a checkpoint's MAC is over: `"kekd/audit-checkpoint/v1" ‖ str16(tenant) ‖ u64 seq
+/// ‖ the 32 bytes of hash` (big-endian; `str16` is the UTF-8 bytes prefixed by their length
+/// as a u16), for the record `seq` whose hash is `hash`.
+pub fn checkpoint_mac_input(tenant: &str, seq: u64, hash: &[u8; 32]) -> Vec<u8> {
+    let mut input = Vec::with_capacity(CHECKPOINT_LABEL.len() + 2 + tenant.len() + 8 + 32);
+    input.extend_from_slice(CHECKPOINT_LABEL);
+    let len = u16::try_from(tenant.len()).unwrap_or(u16::MAX);
+    input.extend_from_slice(&len.to_be_bytes());
+    input.extend_from_slice(tenant.as_bytes());
+    input.extend_from_slice(&seq.to_be_bytes());
+    input.extend_from_slice(hash);
+    input
+}
+
+/// What a checkpoint's MAC input begins with.
+const CHECKPOINT_LABEL: &[u8] = b"kekd/audit-checkpoint/v1";
+/// The `event` of a checkpoint record.
+const CHECKPOINT_EVENT: &str = "checkpoint";
+
+/// Checks checkpoint MACs with the tenant's checkpoint key: whether `mac` is
+/// HMAC-SHA256(key, `input`). Kept outside this module, which holds no key.
+pub trait MacCheck {
+    fn matches(&self, input: &[u8], mac: &[u8; 32]) -> bool;
+}
+
+/// What checkpoints are checked with: the tenant whose trail it is (part of the MAC input)
+/// and its key.
+pub struct Anchors<'a> {
+    pub tenant: &'a str,
+    pub mac: &'a dyn MacCheck,
+}
+
 /// A chain that verified.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Summary {
@@ -87,6 +129,14 @@ pub struct Summary {
     pub last_seq: Option<u64>,
     /// `hash` of the last record (lowercase hex); `None` when there are no records.
     pub head: Option<String>,
+    /// Checkpoint records found.
+    pub checkpoints: u64,
+    /// Whether each checkpoint's MAC, and the record it names, were checked (with
+    /// [`Anchors`]); if not, they were only counted.
+    pub checkpoints_checked: bool,
+    /// Records after the last checkpoint (all of them when there is none): no checkpoint
+    /// anchors them, so they could have been cut off or rewritten unnoticed.
+    pub unanchored: u64,
 }
 
 impl Summary {
@@ -141,9 +191,20 @@ impl fmt::Display for VerifyError {
 impl std::error::Error for VerifyError {}
 
 /// Verifies the chain across `paths`, in the order given (oldest first), from `start`,
-/// stopping at the first broken record.
+/// stopping at the first broken record. Checkpoints are counted, not checked.
 pub fn verify_files(paths: &[PathBuf], start: &Start) -> Result<Summary, VerifyError> {
-    let mut chain = Chain { start: start.clone(), ..Chain::default() };
+    verify_files_anchored(paths, start, None)
+}
+
+/// [`verify_files`], checking each checkpoint with `anchors` when given: the first whose
+/// MAC does not match, or that does not name the record right before it, breaks the chain
+/// there.
+pub fn verify_files_anchored(
+    paths: &[PathBuf],
+    start: &Start,
+    anchors: Option<&Anchors<'_>>,
+) -> Result<Summary, VerifyError> {
+    let mut chain = Chain { start: start.clone(), anchors, ..Chain::default() };
     for path in paths {
         verify_file(&mut chain, path)?;
     }
@@ -153,10 +214,42 @@ pub fn verify_files(paths: &[PathBuf], start: &Start) -> Result<Summary, VerifyE
         first_seq: chain.first_seq,
         last_seq: chain.last.as_ref().map(|(seq, _)| *seq),
         head: chain.last.map(|(_, hash)| hash),
+        checkpoints: chain.checkpoints,
+        checkpoints_checked: anchors.is_some(),
+        unanchored: chain.records - chain.anchored,
     })
 }
 
-fn verify_file(chain: &mut Chain, path: &Path) -> Result<(), VerifyError> {
+/// The day files of a tenant's trail in `dir` (`<audit.dir>/<tenant>`), oldest first: the
+/// names `YYYY-MM-DD.jsonl`, which sort by date. Anything else is passed over; a link or
+/// other non-file under such a name is an error (`InvalidData`), never followed.
+pub fn day_files(dir: &Path) -> io::Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let Some(date) = name.to_str().and_then(|n| n.strip_suffix(".jsonl")) else { continue };
+        let is_date = date.len() == 10
+            && date
+                .bytes()
+                .enumerate()
+                .all(|(i, b)| if i == 4 || i == 7 { b == b'-' } else { b.is_ascii_digit() });
+        if !is_date {
+            continue;
+        }
+        if !entry.file_type()?.is_file() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{} is not a regular file (a link?): not read", entry.path().display()),
+            ));
+        }
+        out.push(entry.path());
+    }
+    out.sort();
+    Ok(out)
+}
+
+fn verify_file(chain: &mut Chain<'_>, path: &Path) -> Result<(), VerifyError> {
     let io_error = |error| VerifyError::Io { path: path.to_owned(), error };
     let mut reader = BufReader::new(File::open(path).map_err(io_error)?);
     let mut buf = Vec::new();
@@ -187,16 +280,21 @@ struct Problem {
 
 /// The chain so far.
 #[derive(Default)]
-struct Chain {
+struct Chain<'a> {
     /// What the first record must follow.
     start: Start,
+    /// What checkpoints are checked with, if they are.
+    anchors: Option<&'a Anchors<'a>>,
     records: u64,
     first_seq: Option<u64>,
     /// `seq` and `hash` of the last record.
     last: Option<(u64, String)>,
+    checkpoints: u64,
+    /// Records up to and including the last checkpoint.
+    anchored: u64,
 }
 
-impl Chain {
+impl Chain<'_> {
     /// Checks one line (without its `\n`) and appends it to the chain.
     fn push(&mut self, line: &[u8]) -> Result<(), Problem> {
         let stated = stated_seq(line);
@@ -289,11 +387,71 @@ impl Chain {
                 }
             }
         }
+        let is_checkpoint = members.iter().any(|(n, v)| n == "event" && v == CHECKPOINT_EVENT);
+        if is_checkpoint {
+            if let Some(anchors) = self.anchors {
+                self.check_checkpoint(anchors, &members).map_err(|text| Problem { seq: stated, text })?;
+            }
+        }
         self.records += 1;
         self.first_seq.get_or_insert(seq);
         self.last = Some((seq, hash.to_owned()));
+        if is_checkpoint {
+            self.checkpoints += 1;
+            self.anchored = self.records;
+        }
         Ok(())
     }
+
+    /// A checkpoint (already chained): its `detail` must name the record right before it
+    /// and carry that record's MAC under the tenant's checkpoint key.
+    fn check_checkpoint(&self, anchors: &Anchors<'_>, members: &[(String, Value)]) -> Result<(), String> {
+        let detail = members.iter().find(|(n, _)| n == "detail").map(|(_, v)| v);
+        let field = |name: &str| detail.and_then(|d| d.get(name));
+        let named_seq = field("seq").and_then(Value::as_u64);
+        let hex_of = |name: &str| field(name).and_then(Value::as_str).and_then(|h| lower_hex(h.as_bytes()));
+        let (Some(named_seq), Some(named_hash), Some(mac)) = (named_seq, hex_of("hash"), hex_of("mac"))
+        else {
+            return Err(format!(
+                "checkpoint: malformed: its detail is not {{\"seq\":N,\"hash\":\"<{HASH_HEX_LEN} lowercase hex>\",\
+                 \"mac\":\"<{HASH_HEX_LEN} lowercase hex>\"}}"
+            ));
+        };
+        let before = match (&self.last, &self.start) {
+            (Some((seq, hash)), _) => Some((*seq, hash.as_str())),
+            (None, Start::After { seq, hash }) => Some((*seq, hash.as_str())),
+            (None, Start::Genesis) => None,
+        };
+        match before {
+            Some((seq, hash)) if (seq, hash) == (named_seq, named_hash) => {}
+            Some((seq, hash)) => {
+                return Err(format!(
+                    "checkpoint: names seq {named_seq} with hash {named_hash}, but the record before it is \
+                     seq {seq} with hash {hash}: the records before it were rewritten, or the checkpoint was moved"
+                ))
+            }
+            None => return Err(format!("checkpoint: names seq {named_seq}, but no record comes before it")),
+        }
+        let input = checkpoint_mac_input(anchors.tenant, named_seq, &unhex(named_hash));
+        if !anchors.mac.matches(&input, &unhex(mac)) {
+            return Err(format!(
+                "checkpoint: its MAC does not match under tenant {}'s checkpoint key: the chain up to seq \
+                 {named_seq} was rewritten, or the checkpoint was not made with this tenant's key",
+                anchors.tenant
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The 32 bytes of 64 lowercase hex digits (checked by [`lower_hex`]).
+fn unhex(hex: &str) -> [u8; 32] {
+    let digit = |b: u8| if b.is_ascii_digit() { b - b'0' } else { b - b'a' + 10 };
+    let mut out = [0u8; 32];
+    for (i, pair) in hex.as_bytes().chunks(2).enumerate() {
+        out[i] = digit(pair[0]) << 4 | digit(pair[1]);
+    }
+    out
 }
 
 /// Splits a line into its body (the line without the hash suffix, followed by `}`) and the
@@ -575,6 +733,9 @@ mod tests {
                 first_seq: Some(1),
                 last_seq: Some(10),
                 head: Some(expected_head),
+                checkpoints: 0,
+                checkpoints_checked: false,
+                unanchored: 10,
             }
         );
     }
@@ -654,7 +815,17 @@ mod tests {
         let dir = Dir::new();
         let empty = dir.write("empty.jsonl", "");
         let s = verify_files_g(&[empty.clone(), empty.clone()]).unwrap();
-        assert_eq!(s, Summary { records: 0, files: 2, first_seq: None, last_seq: None, head: None });
+        let none = Summary {
+            records: 0,
+            files: 2,
+            first_seq: None,
+            last_seq: None,
+            head: None,
+            checkpoints: 0,
+            checkpoints_checked: false,
+            unanchored: 0,
+        };
+        assert_eq!(s, none);
         let full = dir.write("full.jsonl", chain(1, 3).concat());
         let s = verify_files_g(&[empty.clone(), full, empty]).unwrap();
         assert_eq!((s.records, s.files, s.first_seq, s.last_seq), (3, 3, Some(1), Some(3)));
@@ -1093,5 +1264,183 @@ mod tests {
         assert_eq!(b.to_string(), "x/2026-11-23.jsonl:7: record seq 42: edited");
         let b = Broken { seq: None, problem: "empty line".into(), ..b };
         assert_eq!(b.to_string(), "x/2026-11-23.jsonl:7: record: empty line");
+    }
+
+    #[test]
+    fn day_files_are_the_dated_files_oldest_first() {
+        let dir = Dir::new();
+        for name in ["2026-11-24.jsonl", "2026-11-23.jsonl", "notes.txt", "2026-11-2x.jsonl", "x.jsonl"] {
+            dir.write(name, "");
+        }
+        let found = day_files(dir.0.path()).unwrap();
+        assert_eq!(found, [dir.0.path().join("2026-11-23.jsonl"), dir.0.path().join("2026-11-24.jsonl")]);
+        std::os::unix::fs::symlink("/etc/passwd", dir.0.path().join("2026-11-25.jsonl")).unwrap();
+        assert_eq!(day_files(dir.0.path()).unwrap_err().kind(), io::ErrorKind::InvalidData);
+    }
+
+    /// HMAC-SHA256 (RFC 2104) from SHA-256, for the tests: this crate computes no MAC.
+    fn hmac_sha256(key: &[u8; 32], message: &[u8]) -> [u8; 32] {
+        let mut block = [0u8; 64];
+        block[..32].copy_from_slice(key);
+        let pad = |byte: u8| block.iter().map(|b| b ^ byte).collect::<Vec<u8>>();
+        let inner = Sha256::new().chain_update(pad(0x36)).chain_update(message).finalize();
+        Sha256::new().chain_update(pad(0x5c)).chain_update(inner).finalize().into()
+    }
+
+    struct Key([u8; 32]);
+
+    impl MacCheck for Key {
+        fn matches(&self, input: &[u8], mac: &[u8; 32]) -> bool {
+            hmac_sha256(&self.0, input) == *mac
+        }
+    }
+
+    /// A checkpoint record at `seq` after `prev`, naming (`named_seq`, `named_hash`) with the
+    /// MAC under `key`.
+    fn checkpoint(
+        seq: u64,
+        prev: &str,
+        named_seq: u64,
+        named_hash: &str,
+        key: &[u8; 32],
+    ) -> (String, String) {
+        let mac = hmac_sha256(key, &checkpoint_mac_input("acme", named_seq, &unhex(named_hash)));
+        line(&format!(
+            "{{\"time\":\"2026-11-23T15:49:00.000Z\",\"tenant\":\"acme\",\"event\":\"checkpoint\",\
+             \"outcome\":\"ok\",\"detail\":{{\"hash\":\"{named_hash}\",\"mac\":\"{}\",\"seq\":{named_seq}}},\
+             \"seq\":{seq},\"prev\":\"{prev}\"}}",
+            hex(&mac)
+        ))
+    }
+
+    /// Seqs 1..=6: three records, a checkpoint naming seq 3 under `key`, two records.
+    fn anchored_chain(key: &[u8; 32]) -> Vec<String> {
+        let mut lines = chain(1, 3);
+        let third = stated_hash(&lines[2]);
+        let (cp, cp_hash) = checkpoint(4, &third, 3, &third, key);
+        lines.push(cp);
+        lines.extend(chain_of(record, 5, 2, Some(&cp_hash)));
+        lines
+    }
+
+    const KEY: [u8; 32] = [7; 32];
+
+    fn anchored(paths: &[PathBuf], key: &[u8; 32]) -> Result<Summary, VerifyError> {
+        let key = Key(*key);
+        verify_files_anchored(paths, &Start::Genesis, Some(&Anchors { tenant: "acme", mac: &key }))
+    }
+
+    /// The worked example of docs/FORMATS.md §5 ("Checkpoints"), computed outside this code
+    /// (python3's hmac).
+    #[test]
+    fn the_checkpoint_mac_input_is_the_documented_one() {
+        let input = checkpoint_mac_input("acme", 41, &[0xab; 32]);
+        assert_eq!(
+            hex(&input),
+            format!(
+                "6b656b642f61756469742d636865636b706f696e742f7631000461636d650000000000000029{}",
+                "ab".repeat(32)
+            )
+        );
+        assert_eq!(
+            hex(&hmac_sha256(&KEY, &input)),
+            "0208ba88c44305e1e5a9c5d9dbccbf9db36f843475edc96ddf181ff49ce6d273"
+        );
+    }
+
+    #[test]
+    fn checkpoints_are_counted_and_with_the_key_checked() {
+        let dir = Dir::new();
+        let path = dir.write("a.jsonl", anchored_chain(&KEY).concat());
+        let plain = verify_files_g(std::slice::from_ref(&path)).unwrap();
+        assert_eq!(
+            (plain.records, plain.checkpoints, plain.checkpoints_checked, plain.unanchored),
+            (6, 1, false, 2)
+        );
+        let checked = anchored(std::slice::from_ref(&path), &KEY).unwrap();
+        assert_eq!((checked.checkpoints, checked.checkpoints_checked, checked.unanchored), (1, true, 2));
+        assert_eq!(checked.head, plain.head);
+
+        // Another tenant's key (or a forged MAC).
+        let err = anchored(std::slice::from_ref(&path), &[8; 32]).unwrap_err();
+        let VerifyError::Broken(b) = err else { panic!("{err}") };
+        assert_eq!((b.line, b.seq), (4, Some(4)), "{b}");
+        assert!(b.problem.contains("MAC does not match"), "{b}");
+        // Without checking, a bad MAC goes unnoticed: that is what --config is for.
+        verify_files_g(std::slice::from_ref(&path)).unwrap();
+
+        // Nothing after the last checkpoint; no checkpoint at all.
+        let path = dir.write("b.jsonl", anchored_chain(&KEY)[..4].concat());
+        assert_eq!(anchored(&[path], &KEY).unwrap().unanchored, 0);
+        let path = dir.write("c.jsonl", chain(1, 3).concat());
+        let none = anchored(&[path], &KEY).unwrap();
+        assert_eq!((none.checkpoints, none.checkpoints_checked, none.unanchored), (0, true, 3));
+    }
+
+    #[test]
+    fn a_checkpoint_must_name_the_record_right_before_it() {
+        let dir = Dir::new();
+        let mut lines = chain(1, 3);
+        let (second, third) = (stated_hash(&lines[1]), stated_hash(&lines[2]));
+        // The right MAC, of the record before the one before it.
+        lines.push(checkpoint(4, &third, 2, &second, &KEY).0);
+        let path = dir.write("a.jsonl", lines.concat());
+        let b = broken_anchored(&path);
+        assert_eq!((b.line, b.seq), (4, Some(4)), "{b}");
+        assert!(
+            b.problem.contains(&format!("names seq 2 with hash {second}, but the record before it is seq 3")),
+            "{b}"
+        );
+
+        // A trail verified --from the record a checkpoint names.
+        let lines = anchored_chain(&KEY);
+        let path = dir.write("b.jsonl", lines[3..].concat());
+        let key = Key(KEY);
+        let from = Start::After { seq: 3, hash: stated_hash(&lines[2]) };
+        let s = verify_files_anchored(&[path], &from, Some(&Anchors { tenant: "acme", mac: &key })).unwrap();
+        assert_eq!((s.records, s.checkpoints, s.unanchored), (3, 1, 2));
+
+        // A malformed detail.
+        let third = stated_hash(&chain(1, 3)[2]);
+        let (bad, _) = line(&format!(
+            "{{\"event\":\"checkpoint\",\"detail\":{{\"seq\":3,\"hash\":\"{third}\"}},\"seq\":4,\"prev\":\"{third}\"}}"
+        ));
+        let path = dir.write("c.jsonl", [chain(1, 3).concat(), bad].concat());
+        assert!(broken_anchored(&path).problem.contains("checkpoint: malformed"));
+    }
+
+    fn broken_anchored(path: &Path) -> Broken {
+        match anchored(&[path.to_owned()], &KEY) {
+            Err(VerifyError::Broken(b)) => b,
+            other => panic!("expected a failed checkpoint, got {other:?}"),
+        }
+    }
+
+    /// A forger who can write the files rewrites a record and every hash after it: the
+    /// chain verifies, the checkpoint after the edit does not.
+    #[test]
+    fn a_consistently_rewritten_chain_fails_at_the_checkpoint_after_the_edit() {
+        let dir = Dir::new();
+        let lines = anchored_chain(&KEY);
+        let mut forged = chain(1, 1);
+        let (edited, second) = record(2, &stated_hash(&forged[0]), ",\"forged\":true");
+        let (third, prev) = record(3, &second, "");
+        forged.extend([edited, third]);
+        // The checkpoint as it was, chained onto the rewritten record 3; then also made to
+        // name it: its MAC fails.
+        for rename in [false, true] {
+            let cp = &lines[3];
+            // Up to `,"prev":"`: the line without its newline, hash suffix and prev value.
+            let mut members = cp[..cp.len() - 1 - SUFFIX_LEN - HASH_HEX_LEN - 1].to_owned();
+            if rename {
+                members = members.replace(&stated_hash(&lines[2]), &prev);
+            }
+            let (cp, _) = line(&format!("{members}{prev}\"}}"));
+            let path = dir.write(&format!("forged-{rename}.jsonl"), [forged.concat(), cp].concat());
+            verify_files_g(std::slice::from_ref(&path)).unwrap();
+            let b = broken_anchored(&path);
+            assert_eq!((b.line, b.seq), (4, Some(4)), "{b}");
+            assert!(b.problem.contains(if rename { "MAC" } else { "names seq 3" }), "{b}");
+        }
     }
 }

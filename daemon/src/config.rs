@@ -248,6 +248,12 @@ pub struct AuditConfig {
     /// operations fail with RESOURCE_EXHAUSTED, whatever `mode` says, until the day ends.
     #[serde(default = "default_audit_max_bytes_per_day")]
     pub max_bytes_per_day: u64,
+    /// How often a tenant's worker anchors its chain: when records were written since the
+    /// last checkpoint, it appends one whose MAC, under a key sealed by the tenant's root
+    /// key, names the chain's head (docs/FORMATS.md §5, "Checkpoints"); and at a clean
+    /// shutdown. Records after the last checkpoint are not anchored.
+    #[serde(default = "default_checkpoint_interval", with = "humantime_serde")]
+    pub checkpoint_interval: Duration,
 }
 
 impl Default for AuditConfig {
@@ -261,6 +267,7 @@ impl Default for AuditConfig {
             syslog_facility: default_syslog_facility(),
             syslog_max_message: default_syslog_max_message(),
             max_bytes_per_day: default_audit_max_bytes_per_day(),
+            checkpoint_interval: default_checkpoint_interval(),
         }
     }
 }
@@ -324,6 +331,9 @@ impl AuditConfig {
         }
         if self.fsync_interval < Duration::from_millis(10) || self.fsync_interval > Duration::from_secs(300) {
             return Err(ConfigError::new("audit.fsync_interval", "must be between 10ms and 5m"));
+        }
+        if self.checkpoint_interval.is_zero() {
+            return Err(ConfigError::new("audit.checkpoint_interval", "must be more than 0, e.g. \"60s\""));
         }
         if let Some(p) = &self.syslog {
             if !p.is_absolute() {
@@ -634,6 +644,9 @@ fn default_audit_max_bytes_per_day() -> u64 {
 }
 fn default_fsync_interval() -> Duration {
     Duration::from_secs(1)
+}
+fn default_checkpoint_interval() -> Duration {
+    Duration::from_secs(60)
 }
 fn default_syslog_facility() -> String {
     "authpriv".into()
@@ -1228,13 +1241,15 @@ pin_file = "{}"
         assert_eq!(cfg.audit.facility(), Some(10));
         assert_eq!(cfg.audit.max_bytes_per_day, 20 << 30);
         assert_eq!(cfg.audit.syslog_max_message, 8192);
+        assert_eq!(cfg.audit.checkpoint_interval, Duration::from_secs(60));
         let audit = |table: &str| format!("{}\n[audit]\n{table}\n", with_module(""));
         let cfg = Config::parse(&audit(
             "dir = \"/var/audit\"\nmode = \"best_effort\"\nfsync = \"batch\"\nsyslog = \"/dev/log\"\n\
-             syslog_max_message = 480",
+             syslog_max_message = 480\ncheckpoint_interval = \"5m\"",
         ))
         .unwrap();
         assert_eq!(cfg.audit.syslog_max_message, 480);
+        assert_eq!(cfg.audit.checkpoint_interval, Duration::from_secs(300));
         assert_eq!(cfg.audit.mode, AuditMode::BestEffort);
         assert_eq!(cfg.audit.fsync, FsyncPolicy::Batch);
         assert_eq!(cfg.audit.syslog.as_deref(), Some(Path::new("/dev/log")));
@@ -1243,6 +1258,8 @@ pin_file = "{}"
             ("fsync = \"never\"", "audit.fsync", "unknown variant `never`"),
             ("dir = \"audit\"", "audit.dir", "absolute"),
             ("fsync_interval = \"1h\"", "audit.fsync_interval", "between 10ms and 5m"),
+            ("checkpoint_interval = \"0s\"", "audit.checkpoint_interval", "more than 0"),
+            ("checkpoint_interval = 60", "audit.checkpoint_interval", ""),
             ("syslog_facility = \"mail\"", "audit.syslog_facility", "unknown facility \"mail\""),
             ("syslog_max_message = 479", "audit.syslog_max_message", "between 480 (the least a syslog"),
             ("syslog_max_message = 65508", "audit.syslog_max_message", "and 65507 bytes"),

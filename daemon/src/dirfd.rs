@@ -179,6 +179,13 @@ impl Dir {
         self.open_dir_owned(name.as_ref(), true)
     }
 
+    /// [`open_dir`](Self::open_dir) for a directory this one lends to a user (see
+    /// [`create_lent_dir`](Self::create_lent_dir)), which it does not create: it may belong
+    /// to anyone, and what is below it is checked against its owner.
+    pub fn open_lent_dir(&self, name: impl AsRef<OsStr>) -> Result<Dir, DirError> {
+        self.open_dir_owned(name.as_ref(), false)
+    }
+
     fn open_dir_owned(&self, name: &OsStr, check_owner: bool) -> Result<Dir, DirError> {
         let path = self.child_path(name);
         let fd = nix::fcntl::openat(&self.fd, name, DIR_FLAGS, Mode::empty())

@@ -34,10 +34,16 @@ pub struct DataInvalid;
 /// str16(key name) ‖ u32 version`. A record moved to another tenant, key or version no
 /// longer unseals.
 pub fn kek_aad(tenant: &TenantName, key: &KeyName, version: u32) -> Vec<u8> {
-    let mut aad = Vec::with_capacity(KEK_LABEL.len() + 8 + tenant.as_str().len() + key.as_str().len());
+    kek_aad_of(tenant, key.as_str(), version)
+}
+
+/// [`kek_aad`] for a name that need not be a key name: the audit checkpoint key's is
+/// `@audit` (crate::keystore::AUDIT_KEY_NAME), which no key can have.
+pub fn kek_aad_of(tenant: &TenantName, name: &str, version: u32) -> Vec<u8> {
+    let mut aad = Vec::with_capacity(KEK_LABEL.len() + 8 + tenant.as_str().len() + name.len());
     aad.extend_from_slice(KEK_LABEL);
     put_str16(&mut aad, tenant.as_str());
-    put_str16(&mut aad, key.as_str());
+    put_str16(&mut aad, name);
     aad.extend_from_slice(&version.to_be_bytes());
     aad
 }

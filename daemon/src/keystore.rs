@@ -9,6 +9,11 @@
 //!   by crypto-shredding (overwritten with zeros, fsynced, unlinked).
 //! - `v0000000001.json`: lifecycle state `{format, version, state, created_unix}`.
 //!
+//! Beside `keys/`, `<state_dir>/tenants/<tenant>/audit.kek` holds the tenant's audit
+//! checkpoint key (crate::audit::anchor), sealed by the root key in a KEK record under the
+//! name `@audit`, which no key can have, and version 1. Destroying the tenant leaves it: the
+//! audit trail outlives the tenant's keys, and its checkpoints stay verifiable.
+//!
 //! Every write is atomic (temp file, fsync, rename, fsync dir), so kill -9 at any point
 //! leaves either the old or the new file. What each operation guarantees if it is cut
 //! short is documented on it; [`KeyStore::open`] finishes or rolls back what it finds.
@@ -131,6 +136,45 @@ pub struct RootState {
 }
 
 const ROOT_STATE: &str = "root.json";
+
+/// The audit checkpoint key's record, in the tenant's directory.
+pub const AUDIT_KEY_FILE: &str = "audit.kek";
+/// The key name in its record and AAD: `@` is in no key name (`[A-Za-z0-9._-]` segments).
+pub const AUDIT_KEY_NAME: &str = "@audit";
+/// The version in its record and AAD.
+pub const AUDIT_KEY_VERSION: u32 = 1;
+
+/// The audit checkpoint key as the store holds it: sealed by a root key.
+pub struct SealedAuditKey {
+    pub sealed: Vec<u8>,
+    /// The label of the root key that sealed it, once the root key was rotated; `None`:
+    /// the configured one (as a KEK record's `root_key`).
+    pub root_key: Option<String>,
+}
+
+/// The audit checkpoint key of `tenant`, read from its directory (from
+/// [`open_tenant_dir`], or opened read-only by a tool), if it has one. A record that is not
+/// the tenant's checkpoint key (another tenant's, a KEK's, a chained one) is refused.
+pub fn read_audit_key(tenant_dir: &Dir, tenant: &TenantName) -> Result<Option<SealedAuditKey>, StoreError> {
+    if !tenant_dir.exists(AUDIT_KEY_FILE)? {
+        return Ok(None);
+    }
+    let path = tenant_dir.child_path(AUDIT_KEY_FILE);
+    let rec: KekRecord = read_json(tenant_dir, AUDIT_KEY_FILE)?;
+    check_format(&path, rec.format)?;
+    let corrupt = |problem: String| StoreError::Corrupt { path: path.clone(), problem };
+    if rec.tenant != tenant.as_str() || rec.key != AUDIT_KEY_NAME || rec.version != AUDIT_KEY_VERSION {
+        return Err(corrupt(format!(
+            "holds {}/{} v{}, not the audit checkpoint key of {tenant} ({AUDIT_KEY_NAME} v{AUDIT_KEY_VERSION})",
+            rec.tenant, rec.key, rec.version
+        )));
+    }
+    if rec.parent.is_some() {
+        return Err(corrupt("sealed by a parent key, not by the root key".into()));
+    }
+    let sealed = B64.decode(&rec.sealed).map_err(|e| corrupt(format!("sealed: {e}")))?;
+    Ok(Some(SealedAuditKey { sealed, root_key: rec.root_key }))
+}
 
 /// [`read_root_state`] for an open store.
 pub fn read_root_state_of(store: &KeyStore) -> Result<Option<RootState>, StoreError> {
@@ -571,7 +615,8 @@ impl KeyStore {
     /// Crypto-shreds the whole tenant. The tombstone goes first (the commit point: from
     /// then on the tenant is destroyed, and [`KeyStore::open`] finishes the job if this is
     /// cut short), then every sealed KEK record is overwritten, fsynced and removed, then
-    /// the rest. Returns (keys, versions shredded).
+    /// the rest. Returns (keys, versions shredded). The audit checkpoint key stays: the
+    /// tenant's audit trail outlives its keys, and its checkpoints stay verifiable.
     pub fn destroy_tenant(&self) -> Result<(u32, u32), StoreError> {
         let _writing = self.state_writes.lock().expect("state write lock");
         let stone =
@@ -655,6 +700,29 @@ impl KeyStore {
             }
         }
         Ok(())
+    }
+
+    /// The tenant's audit checkpoint key, if it has one (see [`read_audit_key`]).
+    pub fn audit_key(&self) -> Result<Option<SealedAuditKey>, StoreError> {
+        read_audit_key(&self.tenant_dir, &self.tenant)
+    }
+
+    /// Writes (or, in a root key rotation, rewrites) the audit checkpoint key's record,
+    /// atomically, by descriptor: a link planted at its name is replaced, never followed.
+    /// `root_key` names the root key that sealed it (`None`: the configured one). The
+    /// caller serialises this with [`audit_key`](Self::audit_key) reads that lead to it.
+    pub fn write_audit_key(&self, sealed: &[u8], root_key: Option<String>) -> Result<(), StoreError> {
+        let rec = KekRecord {
+            format: RECORD_FORMAT,
+            tenant: self.tenant.to_string(),
+            key: AUDIT_KEY_NAME.into(),
+            version: AUDIT_KEY_VERSION,
+            root: self.root.lock().expect("keystore lock").clone(),
+            sealed: B64.encode(sealed),
+            parent: None,
+            root_key,
+        };
+        write_json(&self.tenant_dir, AUDIT_KEY_FILE, &rec)
     }
 
     /// Records the root key history (see [`RootState`]), atomically.
@@ -1044,6 +1112,36 @@ mod tests {
         assert_eq!((info.min_decrypt_version, info.keep_versions), (2, 2));
         assert_eq!(s.version(&k, 3).unwrap().min_decrypt_version, 2);
         assert!(s.version(&k, 1).is_err(), "destroyed");
+    }
+
+    #[test]
+    fn the_audit_key_record_is_a_kek_record_that_outlives_the_tenant() {
+        let (dir, t, k) = setup();
+        let s = open(dir.path(), &t);
+        s.create_key(&k, b"sealed-1".to_vec()).unwrap();
+        assert!(s.audit_key().unwrap().is_none());
+        s.write_audit_key(b"sealed-audit", None).unwrap();
+        let path = dir.path().join("tenants/acme/audit.kek");
+        let rec: serde_json::Value = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
+        assert_eq!(
+            rec,
+            serde_json::json!({
+                "format": 1, "tenant": "acme", "key": "@audit", "version": 1,
+                "root": "test-root", "sealed": B64.encode(b"sealed-audit"),
+            })
+        );
+        s.write_audit_key(b"rewrapped", Some("root-2".into())).unwrap();
+        s.destroy_tenant().unwrap();
+        drop(s);
+        let s = open(dir.path(), &t);
+        let key = s.audit_key().unwrap().expect("kept by the tenant's destruction");
+        assert_eq!((key.sealed.as_slice(), key.root_key.as_deref()), (&b"rewrapped"[..], Some("root-2")));
+        // Another tenant's record, or a KEK record, is not this tenant's checkpoint key.
+        let other = TenantName::parse("other").unwrap();
+        let [_, _, other_dir] = open_tenant_dir(dir.path(), &other).unwrap();
+        assert!(matches!(read_audit_key(&other_dir, &other), Ok(None)));
+        fs::copy(&path, dir.path().join("tenants/other/audit.kek")).unwrap();
+        assert!(matches!(read_audit_key(&other_dir, &other), Err(StoreError::Corrupt { .. })));
     }
 
     #[test]

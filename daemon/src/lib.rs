@@ -36,6 +36,10 @@ mod supervisor;
 mod swtpm;
 pub mod worker;
 
+/// For `kekctl audit verify --config`: a tenant's audit checkpoint key, unsealed by its
+/// root key as the configuration says (docs/FORMATS.md §5, "Checkpoints").
+pub use audit::offline as anchors;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 

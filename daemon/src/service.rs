@@ -15,16 +15,19 @@ use kekd_proto::{
 use zeroize::Zeroizing;
 
 use crate::audit::{
-    Access, Audit, Caller, EdekId, Entry, Item, KekFrom, Keks, Records, RequestPart, Stamp, WriteError,
+    Access, Audit, Caller, EdekId, Entry, Item, KekFrom, Keks, KeySource, Records, RequestPart, Stamp,
+    WriteError,
 };
 use crate::backend::{BackendError, RootKey, WrappingAlgorithm};
 use crate::cache::{Kek, KekCache, LeaseState, LoadError, Source};
 use crate::clock::BootInstant;
 use crate::config::AuditMode;
-use crate::envelope::{kek_aad, open_kek_under, seal_kek_under, Edek, Sealer};
+use crate::envelope::{kek_aad, kek_aad_of, open_kek_under, seal_kek_under, Edek, Sealer};
 use crate::error::Error;
 use crate::handoff::Refusal;
-use crate::keystore::{unix_now, KeyStore, RootState, SealedBy, StoredState, VersionView};
+use crate::keystore::{
+    unix_now, KeyStore, RootState, SealedBy, StoredState, VersionView, AUDIT_KEY_NAME, AUDIT_KEY_VERSION,
+};
 use crate::secret::KeySlot;
 use crate::stats::{Served, Stats};
 
@@ -93,6 +96,9 @@ pub struct TenantService {
     /// Levels a key chain may have: root key, KEKs, data key.
     max_key_depth: u32,
     audit: Audit,
+    /// Serialises the making and the rewrapping of the audit checkpoint key (`audit.kek`):
+    /// the anchor thread may make it while a root key rotation rewraps records.
+    audit_key: std::sync::Mutex<()>,
     /// The lease state last written to the audit trail, so each change is recorded once.
     lease_recorded: std::sync::Mutex<LeaseState>,
     /// What was served since the start, for `status`.
@@ -145,6 +151,7 @@ impl TenantService {
             counters: tokio::sync::Mutex::new(HashMap::new()),
             max_key_depth: DEFAULT_MAX_KEY_DEPTH,
             audit,
+            audit_key: std::sync::Mutex::new(()),
             lease_recorded: std::sync::Mutex::new(LeaseState::Online),
             stats: Arc::default(),
         };
@@ -445,6 +452,13 @@ impl TenantService {
     pub async fn audit_hello(&self, caller: &Caller, hello_id: u64) {
         let resp = Response { id: hello_id, result: Ok(Reply::Hello(self.hello(caller.role))) };
         self.audit_refusal(caller, "hello", None, &resp).await;
+    }
+
+    /// Anchors the audit trail in the root key from now on: the trail was opened before the
+    /// root key, and checkpoints take their key from this service ([`KeySource`]).
+    pub fn anchor_audit(self: &Arc<Self>) {
+        let source: std::sync::Weak<dyn KeySource> = Arc::downgrade(self) as std::sync::Weak<Self>;
+        self.audit.anchor_with(source);
     }
 
     /// Writes what is queued in the audit trail and stops its writer (shutdown).
@@ -1119,7 +1133,29 @@ impl TenantService {
             tokio::task::block_in_place(|| self.store.rewrap_root(&key, version, sealed, label))?;
             n += 1;
         }
+        // And the audit checkpoint key, so that old checkpoints stay verifiable once the old
+        // root keys are gone (not counted: it seals no data).
+        if tokio::task::block_in_place(|| self.rewrap_audit_key(label, new))? {
+            limited_info!(tenant = %self.tenant, root = %label, "audit checkpoint key rewrapped");
+        }
         Ok(n)
+    }
+
+    /// Rewraps the audit checkpoint key under the root key `label` if another sealed it;
+    /// whether it did. Blocks.
+    fn rewrap_audit_key(&self, label: &str, new: &Arc<dyn RootKey>) -> Result<bool, Error> {
+        let _writing = self.audit_key.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let Some(record) = self.store.audit_key()? else { return Ok(false) };
+        if record.root_key.as_deref() == Some(label) {
+            return Ok(false);
+        }
+        let old = self.root_for(&record.root_key)?;
+        let aad = kek_aad_of(&self.tenant, AUDIT_KEY_NAME, AUDIT_KEY_VERSION);
+        let mut slot = self.cache.scratch()?;
+        old.unseal(&aad, &record.sealed, slot.bytes_mut())?;
+        let sealed = new.seal(&aad, slot.bytes())?;
+        self.store.write_audit_key(&sealed, Some(label.to_owned()))?;
+        Ok(true)
     }
 
     /// Crypto-shreds every key of the tenant and stops serving it.
@@ -1149,6 +1185,30 @@ impl TenantService {
         }
         limited_info!(tenant = %self.tenant, key = %key, version, state = ?state, "changed key version state");
         Ok(info)
+    }
+}
+
+/// The audit checkpoint key (crate::audit::anchor), sealed by the root key like a KEK record,
+/// under the name `@audit`, version 1: the one the record names (a rotation may not have
+/// rewrapped it yet), or the active one when it is made.
+impl KeySource for TenantService {
+    fn checkpoint_key(&self) -> Result<KeySlot, Error> {
+        let _writing = self.audit_key.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let aad = kek_aad_of(&self.tenant, AUDIT_KEY_NAME, AUDIT_KEY_VERSION);
+        let mut slot = self.cache.scratch()?;
+        if let Some(record) = self.store.audit_key()? {
+            self.root_for(&record.root_key)?.unseal(&aad, &record.sealed, slot.bytes_mut())?;
+            return Ok(slot);
+        }
+        aws_lc_rs::rand::fill(slot.bytes_mut()).expect("the system RNG does not fail");
+        let (root, label) = {
+            let roots = self.roots.read().expect("roots lock");
+            (Arc::clone(&roots.active), roots.active_label.clone())
+        };
+        let sealed = root.seal(&aad, slot.bytes())?;
+        self.store.write_audit_key(&sealed, label)?;
+        tracing::info!(tenant = %self.tenant, "made the audit checkpoint key (audit.kek), sealed by the root key");
+        Ok(slot)
     }
 }
 
@@ -1747,5 +1807,36 @@ mod tests {
             "{:?}",
             seen.operations
         );
+    }
+
+    /// The checkpoint key is made on first need, sealed by the root key like a KEK under
+    /// `@audit` v1, and the close's checkpoint carries its MAC of the head before it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_close_anchors_the_trail_under_a_key_the_root_key_sealed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, root) = service(dir.path(), "acme");
+        let s = Arc::new(s);
+        s.anchor_audit();
+        call(&s, generate(2)).await.unwrap();
+        s.close_audit().await;
+
+        let records = audit_records(dir.path(), "acme");
+        let (last, before) = (&records[records.len() - 1], &records[records.len() - 2]);
+        assert_eq!(last["event"], "checkpoint", "{records:#?}");
+        assert_eq!((&last["detail"]["seq"], &last["detail"]["hash"]), (&before["seq"], &before["hash"]));
+        let sealed = s.store.audit_key().unwrap().expect("made on first need");
+        assert_eq!(sealed.root_key, None);
+        let mut key = [0u8; 32];
+        root.unseal(&kek_aad_of(s.tenant(), "@audit", 1), &sealed.sealed, &mut key).unwrap();
+        let hash: [u8; 32] = hex::decode(before["hash"].as_str().unwrap()).unwrap().try_into().unwrap();
+        let mut input = b"kekd/audit-checkpoint/v1\x00\x04acme".to_vec();
+        input.extend_from_slice(&before["seq"].as_u64().unwrap().to_be_bytes());
+        input.extend_from_slice(&hash);
+        let mac = hex::decode(last["detail"]["mac"].as_str().unwrap()).unwrap();
+        let hmac_key = aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, &key);
+        aws_lc_rs::hmac::verify(&hmac_key, &input, &mac).expect("the MAC under the sealed key");
+        // A second close has nothing new to anchor.
+        s.close_audit().await;
+        assert_eq!(audit_records(dir.path(), "acme").len(), records.len());
     }
 }

@@ -13,7 +13,7 @@
 //! decides when its workers stop.
 
 use std::os::fd::{AsFd, OwnedFd};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -261,14 +261,9 @@ fn start(spec: &WorkerSpec, backends: Backends) -> Result<Arc<TenantService>, St
     let mut labels = (None, None);
     let root = match opening {
         Opening::Pkcs11(p11, pin) => {
-            let mut cfg = p11.clone();
             labels.0 = Some(p11.key_label.clone());
-            if let Some(st) = &rotated {
-                cfg.key_label = st.active.clone();
-                cfg.create_root_key = false;
-                labels.1 = Some(st.active.clone());
-            }
-            Pkcs11RootKey::open(name.as_str(), &cfg, pin, &spec.state_dir.join("locks"), run_as.as_ref())
+            labels.1 = rotated.as_ref().map(|st| st.active.clone());
+            open_pkcs11(&name, p11, pin, labels.1.as_deref(), &spec.state_dir, run_as.as_ref())
                 .map(|k| Arc::new(k) as Arc<dyn RootKey>)
                 .map_err(|e| {
                     // The module's errors say nothing of files ("no token labelled ..."):
@@ -331,7 +326,54 @@ fn start(spec: &WorkerSpec, backends: Backends) -> Result<Arc<TenantService>, St
         let token = pkcs11.map_or_else(|| root.describe(), |p11| p11.token_location().to_string());
         return Err(start_check::StartCheckError::FirstUse { who, token, source }.to_string());
     }
-    Ok(Arc::new(service))
+    // The audit trail was opened before the root key: its checkpoints get their key now.
+    let service = Arc::new(service);
+    service.anchor_audit();
+    Ok(service)
+}
+
+/// Opens a tenant's PKCS#11 root key: the configured `key_label`, or `label` (after a root key
+/// rotation, the active one), which is never created.
+fn open_pkcs11(
+    name: &TenantName,
+    p11: &crate::config::Pkcs11Config,
+    pin: Zeroizing<String>,
+    label: Option<&str>,
+    state_dir: &Path,
+    run_as: Option<&RunAs>,
+) -> Result<Pkcs11RootKey, BackendError> {
+    let mut cfg = p11.clone();
+    if let Some(label) = label {
+        cfg.key_label = label.to_owned();
+        cfg.create_root_key = false;
+    }
+    Pkcs11RootKey::open(name.as_str(), &cfg, pin, &state_dir.join("locks"), run_as)
+}
+
+/// Opens a tenant's root key as its worker does, for a tool that reads what the worker
+/// sealed (`kekctl audit verify --config`, crate::audit::offline): its TPM, or its PKCS#11
+/// key labelled `label` (a record's `root_key`; `None`: the configured `key_label`). Never
+/// creates a key, whatever `create_root_key` says. Reads the PIN from its configured source.
+pub fn open_root_key(
+    state_dir: &Path,
+    name: &TenantName,
+    config: &TenantConfig,
+    label: Option<&str>,
+    backends: Backends,
+) -> Result<Arc<dyn RootKey>, BackendError> {
+    match config.backend().ok_or_else(|| BackendError::Config("no root-key backend is configured".into()))? {
+        BackendConfig::Pkcs11(p11) => {
+            let pin = p11
+                .read_pin(&format!("tenants.{name}.pkcs11"))
+                .map_err(|e| BackendError::Config(e.to_string()))?;
+            let label = label.unwrap_or(&p11.key_label);
+            Ok(Arc::new(open_pkcs11(name, p11, pin, Some(label), state_dir, None)?))
+        }
+        BackendConfig::Tpm(tpm) => match backends.tpm {
+            Some(open) => open(name, tpm),
+            None => Err(BackendError::Config(format!("tenants.{name}.tpm: this program has no TPM backend"))),
+        },
+    }
 }
 
 /// Whose rights the worker has when it looks at the token's files.

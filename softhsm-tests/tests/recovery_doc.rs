@@ -4,7 +4,8 @@
 //! `/usr/sbin:/usr/bin:/sbin:/bin`, so `python3` is Debian's, with python3-pykcs11 and
 //! python3-cryptography). Each case checks what a customer would: the data key the
 //! recipes recover equals the one kekd handed out, from a real SoftHSM2 token or a real
-//! swtpm, with kekd stopped; and a root key made by a provisioning recipe serves kekd.
+//! swtpm, with kekd stopped; that §6.7 verifies the audit checkpoints kekd made, and
+//! refuses a forged MAC; and a root key made by a provisioning recipe serves kekd.
 //!
 //! Each case picks its backend itself, so the file means the same under
 //! `KEKD_TEST_BACKEND=tpm`.
@@ -18,7 +19,7 @@ use nix::sys::signal::Signal;
 use softhsm_tests::{random_bytes, run_command, softhsm_module, Backend, Kekd, Output, Tenant};
 
 /// Every recipe the document must hold, each exactly once.
-const RECIPES: [&str; 9] = [
+const RECIPES: [&str; 12] = [
     "audit-verify-chain",
     "pkcs11-unwrap-kek",
     "kek-chain",
@@ -26,6 +27,9 @@ const RECIPES: [&str; 9] = [
     "tpm-unseal-kek",
     "swtpm-start-dev",
     "swtpm-stop-dev",
+    "pkcs11-unwrap-audit-key",
+    "tpm-unseal-audit-key",
+    "verify-audit-checkpoints",
     "provision-root-key-pykcs11",
     "provision-root-key-pkcs11-tool",
 ];
@@ -132,6 +136,85 @@ fn record(store: &Path, tenant: &str, key: &str, version: u32) -> serde_json::Va
     let hex: String = key.bytes().map(|b| format!("{b:02x}")).collect();
     let path = store.join(format!("tenants/{tenant}/keys/{hex}/v{version:010}.kek"));
     serde_json::from_slice(&fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))).unwrap()
+}
+
+/// §6.7: recovers the audit checkpoint key with `unseal` (the recipe for the backend), and
+/// verifies the tenant's trail and its checkpoints with it, which must hold at least
+/// `min_checkpoints`. Not vacuous: a checkpoint whose MAC is changed, or another key, fails.
+fn verify_checkpoints(
+    work: &Path,
+    common: &[(&str, OsString)],
+    unseal: &str,
+    kekd: &Kekd,
+    min_checkpoints: usize,
+) {
+    let audit_key = work.join("audit.key");
+    let mut vars = common.to_vec();
+    vars.extend([
+        var("TENANT", "acme"),
+        var("AUDIT_KEY", &audit_key),
+        var("AUDIT_DIR", kekd.audit_dir("acme")),
+    ]);
+    let out = run_recipes(&[unseal, "verify-audit-checkpoints"], work, &vars);
+    assert_eq!(out.code, 0, "recipes {unseal} + verify-audit-checkpoints failed:\n{}", out.stderr);
+    read_secret(&audit_key, 32);
+    let records = kekd.audit_records("acme");
+    let made = records.iter().filter(|r| r["event"] == "checkpoint").count();
+    assert!(made >= min_checkpoints, "{records:#?}");
+    assert!(
+        out.stderr.contains(&format!("ok: {} records", records.len()))
+            && out.stderr.contains(&format!("{made} checkpoints verified")),
+        "{}",
+        out.stderr
+    );
+
+    // A checkpoint whose MAC was changed, in a copy of the trail.
+    let forged = work.join("forged-audit");
+    fs::create_dir_all(&forged).unwrap();
+    let mut replaced = false;
+    for f in kekd.audit_files("acme") {
+        let text = fs::read_to_string(&f).unwrap();
+        let lines: Vec<String> = text
+            .lines()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                if replaced || v["event"] != "checkpoint" {
+                    return l.to_owned();
+                }
+                replaced = true;
+                // The MAC is inside the record: its hash changes, so recompute that too.
+                let mac = v["detail"]["mac"].as_str().unwrap();
+                let other = format!("{}{}", if mac.starts_with('0') { '1' } else { '0' }, &mac[1..]);
+                let body = format!("{}}}", &l[..l.len() - 75]).replace(mac, &other);
+                let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, body.as_bytes());
+                let hash: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+                format!("{},\"hash\":\"{hash}\"}}", &body[..body.len() - 1])
+            })
+            .collect();
+        fs::write(
+            forged.join(f.file_name().unwrap()),
+            lines.iter().map(|l| format!("{l}\n")).collect::<String>(),
+        )
+        .unwrap();
+    }
+    assert!(replaced);
+    let mut vars = common.to_vec();
+    vars.extend([var("TENANT", "acme"), var("AUDIT_KEY", &audit_key), var("AUDIT_DIR", &forged)]);
+    let out = run_recipes(&["verify-audit-checkpoints"], work, &vars);
+    // Its hash was recomputed, so the chain holds: the MAC is what fails.
+    assert!(
+        out.code != 0 && out.stderr.contains("MAC does not match"),
+        "a forged checkpoint verified:\n{}",
+        out.stderr
+    );
+
+    // Another key.
+    let wrong = work.join("wrong.key");
+    fs::write(&wrong, random_bytes(32)).unwrap();
+    let mut vars = common.to_vec();
+    vars.extend([var("TENANT", "acme"), var("AUDIT_KEY", &wrong), var("AUDIT_DIR", kekd.audit_dir("acme"))]);
+    let out = run_recipes(&["verify-audit-checkpoints"], work, &vars);
+    assert!(out.code != 0 && out.stderr.contains("MAC does not match"), "{}", out.stderr);
 }
 
 /// Recovers the data key of `edek` with the recipes: the KEK of `key` v1 (through its
@@ -288,11 +371,13 @@ fn the_audit_trail_verifies_with_jq_and_sha256sum_alone() {
 fn pkcs11_recipes_recover_a_rotated_root_and_a_chain() {
     let tenant = Tenant::owned_by_me("acme").backend(Backend::SoftHsm);
     let pin = tenant.pin.clone();
-    let mut kekd = Kekd::builder().tenant(tenant).start();
+    let mut kekd = Kekd::builder().tenant(tenant).audit("checkpoint_interval = \"1s\"").start();
     let (dek, edek) = generate(&kekd, "default");
     kekd.keys(["create", "billing"]).ok();
     kekd.keys(["create", "billing/invoices"]).ok();
     let (chained_dek, chained_edek) = generate(&kekd, "billing/invoices");
+    // A checkpoint before the rotation: its key is then rewrapped under the new root key.
+    kekd.wait_audit("acme", std::time::Duration::from_secs(15), |r| r["event"] == "checkpoint");
     kekd.kekctl().args(["root", "rotate", "--label", "acme-root-2"]).run().ok();
     assert!(kekd.stop_with(Signal::SIGTERM).success(), "{}", kekd.stderr());
 
@@ -342,6 +427,9 @@ fn pkcs11_recipes_recover_a_rotated_root_and_a_chain() {
     let out = run_recipes(&["edek-unwrap"], &work, &vars);
     assert!(out.code != 0 && out.stderr.contains("KEK of 'billing/invoices' version 1"), "{}", out.stderr);
 
+    // §6.7, with the checkpoint key rewrapped by the rotation (the configured root key is gone).
+    verify_checkpoints(&work, &common, "pkcs11-unwrap-audit-key", &kekd, 2);
+
     // §6.2 sends a chained record to §6.3 rather than misreading it.
     let vars = [
         common.clone(),
@@ -389,6 +477,9 @@ fn tpm_recipes_recover_pcr_bound_keys_and_a_chain() {
         "chain",
     );
     assert_eq!(chained, chained_dek);
+    assert_eq!(swtpm.transient_handles(), Vec::<u32>::new(), "the recipe left objects in the TPM");
+    // §6.7: the checkpoint of the clean shutdown, its key sealed under the PCR policy too.
+    verify_checkpoints(&work, &common, "tpm-unseal-audit-key", &kekd, 1);
     assert_eq!(swtpm.transient_handles(), Vec::<u32>::new(), "the recipe left objects in the TPM");
 
     // A persistent primary (`primary_handle`): the template's key, made persistent as an

@@ -3,6 +3,8 @@
 #![forbid(unsafe_code)]
 
 // The crate root sits beside its module directory, so the paths are spelled out.
+#[path = "kekctl/anchors.rs"]
+mod anchors;
 #[path = "kekctl/cli.rs"]
 mod cli;
 #[path = "kekctl/exit.rs"]

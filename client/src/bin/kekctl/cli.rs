@@ -211,7 +211,8 @@ pub enum Command {
 
 #[derive(Subcommand)]
 pub enum AuditCommand {
-    /// Check the hash chain of audit log files (docs/FORMATS.md, section 5)
+    /// Check the hash chain of audit log files (docs/FORMATS.md, section 5), and with
+    /// --config their checkpoints
     #[command(long_about = "Check the hash chain of audit log files (docs/FORMATS.md, section 5): every \
             record's hash, that each links to the one before it, that seq counts up by one, and \
             that no file ends in a truncated record. The chain continues across the files in \
@@ -222,15 +223,30 @@ pub enum AuditCommand {
             records before it were removed; a trail whose older days were archived is verified \
             with --from SEQ:HASH, the last record a verify of the archived files printed (every \
             verify prints its last record so). A broken chain names its first broken record as \
-            FILE:LINE and exits 11.")]
+            FILE:LINE and exits 11.\n\n\
+            Checkpoints (section 5, \"Checkpoints\") anchor the chain in the tenant's root key. \
+            Without --config they are only counted, and the output says they were NOT checked. \
+            With --config kekd.toml --tenant NAME, kekctl opens the tenant's root key as that \
+            configuration says (run it as root; with a TPM without a resource manager, such as \
+            swtpm, while kekd is stopped), unseals the tenant's checkpoint key (audit.kek in its \
+            key store) and checks each checkpoint's MAC and that it names the record right \
+            before it: a chain rewritten before a checkpoint fails there (exit 11). Without \
+            FILEs it reads every <audit.dir>/<tenant>/YYYY-MM-DD.jsonl, oldest first. Either \
+            way it prints how many records come after the last checkpoint: nothing anchors \
+            those.")]
     Verify {
-        /// Audit log files (`<tenant>/<YYYY-MM-DD>.jsonl`), oldest first
-        #[arg(value_name = "FILE", required = true)]
+        /// Audit log files (`<tenant>/<YYYY-MM-DD>.jsonl`), oldest first; with --config,
+        /// by default every day file of the tenant's trail
+        #[arg(value_name = "FILE", required_unless_present = "config")]
         files: Vec<PathBuf>,
         /// The files continue the trail after this record (as printed by the verify of the
         /// files before them), instead of starting at seq 1
         #[arg(long, value_name = "SEQ:HASH")]
         from: Option<kekd_client::audit::Start>,
+        /// Check the checkpoints' MACs with the root key of --tenant, opened as this kekd
+        /// configuration file says
+        #[arg(long, value_name = "KEKD_TOML")]
+        config: Option<PathBuf>,
     },
     /// Print every record that names one EDEK (docs/FORMATS.md, section 5)
     #[command(long_about = "Print every record that names one EDEK (docs/FORMATS.md, section 5): \
@@ -523,11 +539,11 @@ mod tests {
         let mut cli = parse(&["audit", "verify", "a.jsonl", "b.jsonl", "--json"]).unwrap();
         assert!(cli.global.offline);
         cli.global.args.tenant = None;
-        let Command::Audit(AuditCommand::Verify { files, from }) = cli.command else {
+        let Command::Audit(AuditCommand::Verify { files, from, config }) = cli.command else {
             panic!("not audit verify")
         };
         assert_eq!(files, [PathBuf::from("a.jsonl"), PathBuf::from("b.jsonl")]);
-        assert_eq!(from, None);
+        assert_eq!((from, config), (None, None));
         let s = cli.global.settings().unwrap();
         assert!(s.tenant.is_none());
         assert!(s.json);
@@ -545,5 +561,14 @@ mod tests {
         let err = parse(&["audit", "verify", "--from", "41", "b.jsonl"]).err().unwrap();
         assert_eq!(err.exit_code(), 2);
         assert!(err.to_string().contains("SEQ:HASH"), "{err}");
+
+        // With --config, the files may be left out: the tenant's whole trail.
+        let cli = parse(&["audit", "verify", "--config", "/etc/kekd/kekd.toml", "--tenant", "acme"]).unwrap();
+        assert_eq!(cli.global.settings().unwrap().tenant.unwrap().as_str(), "acme");
+        let Command::Audit(AuditCommand::Verify { files, config, .. }) = cli.command else {
+            panic!("not audit verify")
+        };
+        assert!(files.is_empty());
+        assert_eq!(config, Some(PathBuf::from("/etc/kekd/kekd.toml")));
     }
 }

@@ -22,8 +22,9 @@ pub const EXIT_CODES: [(Code, u8); 8] = [
 pub const EXIT_LOCAL: u8 = 1;
 /// Bad command line; clap exits with this itself.
 pub const EXIT_USAGE: u8 = 2;
-/// `audit verify`: the files were read, and their hash chain is broken. A file that cannot
-/// be read is [`EXIT_LOCAL`] instead: it says nothing about the chain.
+/// `audit verify`: the files were read, and their hash chain is broken, or (with `--config`)
+/// a checkpoint does not verify. A file that cannot be read is [`EXIT_LOCAL`] instead: it
+/// says nothing about the chain.
 pub const EXIT_AUDIT_BROKEN: u8 = 11;
 
 pub fn exit_code(code: Code) -> u8 {
@@ -46,7 +47,9 @@ pub fn help_text() -> String {
         };
         text.push_str(&format!("  {n:<3} {}{note}\n", code_name(code)));
     }
-    text.push_str(&format!("  {EXIT_AUDIT_BROKEN:<3} audit verify: the audit log's hash chain is broken\n"));
+    text.push_str(&format!(
+        "  {EXIT_AUDIT_BROKEN:<3} audit verify: the audit log's hash chain is broken, or a checkpoint does not verify\n"
+    ));
     text
 }
 
@@ -64,13 +67,17 @@ pub enum CliError {
     AuditBroken(Broken),
     /// Options that clap accepted one by one but that do not fit together (`bench`).
     Usage(String),
+    /// A local failure without a wire code, saying what failed (`audit verify --config`:
+    /// the configuration file).
+    #[cfg_attr(not(feature = "anchors"), allow(dead_code))]
+    Setup(String),
 }
 
 impl CliError {
     pub fn exit_code(&self) -> ExitCode {
         ExitCode::from(match self {
             CliError::Status(s) => exit_code(s.code),
-            CliError::Local { .. } | CliError::File { .. } => EXIT_LOCAL,
+            CliError::Local { .. } | CliError::File { .. } | CliError::Setup(_) => EXIT_LOCAL,
             CliError::AuditBroken(_) => EXIT_AUDIT_BROKEN,
             CliError::Usage(_) => EXIT_USAGE,
         })
@@ -84,7 +91,7 @@ impl fmt::Display for CliError {
             CliError::Local { what, error } => write!(f, "{what}: {error}"),
             CliError::File { path, error } => write!(f, "cannot read {}: {error}", path.display()),
             CliError::AuditBroken(broken) => broken.fmt(f),
-            CliError::Usage(msg) => f.write_str(msg),
+            CliError::Usage(msg) | CliError::Setup(msg) => f.write_str(msg),
         }
     }
 }
@@ -157,7 +164,12 @@ mod tests {
         let help = help_text();
         assert!(help.contains("  2   usage error"), "{help}");
         assert!(help.contains("  1   local failure"), "{help}");
-        assert!(help.contains("  11  audit verify: the audit log's hash chain is broken"), "{help}");
+        assert!(
+            help.contains(
+                "  11  audit verify: the audit log's hash chain is broken, or a checkpoint does not verify"
+            ),
+            "{help}"
+        );
         for (code, n) in EXIT_CODES {
             let line = format!("  {n:<3} {}", code_name(code));
             assert!(help.contains(&line), "missing {line:?} in {help}");

@@ -358,6 +358,9 @@ fn table<const N: usize>(header: [&str; N], rows: impl Iterator<Item = [String; 
 /// `ok: 1234 records in 3 files, seq 1..1234, head <hash>`, then the last record as
 /// `--from` takes it, for the verify of later files once these are archived; without
 /// records just the counts.
+///
+/// Then the checkpoints: how many were found and whether they were checked (`--config`),
+/// and how many records come after the last one (nothing anchors those).
 pub fn audit_ok_text(s: &Summary) -> String {
     let plural = |n: u64, what: &str| format!("{n} {what}{}", if n == 1 { "" } else { "s" });
     let mut text = format!("ok: {} in {}", plural(s.records, "record"), plural(s.files as u64, "file"));
@@ -367,6 +370,25 @@ pub fn audit_ok_text(s: &Summary) -> String {
     text.push('\n');
     if let Some(last) = s.last() {
         text.push_str(&format!("last: {last} (verify the files after these alone with --from {last})\n"));
+    }
+    if s.checkpoints_checked {
+        text.push_str(&format!(
+            "checkpoints: {} checked (each MAC under the tenant's checkpoint key, each naming the record before it)",
+            s.checkpoints
+        ));
+    } else {
+        text.push_str(&format!(
+            "checkpoints: {} found, NOT checked (their MACs take the tenant's root key: \
+             add --config KEKD_TOML --tenant NAME)",
+            s.checkpoints
+        ));
+    }
+    if s.checkpoints == 0 {
+        text.push_str("; no record is anchored\n");
+    } else {
+        let verb = if s.unanchored == 1 { "is" } else { "are" };
+        let after = plural(s.unanchored, "record");
+        text.push_str(&format!("; {after} after the last checkpoint {verb} not anchored\n"));
     }
     text
 }
@@ -435,10 +457,14 @@ struct AuditOkView<'a> {
     last_seq: Option<u64>,
     head: Option<&'a str>,
     last: Option<String>,
+    checkpoints: u64,
+    checkpoints_checked: bool,
+    unanchored: u64,
 }
 
-/// `{"ok":true,"records":…,"files":…,"first_seq":…,"last_seq":…,"head":"…","last":"SEQ:HASH"}`;
-/// the last four are null when there are no records.
+/// `{"ok":true,"records":…,"files":…,"first_seq":…,"last_seq":…,"head":"…","last":"SEQ:HASH",
+/// "checkpoints":…,"checkpoints_checked":…,"unanchored":…}`; `first_seq` to `last` are null
+/// when there are no records.
 pub fn audit_ok_json(s: &Summary) -> String {
     json_line(&AuditOkView {
         ok: true,
@@ -448,6 +474,9 @@ pub fn audit_ok_json(s: &Summary) -> String {
         last_seq: s.last_seq,
         head: s.head.as_deref(),
         last: s.last(),
+        checkpoints: s.checkpoints,
+        checkpoints_checked: s.checkpoints_checked,
+        unanchored: s.unanchored,
     })
 }
 
@@ -655,24 +684,52 @@ mod tests {
             first_seq: Some(1),
             last_seq: Some(1234),
             head: Some("ab".repeat(32)),
+            checkpoints: 20,
+            checkpoints_checked: false,
+            unanchored: 7,
         };
         assert_eq!(
             audit_ok_text(&summary),
             format!(
                 "ok: 1234 records in 3 files, seq 1..1234, head {h}\n\
-                 last: 1234:{h} (verify the files after these alone with --from 1234:{h})\n",
+                 last: 1234:{h} (verify the files after these alone with --from 1234:{h})\n\
+                 checkpoints: 20 found, NOT checked (their MACs take the tenant's root key: add --config \
+                 KEKD_TOML --tenant NAME); 7 records after the last checkpoint are not anchored\n",
                 h = "ab".repeat(32)
             )
         );
         assert_eq!(
             audit_ok_json(&summary),
-            format!("{{\"ok\":true,\"records\":1234,\"files\":3,\"first_seq\":1,\"last_seq\":1234,\"head\":\"{h}\",\"last\":\"1234:{h}\"}}\n", h = "ab".repeat(32))
+            format!("{{\"ok\":true,\"records\":1234,\"files\":3,\"first_seq\":1,\"last_seq\":1234,\"head\":\"{h}\",\"last\":\"1234:{h}\",\"checkpoints\":20,\"checkpoints_checked\":false,\"unanchored\":7}}\n", h = "ab".repeat(32))
         );
-        let empty = Summary { records: 0, files: 1, first_seq: None, last_seq: None, head: None };
-        assert_eq!(audit_ok_text(&empty), "ok: 0 records in 1 file\n");
+        let checked = Summary { checkpoints_checked: true, unanchored: 1, ..summary };
+        assert!(
+            audit_ok_text(&checked).ends_with(
+                "\ncheckpoints: 20 checked (each MAC under the tenant's checkpoint key, each naming the record \
+                 before it); 1 record after the last checkpoint is not anchored\n"
+            ),
+            "{}",
+            audit_ok_text(&checked)
+        );
+        let empty = Summary {
+            records: 0,
+            files: 1,
+            first_seq: None,
+            last_seq: None,
+            head: None,
+            checkpoints: 0,
+            checkpoints_checked: false,
+            unanchored: 0,
+        };
+        assert_eq!(
+            audit_ok_text(&empty),
+            "ok: 0 records in 1 file\ncheckpoints: 0 found, NOT checked (their MACs take the tenant's root \
+             key: add --config KEKD_TOML --tenant NAME); no record is anchored\n"
+        );
         assert_eq!(
             audit_ok_json(&empty),
-            "{\"ok\":true,\"records\":0,\"files\":1,\"first_seq\":null,\"last_seq\":null,\"head\":null,\"last\":null}\n"
+            "{\"ok\":true,\"records\":0,\"files\":1,\"first_seq\":null,\"last_seq\":null,\"head\":null,\"last\":null,\
+             \"checkpoints\":0,\"checkpoints_checked\":false,\"unanchored\":0}\n"
         );
         let broken = Broken {
             file: "acme/2026-11-23.jsonl".into(),

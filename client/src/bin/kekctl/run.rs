@@ -109,8 +109,8 @@ pub async fn run(command: Command, s: Settings) -> Result<(), CliError> {
             write_stdout(text.as_bytes())
         }
         Command::Audit(AuditCommand::Find { edek, id, paths }) => audit_find(&s, edek.as_deref(), id, &paths),
-        Command::Audit(AuditCommand::Verify { files, from }) => {
-            audit_verify(&s, &files, &from.unwrap_or_default())
+        Command::Audit(AuditCommand::Verify { files, from, config }) => {
+            audit_verify(&s, &files, &from.unwrap_or_default(), config.as_deref())
         }
         Command::Bench(args) => bench(&s, args).await,
     }
@@ -163,8 +163,27 @@ async fn bench(s: &Settings, args: BenchArgs) -> Result<(), CliError> {
 
 /// Offline: reads the files and never connects. A broken chain is an error (on stderr, and
 /// with `--json` also as an object on stdout, so scripts get the details either way).
-fn audit_verify(s: &Settings, files: &[PathBuf], from: &kekd_client::audit::Start) -> Result<(), CliError> {
-    match kekd_client::audit::verify_files(files, from) {
+/// `audit verify`: the chain, and with `config` the checkpoints, checked with the root key
+/// of `--tenant` (crate::anchors).
+fn audit_verify(
+    s: &Settings,
+    files: &[PathBuf],
+    from: &kekd_client::audit::Start,
+    config: Option<&std::path::Path>,
+) -> Result<(), CliError> {
+    let result = match config {
+        None => kekd_client::audit::verify_files(files, from),
+        Some(config) => {
+            let tenant = s.tenant.as_ref().ok_or_else(|| {
+                CliError::Usage(
+                    "audit verify --config needs --tenant NAME (or KEKD_TENANT): whose checkpoints to check"
+                        .into(),
+                )
+            })?;
+            crate::anchors::verify(config, tenant, files, from)?
+        }
+    };
+    match result {
         Ok(summary) => {
             let text = if s.json { output::audit_ok_json(&summary) } else { output::audit_ok_text(&summary) };
             write_stdout(text.as_bytes())
