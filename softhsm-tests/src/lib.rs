@@ -279,6 +279,21 @@ pub fn format1_trail(tenant: &str, n: u64) -> String {
     out
 }
 
+/// Whether a process of group `pgid` is still running (zombies, dead but not yet reaped by
+/// whoever inherited them, do not count).
+fn group_alive(pgid: i32) -> bool {
+    let Ok(dir) = fs::read_dir("/proc") else { return false };
+    dir.filter_map(Result::ok).any(|e| {
+        let Ok(stat) = fs::read_to_string(e.path().join("stat")) else { return false };
+        // pid (comm) state ppid pgrp ...: comm may hold spaces, so split after its ')'.
+        let Some((_, rest)) = stat.rsplit_once(')') else { return false };
+        let mut f = rest.split_whitespace();
+        let state = f.next();
+        let pgrp = f.nth(1).and_then(|g| g.parse::<i32>().ok());
+        pgrp == Some(pgid) && state != Some("Z") && state != Some("X")
+    })
+}
+
 /// An EDEK's name in the audit trail (docs/FORMATS.md §5): its 12-byte nonce, which
 /// follows the header (format, algorithm, name length, name, version), in unpadded
 /// base64url. Written from the format, not from kekd's code.
@@ -1793,13 +1808,21 @@ impl Kekd {
         }
     }
 
-    /// SIGKILL to the daemon's process group, and reap it. No-op when not running.
+    /// SIGKILL to the daemon's process group, and reap it; returns once no process of the
+    /// group is left (within 10 s), as a restart after `kill -9` finds it: a worker killed
+    /// in the middle of an fsync dies only when the fsync ends, and until then it holds its
+    /// SoftHSM2 token files' locks (a new worker would find no token). No-op when not
+    /// running.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             let pid = Pid::from_raw(child.id() as i32);
             let _ = killpg(pid, Signal::SIGKILL);
             let _ = child.kill();
             let _ = child.wait();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while group_alive(pid.as_raw()) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
         }
     }
 
