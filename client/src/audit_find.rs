@@ -83,20 +83,13 @@ pub struct Found {
     pub record: Map<String, Value>,
 }
 
-/// The files to search: each path given, a directory standing for its `*.jsonl` files in
-/// name (date) order.
+/// The files to search: each path given, a directory standing for its day files in date
+/// order (the verifier's [`crate::audit::day_files`]: a link among them is refused).
 pub fn files_of(paths: &[PathBuf]) -> io::Result<Vec<PathBuf>> {
     let mut files = Vec::new();
     for p in paths {
         if p.is_dir() {
-            let mut days: Vec<PathBuf> = std::fs::read_dir(p)?
-                .map(|e| e.map(|e| e.path()))
-                .collect::<io::Result<Vec<_>>>()?
-                .into_iter()
-                .filter(|f| f.extension().is_some_and(|e| e == "jsonl"))
-                .collect();
-            days.sort();
-            files.extend(days);
+            files.extend(crate::audit::day_files(p)?);
         } else {
             files.push(p.clone());
         }
