@@ -294,13 +294,13 @@ fn group_alive(pgid: i32) -> bool {
     })
 }
 
-/// An EDEK's name in the audit trail (docs/FORMATS.md §5): its 12-byte nonce, which
-/// follows the header (format, algorithm, name length, name, version), in unpadded
-/// base64url. Written from the format, not from kekd's code.
+/// An EDEK's name in the audit trail (docs/FORMATS.md §5): its 12-byte nonce in unpadded
+/// base64url, as `kekctl audit find` computes it from the format (not from kekd's code).
 pub fn edek_id(edek: &[u8]) -> String {
-    let name_len = u16::from_be_bytes([edek[2], edek[3]]) as usize;
-    let nonce = &edek[8 + name_len..20 + name_len];
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(nonce)
+    kekd_client::audit_find::EdekId::of_edek(edek)
+        .expect("an EDEK long enough to hold a nonce")
+        .as_str()
+        .to_owned()
 }
 
 /// `n` random bytes from the OS.

@@ -334,7 +334,6 @@ fn anchor_every(anchor: &Anchor, stop: &AtomicBool, every: Duration, checkpoint:
 fn group_commit(mut core: Core, rx: mpsc::Receiver<Msg>) {
     while let Ok(first) = rx.recv() {
         let mut group = Vec::new();
-        let mut count = 0;
         let mut waiting = Vec::new();
         let mut close = None;
         let mut checkpoint = false;
@@ -342,7 +341,6 @@ fn group_commit(mut core: Core, rx: mpsc::Receiver<Msg>) {
         while let Some(m) = next.take() {
             match m {
                 Msg::Write(records, done) => {
-                    count += records.len();
                     group.push(*records);
                     waiting.extend(done);
                 }
@@ -356,7 +354,7 @@ fn group_commit(mut core: Core, rx: mpsc::Receiver<Msg>) {
                     break;
                 }
             }
-            if count < MAX_GROUP {
+            if group.len() < MAX_GROUP {
                 next = rx.try_recv().ok();
             }
         }
@@ -440,7 +438,7 @@ impl Core {
     }
 
     fn write(&mut self, mut group: Vec<Records>) -> Written {
-        let count = group.iter().map(Records::len).sum::<usize>() as u64;
+        let count = group.len() as u64;
         if count == 0 {
             return Ok(());
         }

@@ -387,14 +387,9 @@ impl Records {
         r
     }
 
-    /// Always one: a group commit counts records by this.
-    pub fn len(&self) -> usize {
-        1
-    }
-
-    /// The record: its body and SHA-256 over it.
-    pub fn iter(&self) -> impl Iterator<Item = Unchained<'_>> + '_ {
-        std::iter::once(Unchained { head: &self.body, members: &[], hashed: &self.hashed })
+    /// The record as the writer chains it: its body and SHA-256 over it.
+    pub fn unchained(&self) -> Unchained<'_> {
+        Unchained { body: &self.body, hashed: &self.hashed }
     }
 
     /// One record from a ready JSON object (tests of the writer).
@@ -443,10 +438,9 @@ fn outcome(out: &mut Vec<u8>, outcome: Result<(), &ErrorStatus>) {
 }
 
 /// A record without its chain members, as the writer receives it: the line up to them is
-/// `head` then `members`, and `hashed` is SHA-256 over that much.
+/// `body`, and `hashed` is SHA-256 over that much.
 pub struct Unchained<'a> {
-    pub head: &'a [u8],
-    pub members: &'a [u8],
+    pub body: &'a [u8],
     pub hashed: &'a Sha256,
 }
 
@@ -489,9 +483,8 @@ mod tests {
 
     /// The record's line as the writer would end it, checked against its hash so far.
     fn line(r: &Records) -> serde_json::Value {
-        let u = r.iter().next().unwrap();
-        assert_eq!(r.len(), 1);
-        let body = [u.head, u.members].concat();
+        let u = r.unchained();
+        let body = u.body.to_vec();
         assert_eq!(u.hashed.clone().finalize(), Sha256::digest(&body), "hashed as far as it goes");
         let text = format!("{}}}", std::str::from_utf8(&body).unwrap());
         assert!(!text.contains('\n'), "one record, one line");

@@ -217,7 +217,7 @@ impl Writer {
         self.buf.clear();
         self.ends.clear();
 
-        let Some(date) = records.iter().filter(|r| r.len() > 0).map(|r| r.date).max() else {
+        let Some(date) = records.iter().map(|r| r.date).max() else {
             return Ok(());
         };
         let date = std::str::from_utf8(&date).unwrap_or("0000-00-00").to_owned();
@@ -229,7 +229,7 @@ impl Writer {
         };
         self.ensure_file(&date)?;
         let (mut head, mut head_hex) = (self.head, self.head_hex);
-        for record in records.iter().flat_map(Records::iter) {
+        for record in records.iter().map(Records::unchained) {
             chain_into(&mut self.buf, &mut head, &mut head_hex, &record);
             self.ends.push(self.buf.len());
         }
@@ -380,8 +380,7 @@ pub fn release_cache(f: &File) {
 fn chain_into(out: &mut Vec<u8>, head: &mut Head, head_hex: &mut [u8; 64], record: &Unchained<'_>) {
     let seq = head.seq + 1;
     let start = out.len();
-    out.extend_from_slice(record.head);
-    out.extend_from_slice(record.members);
+    out.extend_from_slice(record.body);
     let chain = out.len();
     out.extend_from_slice(b",\"seq\":");
     out.extend_from_slice(itoa::Buffer::new().format(seq).as_bytes());
